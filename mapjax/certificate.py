@@ -58,45 +58,55 @@ class Certificate:
 def certify(problem: DualProblem, targets: np.ndarray) -> Certificate:
     """Solve the margin LP for one palette; ``targets`` over all values, NaN where unconstrained."""
     targets = np.asarray(targets, dtype=np.float64)
-    constrained = np.flatnonzero(~np.isnan(targets))
-    if constrained.size == 0:
+    constrained = ~np.isnan(targets)
+    if not constrained.any():
         raise ValueError("the palette constrains no value")
-    valid = np.isfinite(problem.log_base)
-    group_of_sample = np.nonzero(valid)[0]
-    samples = problem.scaled[valid][:, constrained]  # [n, m_c]
-    weight = problem.group_weight[group_of_sample]  # a_g of each sample
-    scaled_targets = problem.to_scaled_targets(targets)[constrained]
-    n, num_constrained = samples.shape
-    num_groups = problem.log_base.shape[0]
-
-    # Variables: w (n), then t. Minimise -t.
-    objective = np.zeros(n + 1)
-    objective[-1] = -1.0
-    # -Σ a w r̃_i + t <= -c̃_i
-    upper = np.hstack([-(samples * weight[:, None]).T, np.ones((num_constrained, 1))])
-    equality = scipy.sparse.csr_matrix(
-        (np.ones(n), (group_of_sample, np.arange(n))), shape=(num_groups, n + 1)
-    )
-    bounds = [(0.0, None)] * n + [(None, None)]
-    result = scipy.optimize.linprog(
-        objective,
-        A_ub=upper,
-        b_ub=-scaled_targets,
-        A_eq=equality,
-        b_eq=np.ones(num_groups),
-        bounds=bounds,
-        method="highs",
-    )
-    if result.status != 0:
-        raise RuntimeError(f"the feasibility LP did not solve: {result.message}")
-    margin = float(-result.fun)
-    direction = np.zeros(problem.num_values)
-    direction[constrained] = np.maximum(-result.ineqlin.marginals, 0.0)
-    total = direction.sum()
-    if total > 0:
-        direction /= total
+    scaled_targets = problem.to_scaled_targets(np.nan_to_num(targets))
+    margin, direction = largest_step(problem, scaled_targets, constrained.astype(np.float64), constrained)
     feasible = margin > MARGIN_TOLERANCE
     if abs(margin) <= MARGIN_TOLERANCE:
         margin = 0.0
     blocking = tuple(problem.value_names[i] for i in np.flatnonzero(direction > 1e-9))
     return Certificate(feasible, margin, direction, blocking)
+
+
+def largest_step(
+    problem: DualProblem, base: np.ndarray, step: np.ndarray, constrained: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """max s such that some reweighting reaches base + s·step on the constrained values (scaled units).
+
+    With step = 1 this is the margin t*; with step = c − c_low it is the largest feasible ρ of the palette
+    interpolation; with step = e_i it is how far value i can rise holding the others. Returns s* and the
+    normalised LP dual direction d (zero on unconstrained values).
+    """
+    constrained = np.asarray(constrained, dtype=bool)
+    columns = np.flatnonzero(constrained)
+    valid = np.isfinite(problem.log_base)
+    group_of_sample = np.nonzero(valid)[0]
+    samples = problem.scaled[valid][:, columns]  # [n, m_c]
+    weight = problem.group_weight[group_of_sample]  # a_g of each sample
+    n, num_constrained = samples.shape
+    num_groups = problem.log_base.shape[0]
+
+    # Variables: w (n), then s. Minimise -s subject to -Σ a w r̃_i + s·step_i <= -base_i.
+    objective = np.zeros(n + 1)
+    objective[-1] = -1.0
+    upper = np.hstack([-(samples * weight[:, None]).T, np.asarray(step, dtype=np.float64)[columns, None]])
+    equality = scipy.sparse.csr_matrix((np.ones(n), (group_of_sample, np.arange(n))), shape=(num_groups, n + 1))
+    result = scipy.optimize.linprog(
+        objective,
+        A_ub=upper,
+        b_ub=-np.asarray(base, dtype=np.float64)[columns],
+        A_eq=equality,
+        b_eq=np.ones(num_groups),
+        bounds=[(0.0, None)] * n + [(None, None)],
+        method="highs",
+    )
+    if result.status != 0:
+        raise RuntimeError(f"the feasibility LP did not solve: {result.message}")
+    direction = np.zeros(problem.num_values)
+    direction[columns] = np.maximum(-result.ineqlin.marginals, 0.0)
+    total = direction.sum()
+    if total > 0:
+        direction /= total
+    return float(-result.fun), direction

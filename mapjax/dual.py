@@ -143,13 +143,14 @@ class Solution:
         width = max(8, *(len(name) for name in self.value_names))
         lines = [f"{'value':<{width}}  {'target':>10}  {'realised':>10}  {'lambda':>10}"]
         for name, target, realised, lam in zip(self.value_names, self.targets, self.realised, self.lam):
-            shown = "-" if math.isnan(target) else f"{target:10.4f}"
-            lines.append(f"{name:<{width}}  {shown:>10}  {realised:10.4f}  {lam:10.4f}")
+            cells = ("-" if math.isnan(number) else f"{number:10.4f}" for number in (target, realised, lam))
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{cell:>10}" for cell in cells))
         lines.append("")
         lines.append(f"status        {self.status} ({self.method}, {self.normaliser} normaliser, {self.dtype})")
-        lines.append(f"KKT residual  {self.kkt_residual:.3g} sd")
-        lines.append(f"KL(p_λ||p0)   {self.kl:.4f}")
-        lines.append(f"ESS           {self.ess:.1f}")
+        if self.status != "infeasible":
+            lines.append(f"KKT residual  {self.kkt_residual:.3g} sd")
+            lines.append(f"KL(p_λ||p0)   {self.kl:.4f}")
+            lines.append(f"ESS           {self.ess:.1f}")
         lines.append(f"iterations    {self.iterations}")
         if self.certificate is not None:
             lines.append(f"certificate   {self.certificate.explain()}")
@@ -209,6 +210,51 @@ class Solutions:
     @property
     def feasible(self) -> np.ndarray:
         return self.status == "optimal"
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> "Solutions":
+        """The solutions of the given rows (indices or a boolean mask), in that order."""
+        rows = np.arange(len(self))[np.asarray(rows)]
+        return concatenate([self], [rows])
+
+
+def concatenate(batches: Sequence[Solutions], rows: Sequence[np.ndarray] | None = None) -> Solutions:
+    """One Solutions from several solved alike (same pool values, normaliser, method, dtype)."""
+    if not batches:
+        raise ValueError("nothing to concatenate")
+    first = batches[0]
+    rows = [np.arange(len(batch)) for batch in batches] if rows is None else [np.asarray(r) for r in rows]
+    for batch in batches[1:]:
+        if (batch.value_names, batch.normaliser, batch.method, batch.dtype) != (
+            first.value_names, first.normaliser, first.method, first.dtype
+        ):
+            raise ValueError("solutions of different pools or settings cannot be concatenated")
+
+    def stack(name):
+        return np.concatenate([getattr(batch, name)[index] for batch, index in zip(batches, rows)])
+
+    certificates, offset = {}, 0
+    for batch, index in zip(batches, rows):
+        for new_row, old_row in enumerate(index):
+            if int(old_row) in batch.certificates:
+                certificates[offset + new_row] = batch.certificates[int(old_row)]
+        offset += len(index)
+    with_sensitivity = all(batch.sensitivity is not None for batch in batches)
+    return Solutions(
+        value_names=first.value_names,
+        targets=stack("targets"),
+        lam=stack("lam"),
+        status=stack("status"),
+        realised=stack("realised"),
+        kkt_residual=stack("kkt_residual"),
+        kl=stack("kl"),
+        ess=stack("ess"),
+        iterations=stack("iterations"),
+        normaliser=first.normaliser,
+        method=first.method,
+        dtype=first.dtype,
+        sensitivity=stack("sensitivity") if with_sensitivity else None,
+        certificates=certificates,
+    )
 
 
 # ============================================================================ the batched Newton solver
@@ -524,6 +570,10 @@ def _scaled_inputs(problem: DualProblem, dtype):
     )
 
 
+def _bucket(batch: int) -> int:
+    return max(8, 1 << (batch - 1).bit_length())
+
+
 def _newton_batch(
     problem: DualProblem,
     targets: np.ndarray,
@@ -538,6 +588,13 @@ def _newton_batch(
         movable = ~np.isnan(targets)
     scaled_targets = np.where(movable, problem.to_scaled_targets(np.nan_to_num(targets)), 0.0)
     scaled_start = np.zeros(targets.shape) if start is None else problem.to_scaled_lambda(start)
+    # Pad the batch to a power of two (repeating row 0) so that batches of similar size share one program.
+    batch = targets.shape[0]
+    padded = _bucket(batch)
+    scaled_targets, movable, scaled_start = (
+        np.concatenate([array, np.repeat(array[:1], padded - batch, axis=0)])
+        for array in (scaled_targets, movable, scaled_start)
+    )
     with _precision(dtype) as jdtype:
         out = _projected_newton(
             *_scaled_inputs(problem, jdtype),
@@ -547,7 +604,10 @@ def _newton_batch(
             jnp.asarray(tol, jdtype),
             max_iter=int(max_iter),
         )
-        out = {key: np.asarray(value, dtype=np.float64 if value.dtype.kind == "f" else value.dtype) for key, value in out.items()}
+        out = {
+            key: np.asarray(value[:batch], dtype=np.float64 if value.dtype.kind == "f" else value.dtype)
+            for key, value in out.items()
+        }
     out["scaled_lam"] = out["lam"]
     out["lam"] = problem.to_raw_lambda(out["lam"])
     return out
@@ -597,7 +657,7 @@ def solve_many(
     values: Sequence[str] | None = None,
     normaliser: Normaliser = "pooled",
     method: Method = "exact",
-    dtype: DType = "float32",
+    dtype: DType = "float64",
     tol: float | None = None,
     max_iter: int = 100,
     sensitivity: bool = False,
@@ -611,7 +671,8 @@ def solve_many(
         values: names of the columns of a palette array over a subset of the pool's values.
         normaliser: "pooled" (the paper's g_n) or "per_prompt" (matches per-prompt decoding).
         method: "exact" (projected Newton, certified) or "reference" (the authors' Adam replica).
-        dtype: working precision of the exact solve. float32 rows that miss ``tol`` are re-solved in float64.
+        dtype: working precision of the exact solve; float32 is about twice as fast, and its rows that miss
+            ``tol`` are re-solved in float64.
         tol: KKT tolerance in standard deviations (default 1e-4 in float32, 1e-8 in float64).
         max_iter: Newton iterations at most.
         sensitivity: also return dλ/dc.
@@ -683,7 +744,7 @@ def solve(
     values: Sequence[str] | None = None,
     normaliser: Normaliser = "pooled",
     method: Method = "exact",
-    dtype: DType = "float32",
+    dtype: DType = "float64",
     tol: float | None = None,
     max_iter: int = 100,
     sensitivity: bool = False,
