@@ -678,12 +678,16 @@ def solve_many(
         sensitivity: also return dλ/dc.
         certify: run the LP certificate on every palette (otherwise only where the solver could not decide).
     """
+    if method not in ("exact", "reference"):
+        raise ValueError(f"method must be 'exact' or 'reference', got {method!r}")
+    if dtype not in DEFAULT_TOLERANCE:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     targets = palette_targets(pool, palettes, values)
     problem = DualProblem.from_pool(pool, normaliser)
     if method == "reference":
         return _reference_solutions(pool, problem, targets, sensitivity, certify)
-    if method != "exact":
-        raise ValueError(f"method must be 'exact' or 'reference', got {method!r}")
     tol = DEFAULT_TOLERANCE[dtype] if tol is None else float(tol)
     out = _newton_batch(problem, targets, dtype, tol, max_iter)
     if dtype == "float32":
