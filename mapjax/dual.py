@@ -101,7 +101,7 @@ class Solution:
 
     def violations(self) -> np.ndarray:
         """max(0, c − E_{p_λ} r) per value, raw units (0 where unconstrained)."""
-        return np.where(self.constrained, np.maximum(self.targets - self.realised, 0.0), 0.0)
+        return _violations(self.targets, self.realised)
 
     def lam_by_name(self) -> dict[str, float]:
         return {name: float(value) for name, value in zip(self.value_names, self.lam)}
@@ -157,6 +157,10 @@ class Solution:
         return "\n".join(lines)
 
 
+def _violations(targets: np.ndarray, realised: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(targets), 0.0, np.maximum(targets - realised, 0.0))
+
+
 def _json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
@@ -210,6 +214,10 @@ class Solutions:
     @property
     def feasible(self) -> np.ndarray:
         return self.status == "optimal"
+
+    def violations(self) -> np.ndarray:
+        """[palettes, values] max(0, c − E_{p_λ} r), raw units."""
+        return _violations(self.targets, self.realised)
 
     def take(self, rows: Sequence[int] | np.ndarray) -> "Solutions":
         """The solutions of the given rows (indices or a boolean mask), in that order."""
@@ -278,17 +286,31 @@ def _evaluate(scaled, log_base, group_weight, targets, lam):
     return objective, unnormalised, total, worst_margin
 
 
-def _moments(scaled, group_weight, unnormalised, total):
-    """Mean, covariance (Hessian of −g) and ESS of p_λ from the exp pass."""
+def _outer_products(scaled):
+    """[samples, values²] products r̃_i r̃_j, for the batched covariance as one matrix product."""
+    num_groups, num_slots, num_values = scaled.shape
+    return (scaled[..., :, None] * scaled[..., None, :]).reshape(num_groups * num_slots, num_values**2)
+
+
+def _moments(scaled, group_weight, unnormalised, total, outer=None):
+    """Mean, covariance (Hessian of −g) and ESS of p_λ from the exp pass.
+
+    With ``outer`` (see :func:`_outer_products`, computed once per solve) the weighted second moments of every
+    palette are one [palettes, samples] x [samples, values²] product, the fast shape for many palettes; without
+    it, each palette's weighted samples are contracted with the samples, which needs no [samples, values²]
+    buffer and suits a few palettes on a large pool.
+    """
     weights = unnormalised / total[..., None]  # [B, G, K]
     group_mean = jnp.einsum("bgk,gkm->bgm", weights, scaled)
     mean = jnp.einsum("g,bgm->bm", group_weight, group_mean)
-    num_batch, num_groups, num_slots = weights.shape
+    num_batch = weights.shape[0]
     num_values = scaled.shape[-1]
-    outer = (scaled[..., :, None] * scaled[..., None, :]).reshape(num_groups * num_slots, num_values**2)
-    second = ((weights * group_weight[:, None]).reshape(num_batch, -1) @ outer).reshape(
-        num_batch, num_values, num_values
-    )
+    weighted = (weights * group_weight[:, None]).reshape(num_batch, -1)
+    if outer is not None:
+        second = (weighted @ outer).reshape(num_batch, num_values, num_values)
+    else:
+        flat = scaled.reshape(-1, num_values)
+        second = jnp.einsum("bn,ni,nj->bij", weighted, flat, flat)
     covariance = second - jnp.einsum("g,bgi,bgj->bij", group_weight, group_mean, group_mean)
     ess = jnp.sum(group_weight / jnp.sum(weights**2, axis=-1), axis=-1)
     return mean, covariance, ess
@@ -309,8 +331,11 @@ def _projected_newton(scaled, log_base, group_weight, targets, movable, lam0, to
     num_batch, num_values = lam0.shape
     identity = jnp.eye(num_values, dtype=dtype)
 
+    # Many palettes: precompute the outer products once; few palettes on a big pool: skip that buffer.
+    outer = _outer_products(scaled) if num_batch >= num_values else None
+
     def measure(lam, unnormalised, total):
-        mean, covariance, ess = _moments(scaled, group_weight, unnormalised, total)
+        mean, covariance, ess = _moments(scaled, group_weight, unnormalised, total, outer)
         gradient = jnp.where(movable, mean - targets, 0.0)
         return mean, covariance, ess, gradient
 
