@@ -122,28 +122,33 @@ def encoder_benchmark_cases(batch: int = 64, seq: int = 128, seed: int = 0) -> l
     ]
 
 
-def time_call(run: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``run()`` over ``repeats`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    seconds = []
+def time_calls(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall-clock seconds per call of each ``runs[name]()``.
+
+    Calls alternate between the contestants round by round, so load from other
+    processes on a shared machine hits both sides alike.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds))
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in seconds.items()}
 
 
 def measure(case: BenchmarkCase, repeats: int = 5) -> dict[str, Any]:
-    """Time both sides of ``case``; throughput in ``case.unit`` and the JAX/PyTorch ratio."""
-    jax_seconds = time_call(case.make_jax(), repeats)
-    torch_seconds = time_call(case.make_torch(), repeats)
+    """Time both sides of ``case``; throughput in ``case.unit`` and the PyTorch/JAX time ratio."""
+    seconds = time_calls({"mapjax": case.make_jax(), "pytorch": case.make_torch()}, repeats)
     return {
         "case": case.name,
         "unit": case.unit,
-        "mapjax": case.work_per_call / jax_seconds,
-        "pytorch": case.work_per_call / torch_seconds,
-        "speedup": torch_seconds / jax_seconds,
+        "mapjax": case.work_per_call / seconds["mapjax"],
+        "pytorch": case.work_per_call / seconds["pytorch"],
+        "speedup": seconds["pytorch"] / seconds["mapjax"],
     }
 
 

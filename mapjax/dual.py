@@ -321,8 +321,8 @@ def _kkt_residual(lam, gradient, movable):
     return jnp.max(jnp.where(movable, per_value, 0.0), axis=-1)
 
 
-@partial(jax.jit, static_argnames=("max_iter",))
-def _projected_newton(scaled, log_base, group_weight, targets, movable, lam0, tol, max_iter: int):
+@jax.jit
+def _projected_newton(scaled, log_base, group_weight, targets, movable, lam0, tol, max_iter):
     """Projected Newton on −g for a batch of palettes; see the module docstring."""
     dtype = scaled.dtype
     eps = jnp.finfo(dtype).eps
@@ -457,6 +457,7 @@ def _projected_newton(scaled, log_base, group_weight, targets, movable, lam0, to
         iterations=final["iterations"],
         kl=kl,
         worst_margin=final["worst_margin"],
+        done=final["done"],
     )
 
 
@@ -599,6 +600,10 @@ def _bucket(batch: int) -> int:
     return max(8, 1 << (batch - 1).bit_length())
 
 
+# Iterations of the first round; each later round runs twice as many on the rows still going.
+FIRST_ROUND = 2
+
+
 def _newton_batch(
     problem: DualProblem,
     targets: np.ndarray,
@@ -608,31 +613,46 @@ def _newton_batch(
     movable: np.ndarray | None = None,
     start: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run the jitted solver on a batch; λ in, λ out in raw units."""
+    """Run the jitted solver on a batch; λ in, λ out in raw units.
+
+    Most palettes of a random batch are settled in one or two iterations (an infeasible one is usually proved so
+    by its first step), so the batch runs in rounds of growing length, and after each round only the rows still
+    going are gathered into a smaller batch (padded to a power of two, so batches of similar size share one
+    compiled program). Restarting a row from its λ costs one extra evaluation.
+    """
     if movable is None:
         movable = ~np.isnan(targets)
     scaled_targets = np.where(movable, problem.to_scaled_targets(np.nan_to_num(targets)), 0.0)
-    scaled_start = np.zeros(targets.shape) if start is None else problem.to_scaled_lambda(start)
-    # Pad the batch to a power of two (repeating row 0) so that batches of similar size share one program.
-    batch = targets.shape[0]
-    padded = _bucket(batch)
-    scaled_targets, movable, scaled_start = (
-        np.concatenate([array, np.repeat(array[:1], padded - batch, axis=0)])
-        for array in (scaled_targets, movable, scaled_start)
-    )
+    scaled_lam = np.zeros(targets.shape) if start is None else problem.to_scaled_lambda(start)
+    out: dict[str, np.ndarray] = {}
+    iterations = np.zeros(targets.shape[0], dtype=np.int64)
+    remaining = np.arange(targets.shape[0])
+    budget, round_length = int(max_iter), FIRST_ROUND
     with _precision(dtype) as jdtype:
-        out = _projected_newton(
-            *_scaled_inputs(problem, jdtype),
-            jnp.asarray(scaled_targets, jdtype),
-            jnp.asarray(movable),
-            jnp.asarray(scaled_start, jdtype),
-            jnp.asarray(tol, jdtype),
-            max_iter=int(max_iter),
-        )
-        out = {
-            key: np.asarray(value[:batch], dtype=np.float64 if value.dtype.kind == "f" else value.dtype)
-            for key, value in out.items()
-        }
+        inputs = _scaled_inputs(problem, jdtype)
+        while remaining.size:
+            steps = min(round_length, budget)
+            rows = np.concatenate([remaining, np.repeat(remaining[:1], _bucket(remaining.size) - remaining.size)])
+            result = _projected_newton(
+                *inputs,
+                jnp.asarray(scaled_targets[rows], jdtype),
+                jnp.asarray(movable[rows]),
+                jnp.asarray(scaled_lam[rows], jdtype),
+                jnp.asarray(tol, jdtype),
+                jnp.asarray(steps, jnp.int32),
+            )
+            result = {key: np.asarray(value)[: remaining.size] for key, value in result.items()}
+            for key, value in result.items():
+                if key not in out:
+                    out[key] = np.zeros((targets.shape[0],) + value.shape[1:], dtype=value.dtype)
+                out[key][remaining] = value
+            iterations[remaining] += result["iterations"]
+            scaled_lam[remaining] = result["lam"]
+            budget -= steps
+            round_length *= 2
+            remaining = remaining[~result["done"]] if budget > 0 else remaining[:0]
+    out = {key: value.astype(np.float64) if value.dtype.kind == "f" else value for key, value in out.items()}
+    out["iterations"] = iterations
     out["scaled_lam"] = out["lam"]
     out["lam"] = problem.to_raw_lambda(out["lam"])
     return out
