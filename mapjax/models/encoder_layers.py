@@ -1,0 +1,528 @@
+"""Pieces shared by the bidirectional encoders (BERT, DistilBERT, RoBERTa).
+
+The three architectures differ only in tensor names, in whether they carry token-type
+embeddings, in how position ids are derived and in their heads; the transformer body is
+the same post-LayerNorm block.  This module holds that body, the configuration dataclass
+the three share, and the tensor-name maps that load Hugging Face (PyTorch layout)
+checkpoints and export them back.
+
+Numerics: parameters may be float32 or bfloat16.  Matrix products run in the parameter
+dtype; attention scores, softmax and layer norms run in float32 and are cast back, so a
+bfloat16 model keeps its normalisation statistics exact enough to track the float32 one.
+
+Padding: every model takes ``attention_mask`` (1 = real token, 0 = padding).  Padded keys
+are masked out of attention, and positions/pooled tokens are derived from the mask, so
+the hidden states at real tokens do not depend on how much padding surrounds them, on
+either side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mapjax.models.layers import Embedding, LayerNorm, Linear, dot_product_attention
+from mapjax.models.loading import Layout, build_abstract, check_fully_loaded, load_parameters
+
+# ---------------------------------------------------------------------------------------
+# Activations, by the names Hugging Face configs use (``hidden_act`` / ``activation``).
+# ---------------------------------------------------------------------------------------
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _gelu_clipped_10(x: jax.Array) -> jax.Array:
+    return jnp.clip(_gelu_exact(x), -10.0, 10.0)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # The erf form: what BERT, RoBERTa and DistilBERT checkpoints were trained with.
+    "gelu": _gelu_exact,
+    "gelu_python": _gelu_exact,
+    # Tanh approximations: transformers has several names for the same formula.
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "gelu_10": _gelu_clipped_10,
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+def activation_by_name(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Return the activation function a Hugging Face config names (``"gelu"``, ``"gelu_new"``, ...).
+
+    Raises:
+        ValueError: for a name this port does not implement, listing the names it does.
+    """
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported activation {name!r} in the model config; supported: {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration and outputs.
+# ---------------------------------------------------------------------------------------
+
+POSITIONS_FROM_MASK = "from_mask"
+"""BERT/DistilBERT: position of a token = number of real tokens before it."""
+POSITIONS_AFTER_PADDING_IDX = "after_padding_idx"
+"""RoBERTa: positions count from ``pad_token_id + 1`` over tokens that are not ``pad_token_id``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Static shape and behaviour of a BERT-family encoder (hashable, safe as a jit static).
+
+    Attributes:
+        model_type: ``"bert"``, ``"distilbert"`` or ``"roberta"``.
+        vocab_size, hidden_size, num_layers, num_heads, intermediate_size: transformer sizes.
+        max_position_embeddings: rows of the position table.
+        type_vocab_size: rows of the token-type table; 0 where the model has none (DistilBERT).
+        layer_norm_eps: epsilon of every LayerNorm.
+        hidden_act: activation name of the feed-forward block (see ``ACTIVATIONS``).
+        pad_token_id: padding token id (RoBERTa also uses it to offset positions).
+        position_scheme: ``POSITIONS_FROM_MASK`` or ``POSITIONS_AFTER_PADDING_IDX``.
+        num_labels: classifier outputs (0 for a bare encoder).
+        id2label: ``((index, label), ...)`` from the checkpoint, kept for export.
+        source_config_json: the original ``config.json`` content, so an export keeps fields
+            this port does not model (tokenizer ids, problem_type, ...).
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    pad_token_id: int
+    position_scheme: str = POSITIONS_FROM_MASK
+    num_labels: int = 0
+    id2label: tuple[tuple[int, str], ...] = ()
+    source_config_json: str = "{}"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"hidden size {self.hidden_size} is not a multiple of the number of attention heads {self.num_heads}"
+            )
+        if self.position_scheme not in (POSITIONS_FROM_MASK, POSITIONS_AFTER_PADDING_IDX):
+            raise ValueError(f"unknown position_scheme {self.position_scheme!r}")
+        activation_by_name(self.hidden_act)  # fail at construction, not at the first call
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest input the position table covers (RoBERTa loses ``pad_token_id + 1`` rows to its offset)."""
+        if self.position_scheme == POSITIONS_AFTER_PADDING_IDX:
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
+
+def label_pairs(hf_config: Any) -> tuple[tuple[int, str], ...]:
+    """``hf_config.id2label`` as a sorted, hashable tuple of ``(index, label)`` pairs."""
+    id2label = getattr(hf_config, "id2label", None) or {}
+    return tuple(sorted((int(index), str(label)) for index, label in id2label.items()))
+
+
+def source_config_json(hf_config: Any) -> str:
+    """Serialise a transformers config (or a plain dict) for ``EncoderConfig.source_config_json``."""
+    as_dict = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    return json.dumps(as_dict, sort_keys=True, default=str)
+
+
+def base_config_dict(config: EncoderConfig, architecture: str) -> dict[str, Any]:
+    """Start of an exported ``config.json``: the source config with architecture and labels set."""
+    result = json.loads(config.source_config_json)
+    result["architectures"] = [architecture]
+    result["model_type"] = config.model_type
+    if config.num_labels:
+        # A randomly initialised classifier may have no label names; transformers' defaults then.
+        pairs = config.id2label or tuple((index, f"LABEL_{index}") for index in range(config.num_labels))
+        result["id2label"] = {str(index): label for index, label in pairs}
+        result["label2id"] = {label: index for index, label in pairs}
+    # transformers writes these itself; stale values would only confuse.
+    for key in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        result.pop(key, None)
+    return result
+
+
+@flax.struct.dataclass
+class EncoderOutput:
+    """What a base encoder returns.
+
+    Attributes:
+        last_hidden_state: ``[batch, seq, hidden]`` in the parameter dtype.  Rows at padding
+            positions are defined but meaningless.
+        pooler_output: ``[batch, hidden]`` (``tanh(dense(first real token))``) or ``None``
+            where the architecture or checkpoint has no pooler.
+    """
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor naming.  Each architecture says where its tensors live in a checkpoint; the
+# modules below turn those names into ``(hf_name, parameter, layout)`` entries, the one
+# map that both loading (``loading.load_parameters``) and export
+# (``loading.export_parameters``) walk, so the two directions cannot drift apart.
+# ---------------------------------------------------------------------------------------
+
+ParameterMap = list[tuple[str, nnx.Variable, Layout]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingNames:
+    """Checkpoint names of the embedding tensors (full names, prefix included)."""
+
+    word: str
+    position: str
+    token_type: str | None
+    norm: str
+    # Non-persistent buffers that older checkpoints still carry; dropped on load.
+    buffers: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockNames:
+    """Checkpoint name prefixes (before ``.weight``/``.bias``) of one encoder block."""
+
+    query: str
+    key: str
+    value: str
+    attention_output: str
+    attention_norm: str
+    intermediate: str
+    output: str
+    output_norm: str
+
+
+def bert_block_names(prefix: str, index: int) -> BlockNames:
+    """Names used by BERT and RoBERTa: ``{prefix}encoder.layer.{index}.attention.self.query`` ..."""
+    layer = f"{prefix}encoder.layer.{index}"
+    return BlockNames(
+        query=f"{layer}.attention.self.query",
+        key=f"{layer}.attention.self.key",
+        value=f"{layer}.attention.self.value",
+        attention_output=f"{layer}.attention.output.dense",
+        attention_norm=f"{layer}.attention.output.LayerNorm",
+        intermediate=f"{layer}.intermediate.dense",
+        output=f"{layer}.output.dense",
+        output_norm=f"{layer}.output.LayerNorm",
+    )
+
+
+def bert_embedding_names(prefix: str) -> EmbeddingNames:
+    """Names used by BERT and RoBERTa: ``{prefix}embeddings.word_embeddings.weight`` ..."""
+    return EmbeddingNames(
+        word=f"{prefix}embeddings.word_embeddings.weight",
+        position=f"{prefix}embeddings.position_embeddings.weight",
+        token_type=f"{prefix}embeddings.token_type_embeddings.weight",
+        norm=f"{prefix}embeddings.LayerNorm",
+        buffers=(f"{prefix}embeddings.position_ids", f"{prefix}embeddings.token_type_ids"),
+    )
+
+
+def detect_prefix(tensors: Mapping[str, Any], probe: str, prefix: str) -> str:
+    """Return ``prefix`` if the checkpoint stores ``probe`` under it, else ``""`` if it stores it bare.
+
+    Checkpoints of a bare encoder (``BertModel``) usually store ``embeddings...`` while
+    task models store ``bert.embeddings...``; transformers accepts both, and so do we.
+    """
+    if f"{prefix}{probe}" in tensors:
+        return prefix
+    if probe in tensors:
+        return ""
+    return prefix  # neither: keep the canonical name so the missing-tensor error names it
+
+
+def linear_entries(prefix: str, linear: Linear) -> ParameterMap:
+    """``{prefix}.weight`` / ``{prefix}.bias`` of a PyTorch ``nn.Linear`` (same ``[out, in]`` layout)."""
+    return [(f"{prefix}.weight", linear.weight, "linear"), (f"{prefix}.bias", linear.bias, "linear")]
+
+
+def norm_entries(prefix: str, norm: LayerNorm) -> ParameterMap:
+    """``{prefix}.weight`` / ``{prefix}.bias`` of a PyTorch ``nn.LayerNorm``."""
+    return [(f"{prefix}.weight", norm.weight, "linear"), (f"{prefix}.bias", norm.bias, "linear")]
+
+
+def load_from_hf(
+    constructor: Callable[[], nnx.Module],
+    parameter_map: Callable[[Any], ParameterMap],
+    tensors: dict[str, np.ndarray],
+    dtype: Any,
+    drop: Iterable[str] = (),
+) -> Any:
+    """Build ``constructor()`` without random init and fill it from ``tensors``.
+
+    Consumes every tensor the map names; missing tensors and shape mismatches raise the
+    loader's ``MissingTensorError`` / ``TensorShapeError`` naming the tensor and shapes.
+    Names in ``drop`` (stale buffers) are discarded if present.
+    """
+    for name in drop:
+        tensors.pop(name, None)
+    model = build_abstract(constructor)
+    load_parameters(parameter_map(model), tensors, dtype)
+    check_fully_loaded(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Encoder body.  Constructors take ``rngs`` so a random model (tests, dummies) is one call;
+# checkpoint loading goes through ``load_from_hf`` and never materialises the random init.
+# ---------------------------------------------------------------------------------------
+
+
+def attention_allowed(attention_mask: jax.Array) -> jax.Array:
+    """``[batch, 1, 1, keys]`` booleans: which keys every query may attend to."""
+    return (attention_mask != 0)[:, None, None, :]
+
+
+class SelfAttention(nnx.Module):
+    """Bidirectional multi-head self-attention with its output projection."""
+
+    def __init__(self, config: EncoderConfig, *, dtype: Any, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.query = Linear(hidden, hidden, dtype=dtype, rngs=rngs)
+        self.key = Linear(hidden, hidden, dtype=dtype, rngs=rngs)
+        self.value = Linear(hidden, hidden, dtype=dtype, rngs=rngs)
+        self.output = Linear(hidden, hidden, dtype=dtype, rngs=rngs)
+
+    def __call__(self, hidden: jax.Array, allowed: jax.Array) -> jax.Array:
+        batch, seq, width = hidden.shape
+        head_dim = width // self.num_heads
+        heads = (batch, seq, self.num_heads, head_dim)
+        context = dot_product_attention(
+            self.query(hidden).reshape(heads),
+            self.key(hidden).reshape(heads),
+            self.value(hidden).reshape(heads),
+            allowed,
+            scale=1.0 / math.sqrt(head_dim),
+        )
+        return self.output(context.reshape(batch, seq, width))
+
+
+class EncoderBlock(nnx.Module):
+    """Post-LayerNorm transformer block: ``h = LN(x + attn(x))``, then ``LN(h + ffn(h))``."""
+
+    def __init__(self, config: EncoderConfig, *, dtype: Any, rngs: nnx.Rngs):
+        hidden, inner, eps = config.hidden_size, config.intermediate_size, config.layer_norm_eps
+        self.hidden_act = config.hidden_act
+        self.attention = SelfAttention(config, dtype=dtype, rngs=rngs)
+        self.attention_norm = LayerNorm(hidden, eps=eps, dtype=dtype)
+        self.intermediate = Linear(hidden, inner, dtype=dtype, rngs=rngs)
+        self.output = Linear(inner, hidden, dtype=dtype, rngs=rngs)
+        self.output_norm = LayerNorm(hidden, eps=eps, dtype=dtype)
+
+    def parameter_map(self, names: BlockNames) -> ParameterMap:
+        """This block's parameters under the checkpoint names ``names`` gives."""
+        return [
+            *linear_entries(names.query, self.attention.query),
+            *linear_entries(names.key, self.attention.key),
+            *linear_entries(names.value, self.attention.value),
+            *linear_entries(names.attention_output, self.attention.output),
+            *norm_entries(names.attention_norm, self.attention_norm),
+            *linear_entries(names.intermediate, self.intermediate),
+            *linear_entries(names.output, self.output),
+            *norm_entries(names.output_norm, self.output_norm),
+        ]
+
+    def __call__(self, hidden: jax.Array, allowed: jax.Array) -> jax.Array:
+        hidden = self.attention_norm(hidden + self.attention(hidden, allowed))
+        activation = activation_by_name(self.hidden_act)
+        feed_forward = self.output(activation(self.intermediate(hidden)))
+        return self.output_norm(hidden + feed_forward)
+
+
+class EncoderEmbeddings(nnx.Module):
+    """Word + absolute position (+ token type) embeddings, then LayerNorm."""
+
+    def __init__(self, config: EncoderConfig, *, dtype: Any, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.word = Embedding(config.vocab_size, hidden, dtype=dtype, rngs=rngs)
+        self.position = Embedding(config.max_position_embeddings, hidden, dtype=dtype, rngs=rngs)
+        self.token_type = (
+            Embedding(config.type_vocab_size, hidden, dtype=dtype, rngs=rngs) if config.type_vocab_size else None
+        )
+        self.norm = LayerNorm(hidden, eps=config.layer_norm_eps, dtype=dtype)
+
+    def parameter_map(self, names: EmbeddingNames) -> ParameterMap:
+        """The embedding parameters under the checkpoint names ``names`` gives."""
+        entries: ParameterMap = [
+            (names.word, self.word.weight, "linear"),
+            (names.position, self.position.weight, "linear"),
+        ]
+        if self.token_type is not None:
+            if names.token_type is None:
+                raise ValueError("this encoder has token-type embeddings but its architecture names no tensor for them")
+            entries.append((names.token_type, self.token_type.weight, "linear"))
+        return [*entries, *norm_entries(names.norm, self.norm)]
+
+    def __call__(self, input_ids: jax.Array, position_ids: jax.Array, token_type_ids: jax.Array | None) -> jax.Array:
+        embedded = self.word(input_ids) + self.position(position_ids)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(input_ids)
+            embedded = embedded + self.token_type(token_type_ids)
+        return self.norm(embedded)
+
+
+class EncoderStack(nnx.Module):
+    """Embeddings followed by the blocks: the part BERT, DistilBERT and RoBERTa share."""
+
+    def __init__(self, config: EncoderConfig, *, dtype: Any, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = EncoderEmbeddings(config, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([EncoderBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
+
+    def parameter_map(self, embedding_names: EmbeddingNames, block_names: Callable[[int], BlockNames]) -> ParameterMap:
+        """Every parameter of the stack; ``block_names(i)`` names block ``i``'s tensors."""
+        entries = self.embeddings.parameter_map(embedding_names)
+        for index, block in enumerate(self.blocks):
+            entries.extend(block.parameter_map(block_names(index)))
+        return entries
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        if position_ids is None:
+            position_ids = default_position_ids(self.config, input_ids, attention_mask)
+        hidden = self.embeddings(input_ids, position_ids, token_type_ids)
+        allowed = attention_allowed(attention_mask)
+        for block in self.blocks:
+            hidden = block(hidden, allowed)
+        return hidden
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: validation at the boundary, positions, pooled token.
+# ---------------------------------------------------------------------------------------
+
+
+def default_position_ids(config: EncoderConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Position ids the way each architecture derives them, made independent of padding.
+
+    * ``POSITIONS_FROM_MASK`` (BERT, DistilBERT): the number of real tokens before the
+      token.  With right padding (the tokenizers' default) this is ``0, 1, 2, ...``
+      exactly as transformers uses; with left padding it still starts at 0 on the first
+      real token, where transformers would shift it.
+    * ``POSITIONS_AFTER_PADDING_IDX`` (RoBERTa): transformers' rule, ``pad_token_id +
+      cumulative count of non-pad tokens`` on non-pad tokens and ``pad_token_id`` on pads.
+    """
+    if config.position_scheme == POSITIONS_AFTER_PADDING_IDX:
+        not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
+    real = (attention_mask != 0).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
+
+
+def first_real_token(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """``hidden[b, i_b]`` where ``i_b`` is row b's first real token ([CLS] / <s>).
+
+    Transformers pools index 0, which is the same token under right padding; taking the
+    first unmasked index keeps left-padded batches correct too.
+    """
+    index = jnp.argmax(attention_mask != 0, axis=1)
+    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0, :]
+
+
+def mean_pool(last_hidden_state: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Mean of the hidden states over real tokens (sentence-transformers' pooling), float32."""
+    weights = (attention_mask != 0).astype(jnp.float32)[..., None]
+    total = jnp.sum(last_hidden_state.astype(jnp.float32) * weights, axis=1)
+    return total / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
+
+
+def _check_range(name: str, values: jax.Array, upper: int) -> None:
+    # Only concrete arrays can be checked; under jit the caller validated already or
+    # accepts clamped lookups.
+    if isinstance(values, jax.core.Tracer) or values.size == 0:
+        return
+    low, high = int(jnp.min(values)), int(jnp.max(values))
+    if low < 0 or high >= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}); got values from {low} to {high}")
+
+
+def prepare_inputs(
+    config: EncoderConfig,
+    input_ids: Any,
+    attention_mask: Any | None,
+    token_type_ids: Any | None = None,
+    position_ids: Any | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """Check shapes (and, outside jit, id ranges) and return int32 arrays.
+
+    ``attention_mask=None`` means every token is real.  Raises ``ValueError`` naming the
+    argument and the expected shape or range, so bad input never fails inside jit.
+    """
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers; got dtype {input_ids.dtype}")
+    batch, seq = input_ids.shape
+    if seq > config.max_sequence_length:
+        raise ValueError(
+            f"sequence length {seq} exceeds this {config.model_type} model's maximum of "
+            f"{config.max_sequence_length} tokens"
+        )
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, seq), jnp.int32)
+    attention_mask = jnp.asarray(attention_mask)
+    optional = {"token_type_ids": token_type_ids, "position_ids": position_ids}
+    for name, value in (("attention_mask", attention_mask), *optional.items()):
+        if value is not None and tuple(jnp.shape(value)) != (batch, seq):
+            raise ValueError(f"{name} shape {tuple(jnp.shape(value))} does not match input_ids shape {(batch, seq)}")
+    _check_range("input_ids", input_ids, config.vocab_size)
+    if token_type_ids is not None:
+        if config.type_vocab_size == 0:
+            raise ValueError(f"{config.model_type} has no token-type embeddings; pass token_type_ids=None")
+        token_type_ids = jnp.asarray(token_type_ids).astype(jnp.int32)
+        _check_range("token_type_ids", token_type_ids, config.type_vocab_size)
+    if position_ids is not None:
+        position_ids = jnp.asarray(position_ids).astype(jnp.int32)
+        _check_range("position_ids", position_ids, config.max_position_embeddings)
+    return input_ids.astype(jnp.int32), attention_mask.astype(jnp.int32), token_type_ids, position_ids

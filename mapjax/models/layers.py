@@ -1,0 +1,388 @@
+"""Layers shared by the decoder (and encoder) ports.
+
+Weights keep Hugging Face's PyTorch layout (``nn.Linear.weight`` is
+``[out_features, in_features]``) so that loading and exporting are plain copies
+and the name maps stay readable.  Activations run in the parameter dtype;
+normalisation statistics, attention logits and softmax always run in float32.
+
+The KV cache (``KVCache``) has static shapes: every row of the batch shares the
+same slot index (``write_index``); padding is tracked per slot in ``slot_mask``
+and per row in ``token_count`` (the next position id), so a left-padded prefill
+followed by one-token decode steps gives the same logits as one full forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+DType = Any
+
+# A large negative logit rather than -inf: a query row whose keys are all masked
+# (a pad query under left padding) then gets a uniform softmax instead of NaN,
+# and NaNs never leak into gradients of the real rows.
+_MASKED_LOGIT = float(np.finfo(np.float32).min)
+
+
+# --------------------------------------------------------------------------- #
+# Parametrised layers
+# --------------------------------------------------------------------------- #
+def _normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: DType, stddev: float = 0.02) -> Array:
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * stddev).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x W^T + b`` with ``W`` stored ``[out, in]`` like ``torch.nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nnx.Param(_normal_init(rngs, (out_features, in_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        weight = self.weight.get_value()
+        y = jnp.einsum("...i,oi->...o", x.astype(weight.dtype), weight)
+        if self.bias is not None:
+            y = y + self.bias.get_value()
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token/position table ``[num_embeddings, features]``; ``attend`` is the tied output head."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.weight = nnx.Param(_normal_init(rngs, (num_embeddings, features), dtype))
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.weight.get_value(), ids, axis=0)
+
+    def attend(self, x: Array) -> Array:
+        """Logits against the table, for tied input/output embeddings."""
+        weight = self.weight.get_value()
+        return jnp.einsum("...d,vd->...v", x.astype(weight.dtype), weight)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32, result cast back to the input dtype."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
+                 dtype: DType = jnp.float32, rngs: nnx.Rngs | None = None):
+        del rngs  # deterministic init, accepted for a uniform constructor signature
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((features,), dtype)) if use_scale else None
+        self.bias = nnx.Param(jnp.zeros((features,), dtype)) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        variance = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(variance + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.get_value().astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama's RMSNorm: normalise in float32, cast to the input dtype, then scale."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, dtype: DType = jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        del rngs
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((features,), dtype))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        # The cast before the scale mirrors transformers, which matters in bfloat16.
+        return self.weight.get_value() * y.astype(x.dtype)
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """Activation by its Hugging Face ``hidden_act``/``activation_function`` name."""
+    table: dict[str, Callable[[Array], Array]] = {
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "tanh": jnp.tanh,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(table)}")
+    return table[name]
+
+
+# --------------------------------------------------------------------------- #
+# Rotary position embeddings
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+    """Everything needed to compute rotary frequencies (hashable, static under jit).
+
+    ``rope_type`` is one of ``default``, ``linear``, ``dynamic``, ``llama3``.
+    """
+
+    rotary_dim: int
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    max_position_embeddings: int = 2048
+
+    SUPPORTED = ("default", "linear", "dynamic", "llama3")
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in self.SUPPORTED:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: {list(self.SUPPORTED)}")
+
+
+def rope_spec_from_hf_config(hf_config: Any, head_dim: int) -> RopeSpec:
+    """Read rope settings from a transformers config (v5 ``rope_parameters`` or v4 ``rope_scaling``)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    legacy_scaling = getattr(hf_config, "rope_scaling", None)
+    if isinstance(legacy_scaling, dict):
+        for key, value in legacy_scaling.items():
+            params.setdefault(key, value)
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None) or 1.0)
+    max_positions = int(getattr(hf_config, "max_position_embeddings", 2048))
+    return RopeSpec(
+        rotary_dim=int(head_dim * partial),
+        theta=float(theta),
+        rope_type=str(rope_type),
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_positions)),
+        max_position_embeddings=max_positions,
+    )
+
+
+def rope_spec_to_hf(spec: RopeSpec) -> dict[str, Any]:
+    """The ``rope_parameters`` dict transformers v5 writes for ``spec``."""
+    params: dict[str, Any] = {"rope_type": spec.rope_type, "rope_theta": spec.theta}
+    if spec.rope_type in ("linear", "dynamic", "llama3"):
+        params["factor"] = spec.factor
+    if spec.rope_type == "llama3":
+        params.update(low_freq_factor=spec.low_freq_factor, high_freq_factor=spec.high_freq_factor,
+                      original_max_position_embeddings=spec.original_max_position_embeddings)
+    return params
+
+
+def _base_inverse_frequencies(dim: int, theta: Any) -> Any:
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    return 1.0 / (theta ** exponents)
+
+
+def rotary_inverse_frequencies(spec: RopeSpec, max_position: Array | None = None) -> Array:
+    """Inverse frequencies ``[rotary_dim // 2]`` in float32.
+
+    ``max_position`` (the largest position id in the call, traced) only matters for
+    ``dynamic``: the base grows once a sequence outgrows ``max_position_embeddings``.
+    Transformers keeps the grown frequencies as module state between calls; here
+    they are a pure function of the current call's positions.
+    """
+    dim = spec.rotary_dim
+    if spec.rope_type == "dynamic":
+        seq_len = jnp.float32(spec.max_position_embeddings)
+        if max_position is not None:
+            seq_len = jnp.maximum(max_position.astype(jnp.float32) + 1.0, seq_len)
+        base = spec.theta * ((spec.factor * seq_len / spec.max_position_embeddings) - (spec.factor - 1)) ** (
+            dim / (dim - 2))
+        return _base_inverse_frequencies(dim, base).astype(jnp.float32)
+
+    inv_freq = _base_inverse_frequencies(dim, np.float32(spec.theta)).astype(np.float32)
+    if spec.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(spec.factor)
+    elif spec.rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept,
+        # and the band in between interpolated smoothly.
+        old_context = spec.original_max_position_embeddings
+        low_freq_wavelen = old_context / spec.low_freq_factor
+        high_freq_wavelen = old_context / spec.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / spec.factor, inv_freq)
+        smooth = (old_context / wavelen - spec.low_freq_factor) / (spec.high_freq_factor - spec.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return jnp.asarray(inv_freq, jnp.float32)
+
+
+def rotary_cos_sin(spec: RopeSpec, positions: Array, dtype: DType) -> tuple[Array, Array]:
+    """``cos, sin`` of shape ``[batch, seq, rotary_dim]`` for integer ``positions [batch, seq]``."""
+    max_position = jnp.max(positions) if spec.rope_type == "dynamic" else None
+    inv_freq = rotary_inverse_frequencies(spec, max_position)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate ``x [batch, seq, heads, head_dim]`` (half-split convention, as HF Llama)."""
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated_half = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = x_rot * cos + rotated_half * sin
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+# --------------------------------------------------------------------------- #
+# KV cache and masks
+# --------------------------------------------------------------------------- #
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Static-shape key/value cache for a whole decoder.
+
+    keys, values: one array per layer, ``[batch, max_len, kv_heads, head_dim]``.
+    slot_mask:    ``[batch, max_len]`` bool, True where a slot holds a real token.
+    write_index:  int32 scalar, next slot to write (shared by all rows).
+    token_count:  ``[batch]`` int32, real tokens seen per row = the next position id.
+    """
+
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    slot_mask: Array
+    write_index: Array
+    token_count: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.slot_mask.shape[1]
+
+    @classmethod
+    def create(cls, *, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+               dtype: DType) -> "KVCache":
+        shape = (batch, max_len, kv_heads, head_dim)
+        return cls(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            slot_mask=jnp.zeros((batch, max_len), bool),
+            write_index=jnp.zeros((), jnp.int32),
+            token_count=jnp.zeros((batch,), jnp.int32),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+    """What every layer of one forward call shares: positions, mask, cache slot."""
+
+    positions: Array          # [batch, seq] int32, -1 on padding
+    allowed: Array            # [batch, 1, seq, keys] bool
+    write_index: Array | None  # None without a cache
+
+
+def _check_inputs(input_ids: Array, attention_mask: Array | None) -> Array:
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return jnp.ones(input_ids.shape, jnp.int32)
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    return attention_mask.astype(jnp.int32)
+
+
+def attention_context(input_ids: Array, attention_mask: Array | None, cache: KVCache | None,
+                      positions: Array | None) -> tuple[AttentionContext, Array]:
+    """Positions and the boolean attention mask for a call; returns ``(context, mask_int)``.
+
+    Position ids count real tokens (``cumsum(mask) - 1``, continuing from the cache's
+    ``token_count``), exactly what transformers derives from the attention mask, so
+    left- and right-padded rows get the positions they would have unpadded.
+    """
+    mask = _check_inputs(input_ids, attention_mask)
+    seq = input_ids.shape[1]
+    start = jnp.zeros((input_ids.shape[0],), jnp.int32) if cache is None else cache.token_count
+    if positions is None:
+        positions = (start[:, None] + jnp.cumsum(mask, axis=1)) * mask - 1
+    positions = positions.astype(jnp.int32)
+
+    if cache is None:
+        query_slots = jnp.arange(seq)
+        key_slots = jnp.arange(seq)
+        key_valid = mask.astype(bool)
+        write_index = None
+    else:
+        if not isinstance(cache.write_index, jax.core.Tracer) and int(cache.write_index) + seq > cache.max_len:
+            raise ValueError(f"KV cache overflow: writing {seq} tokens at slot {int(cache.write_index)} "
+                             f"exceeds max_len={cache.max_len}; create the cache with a larger max_len")
+        write_index = cache.write_index
+        query_slots = write_index + jnp.arange(seq)
+        key_slots = jnp.arange(cache.max_len)
+        key_valid = jax.lax.dynamic_update_slice(cache.slot_mask, mask.astype(bool), (0, write_index))
+    causal = key_slots[None, :] <= query_slots[:, None]
+    allowed = (key_valid[:, None, :] & causal[None, :, :])[:, None, :, :]
+    return AttentionContext(positions=positions, allowed=allowed, write_index=write_index), mask
+
+
+def advance_cache(cache: KVCache, mask: Array, keys: list[Array], values: list[Array]) -> KVCache:
+    """The cache after a call wrote ``mask.shape[1]`` slots."""
+    seq = mask.shape[1]
+    return KVCache(
+        keys=tuple(keys),
+        values=tuple(values),
+        slot_mask=jax.lax.dynamic_update_slice(cache.slot_mask, mask.astype(bool), (0, cache.write_index)),
+        write_index=cache.write_index + seq,
+        token_count=cache.token_count + mask.sum(axis=1).astype(jnp.int32),
+    )
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, allowed: Array, scale: float) -> Array:
+    """Grouped-query attention with float32 logits and softmax.
+
+    query ``[b, s, heads, d]``, key/value ``[b, t, kv_heads, d]``, allowed ``[b, 1, s, t]``.
+    Returns ``[b, s, heads, d]`` in the query dtype.
+    """
+    batch, seq, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, seq, kv_heads, groups, head_dim)
+    logits = jnp.einsum("bskgd,btkd->bkgst", grouped, key, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(allowed[:, :, None, :, :], logits, _MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, value)
+    return out.reshape(batch, seq, heads, head_dim)
+
+
+def attend_with_cache(query: Array, key: Array, value: Array, context: AttentionContext,
+                      layer_cache: tuple[Array, Array] | None, scale: float
+                      ) -> tuple[Array, tuple[Array, Array] | None]:
+    """Write this call's keys/values into the layer cache (if any) and attend."""
+    if layer_cache is None:
+        return dot_product_attention(query, key, value, context.allowed, scale), None
+    cached_keys, cached_values = layer_cache
+    slot = (0, context.write_index, 0, 0)
+    cached_keys = jax.lax.dynamic_update_slice(cached_keys, key.astype(cached_keys.dtype), slot)
+    cached_values = jax.lax.dynamic_update_slice(cached_values, value.astype(cached_values.dtype), slot)
+    out = dot_product_attention(query, cached_keys.astype(query.dtype), cached_values.astype(query.dtype),
+                                context.allowed, scale)
+    return out, (cached_keys, cached_values)
+
+
+def last_token_index(mask: Array) -> Array:
+    """Index of the rightmost real token per row (works for left and right padding)."""
+    seq = mask.shape[1]
+    return jnp.argmax(jnp.arange(seq)[None, :] * mask, axis=1)
