@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mapjax.certificate import Certificate, certify
+from mapjax.certificate import Certificate
+from mapjax.certificate import certify as lp_certificate
 from mapjax.palette import Palette, PaletteSpec, check_levels, parse
 from mapjax.pool import RewardPool
 from mapjax.problem import DualProblem, Normaliser
@@ -708,7 +709,7 @@ def solve_many(
     sensitivity: bool = False,
     certify: bool = False,
 ) -> Solutions:
-    """Solve MAP's dual for a batch of palettes in one compiled call.
+    """Solve MAP's dual for a batch of palettes, all as rows of one compiled program.
 
     Args:
         pool: the base model's rewards.
@@ -751,7 +752,7 @@ def _assemble(problem, targets, out, method, dtype, want_sensitivity, certify) -
     for row in range(targets.shape[0]):
         code = status_codes[row]
         if certify or code == _NOT_CONVERGED:
-            certificate = certify_lp(problem, targets[row])
+            certificate = lp_certificate(problem, targets[row])
             certificates[row] = certificate
             if code == _NOT_CONVERGED and not certificate.feasible:
                 status_codes[row] = _INFEASIBLE
@@ -782,8 +783,6 @@ def _assemble(problem, targets, out, method, dtype, want_sensitivity, certify) -
         certificates=certificates,
     )
 
-
-certify_lp = certify
 
 
 def solve(
