@@ -183,8 +183,7 @@ def random_palettes(
         raise ValueError(f"count must be at least 1, got {count}")
     rng = np.random.default_rng(seed)
     columns = [pool.index_of(name) for name in values]
-    flat = pool.flat()
-    low, high = pool.means()[columns], flat.max(axis=0)[columns]
+    low, high = pool.means()[columns], pool.value_range()[1][columns]
     max_draws = max_draws if max_draws is not None else 1000 * count
     kept: list[Solutions] = []
     num_kept = draws = 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, Mapping, Sequence, Union
@@ -42,6 +43,10 @@ _OPTIMAL, _INFEASIBLE, _NOT_CONVERGED = 0, 1, 2
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-8}
 MAX_BACKTRACKS = 40
 ARMIJO = 1e-4
+# Largest [samples, values²] buffer of outer products worth keeping for the batched covariance.
+OUTER_LIMIT = 1 << 24
+# Pools up to this many rewards pad small batches to 8 rows, sharing one compiled program.
+SMALL_POOL = 1 << 20
 # A scaled λ this large means the weights sit on one sample per group: the palette is on (or past) the boundary.
 LAMBDA_LIMIT = 1e7
 
@@ -332,8 +337,9 @@ def _projected_newton(scaled, log_base, group_weight, targets, movable, lam0, to
     num_batch, num_values = lam0.shape
     identity = jnp.eye(num_values, dtype=dtype)
 
-    # Many palettes: precompute the outer products once; few palettes on a big pool: skip that buffer.
-    outer = _outer_products(scaled) if num_batch >= num_values else None
+    # Many palettes: precompute the outer products once; few palettes or a big pool: skip that buffer.
+    outer_size = scaled.shape[0] * scaled.shape[1] * num_values**2
+    outer = _outer_products(scaled) if num_batch >= num_values and outer_size <= OUTER_LIMIT else None
 
     def measure(lam, unnormalised, total):
         mean, covariance, ess = _moments(scaled, group_weight, unnormalised, total, outer)
@@ -589,16 +595,23 @@ def palette_targets(pool: RewardPool, palettes: PaletteBatch, values: Sequence[s
     return targets
 
 
+# Device copies of each problem's arrays, per dtype, so repeated solves on one pool transfer them once.
+_ON_DEVICE: "weakref.WeakKeyDictionary[DualProblem, dict]" = weakref.WeakKeyDictionary()
+
+
 def _scaled_inputs(problem: DualProblem, dtype):
-    return (
-        jnp.asarray(problem.scaled, dtype),
-        jnp.asarray(problem.log_base, dtype),
-        jnp.asarray(problem.group_weight, dtype),
-    )
+    copies = _ON_DEVICE.setdefault(problem, {})
+    key = jnp.dtype(dtype).name
+    if key not in copies:
+        copies[key] = tuple(jnp.asarray(array, dtype) for array in (problem.scaled, problem.log_base, problem.group_weight))
+    return copies[key]
 
 
-def _bucket(batch: int) -> int:
-    return max(8, 1 << (batch - 1).bit_length())
+def _bucket(batch: int, pool_size: int) -> int:
+    """Batch size to pad to: a power of two, at least 8 on small pools so that few programs get compiled;
+    on a big pool the padding rows would cost more than a compile."""
+    smallest = 8 if pool_size <= SMALL_POOL else 1
+    return max(smallest, 1 << (batch - 1).bit_length())
 
 
 # Iterations of the first round; each later round runs twice as many on the rows still going.
@@ -633,7 +646,8 @@ def _newton_batch(
         inputs = _scaled_inputs(problem, jdtype)
         while remaining.size:
             steps = min(round_length, budget)
-            rows = np.concatenate([remaining, np.repeat(remaining[:1], _bucket(remaining.size) - remaining.size)])
+            padding = _bucket(remaining.size, problem.scaled.size) - remaining.size
+            rows = np.concatenate([remaining, np.repeat(remaining[:1], padding)])
             result = _projected_newton(
                 *inputs,
                 jnp.asarray(scaled_targets[rows], jdtype),

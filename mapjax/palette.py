@@ -188,8 +188,7 @@ def check_levels(pool: RewardPool, targets: np.ndarray) -> None:
             f"targets of shape {np.shape(targets)} do not match the pool's {pool.num_values} values "
             f"{list(pool.value_names)}"
         )
-    flat = pool.flat()
-    lows, highs = flat.min(axis=0), flat.max(axis=0)
+    lows, highs = pool.value_range()
     where = (lambda row: f" (palette {row})") if batch.shape[0] > 1 else (lambda row: "")
     for column, name in enumerate(pool.value_names):
         levels = batch[:, column]

@@ -12,6 +12,7 @@ exists, else by the prompt text, in order of first appearance.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -205,9 +206,32 @@ class RewardPool:
     def num_values(self) -> int:
         return len(self.value_names)
 
+    @functools.cached_property
+    def _flat(self) -> np.ndarray:
+        flat = self.rewards.reshape(-1, self.num_values) if self.mask.all() else self.rewards[self.mask]
+        flat = np.array(flat)  # own copy, so that freezing it leaves ``rewards`` writable
+        flat.flags.writeable = False
+        return flat
+
+    @functools.cached_property
+    def _column_stats(self) -> dict[str, np.ndarray]:
+        flat = self._flat
+        stats = {"mean": flat.mean(axis=0), "std": flat.std(axis=0), "min": flat.min(axis=0), "max": flat.max(axis=0)}
+        for array in stats.values():
+            array.flags.writeable = False
+        return stats
+
     def flat(self) -> np.ndarray:
-        """Rewards of the valid samples as [n, values], prompt by prompt."""
-        return self.rewards[self.mask]
+        """Rewards of the valid samples as [n, values], prompt by prompt (read-only; computed once)."""
+        return self._flat
+
+    def spread(self) -> np.ndarray:
+        """Standard deviation of each value over the valid samples."""
+        return self._column_stats["std"]
+
+    def value_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """(min, max) of each value over the valid samples."""
+        return self._column_stats["min"], self._column_stats["max"]
 
     def prompt_index(self) -> np.ndarray:
         """For each row of :meth:`flat`, the index of its prompt."""
@@ -227,7 +251,7 @@ class RewardPool:
 
     def means(self) -> np.ndarray:
         """c0 = E_{p0} r over the valid samples, pooled."""
-        return self.flat().mean(axis=0)
+        return self._column_stats["mean"]
 
     def summary(self, quantiles: Sequence[float] = SUMMARY_QUANTILES) -> list[ValueSummary]:
         """Mean, standard error, range and quantiles of each value (the authors' realised c-levels table)."""

@@ -10,6 +10,7 @@ conditioning; λ = λ̃/σ maps back exactly, and the dual changes only by a con
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,8 @@ import numpy as np
 from mapjax.pool import RewardPool
 
 Normaliser = Literal["pooled", "per_prompt"]
+# Problems already built, per pool (weakly held: they go with their pool).
+_BUILT: "weakref.WeakKeyDictionary[RewardPool, dict[str, DualProblem]]" = weakref.WeakKeyDictionary()
 NORMALISERS: tuple[str, ...] = ("pooled", "per_prompt")
 
 
@@ -44,11 +47,19 @@ class DualProblem:
 
     @classmethod
     def from_pool(cls, pool: RewardPool, normaliser: Normaliser = "pooled") -> "DualProblem":
+        """The problem for a pool; built once per pool and normaliser (pools are immutable)."""
         if normaliser not in NORMALISERS:
             raise ValueError(f"normaliser must be one of {NORMALISERS}, got {normaliser!r}")
+        built = _BUILT.setdefault(pool, {})
+        if normaliser not in built:
+            built[normaliser] = cls._build(pool, normaliser)
+        return built[normaliser]
+
+    @classmethod
+    def _build(cls, pool: RewardPool, normaliser: Normaliser) -> "DualProblem":
         flat = pool.flat()
-        shift = flat.mean(axis=0)
-        spread = flat.std(axis=0)
+        shift = pool.means()
+        spread = pool.spread()
         # A constant column gets scale 1: it cannot be constrained (palette.check_levels says so), and any λ on
         # it only shifts every sample's score equally.
         scale = np.where(spread > 0, spread, 1.0)
@@ -61,7 +72,10 @@ class DualProblem:
             counts = pool.mask.sum(axis=1, keepdims=True)
             log_base = np.where(pool.mask, -np.log(counts), -np.inf)
             group_weight = np.full(pool.num_prompts, 1.0 / pool.num_prompts)
-        return cls(scaled, log_base, group_weight, shift, scale, pool.value_names, normaliser)
+        arrays = (scaled, log_base, group_weight, shift, scale)
+        for array in arrays:
+            array.flags.writeable = False  # shared by every solve on this pool
+        return cls(*arrays, pool.value_names, normaliser)
 
     @property
     def num_values(self) -> int:
