@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from mapjax import RewardPool, solve
+from mapjax.decode import decode_pool, expected_levels, lambda_for, select, selected, selection_probabilities
+
+from conftest import make_ragged_pool
+
+
+def fixed_candidates():
+    """3 prompts with 4, 3 and 4 candidates; texts so the kept ones can be checked."""
+    rewards = np.array([
+        [[0.0, 1.0], [1.0, 0.0], [2.0, 2.0], [0.5, 0.5]],
+        [[1.0, 1.0], [0.0, 3.0], [3.0, 0.0], [0.0, 0.0]],
+        [[0.2, 0.1], [0.1, 0.2], [0.3, 0.3], [0.0, 0.0]],
+    ])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    generations = tuple(tuple(f"p{p}s{s}" for s in range(int(mask[p].sum()))) for p in range(3))
+    return RewardPool(rewards, mask, ("a", "b"), ("p0", "p1", "p2"), generations)
+
+
+def test_selection_frequencies_match_softmax():
+    pool = fixed_candidates()
+    lam = np.array([0.8, 0.5])
+    probabilities = selection_probabilities(pool, lam)
+    draws = 4000
+    counts = np.zeros(pool.mask.shape)
+    for seed in range(draws):
+        counts[np.arange(3), select(pool, lam, seed=seed)] += 1
+    for prompt in range(3):
+        valid = pool.mask[prompt]
+        expected = probabilities[prompt][valid] * draws
+        result = stats.chisquare(counts[prompt][valid], expected)
+        assert result.pvalue > 1e-3, (prompt, counts[prompt], expected)
+    assert counts[1, 3] == 0  # never the empty slot
+
+
+def test_zero_lambda_is_uniform_choice():
+    pool = fixed_candidates()
+    probabilities = selection_probabilities(pool, np.zeros(2))
+    np.testing.assert_allclose(probabilities[0], 0.25)
+    np.testing.assert_allclose(probabilities[1], [1 / 3, 1 / 3, 1 / 3, 0])
+
+
+def test_softmax_is_stable_for_huge_lambda():
+    pool = fixed_candidates()
+    probabilities = selection_probabilities(pool, np.array([1e4, 0.0]))
+    assert np.all(np.isfinite(probabilities))
+    np.testing.assert_array_equal(np.argmax(probabilities, axis=1), [2, 2, 2])
+
+
+def test_argmax_is_best_of_k_and_selected_pool_keeps_texts():
+    pool = fixed_candidates()
+    result = decode_pool(pool, {"a": 1.0, "b": 1.0}, rule="argmax")
+    np.testing.assert_array_equal(result.choice, [2, 1, 2])  # prompt 1 ties at 3: the first wins
+    assert result.result.generations == (("p0s2",), ("p1s1",), ("p2s2",))
+    assert result.result.num_samples == 3
+    np.testing.assert_array_equal(result.result.flat(), pool.rewards[np.arange(3), result.choice])
+
+
+def test_expected_levels_average_the_per_prompt_weighted_means():
+    pool = make_ragged_pool()
+    lam = np.array([0.7, 0.0, 0.3])
+    weights = selection_probabilities(pool, lam)
+    manual = np.mean(np.einsum("pk,pkv->pv", weights, pool.rewards), axis=0)
+    np.testing.assert_allclose(expected_levels(pool, lam), manual, rtol=1e-10)
+    # ... and sampling many times converges to them.
+    draws = np.mean([selected(pool, select(pool, lam, seed=s)).flat().mean(axis=0) for s in range(400)], axis=0)
+    np.testing.assert_allclose(draws, manual, atol=0.03)
+
+
+def test_lambda_from_a_solution_of_another_pool(pilot):
+    solution = solve(pilot, "humor>=q0.6, gpt2-harmless>=q0.6")
+    candidates = RewardPool.from_array(np.zeros((4, 2)), value_names=["gpt2-harmless", "humor"])
+    vector = lambda_for(candidates, solution)
+    assert vector[1] == solution.lam_by_name()["humor"] and vector[0] == solution.lam_by_name()["gpt2-harmless"]
+
+
+def test_bad_lambda():
+    pool = fixed_candidates()
+    with pytest.raises(ValueError, match="3 entries for the pool's 2 values"):
+        select(pool, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        select(pool, [-1.0, 0.0])
+    with pytest.raises(ValueError, match="infeasible palette has no λ"):
+        select(pool, [np.nan, 0.0])
+    with pytest.raises(ValueError, match="not scored for it"):
+        lambda_for(pool, {"humor": 1.0})
+    with pytest.raises(ValueError, match="rule must be"):
+        select(pool, [0.0, 0.0], rule="greedy")
