@@ -1,0 +1,31 @@
+"""Rewards by name: ``get_reward("humor")(prompts, continuations) -> float32 scores``.
+
+Built in: ``diversity``, ``sentiment`` (offline lexicon), ``humor``, ``positive``, ``classifier`` (any sequence
+classifier), ``gpt2-helpful``, ``gpt2-harmless``, ``coherence`` (offline MiniLM) and ``coherence-simcse``
+(the paper's encoder). ``perplexity`` (``mapjax.rewards.perplexity``) takes the policy as its ``model`` option. Register your
+own with :func:`register_reward` (a plain function) or :func:`register_reward_factory` (built with options).
+"""
+
+from mapjax.rewards.base import (FunctionReward, Reward, RewardError, available_rewards, check_pairs,
+                                 check_scores, get_reward, register_reward, register_reward_factory,
+                                 unregister_reward)
+# Imported for their side effect: each module registers its rewards.
+from mapjax.rewards import text, sentiment, classifier, reward_models, coherence  # noqa: E402,F401  isort: skip
+
+try:  # `perplexity` (it scores under the policy) is written with generation; skip it until it exists
+    from mapjax.rewards import perplexity  # noqa: F401
+except ModuleNotFoundError as _error:
+    if _error.name != "mapjax.rewards.perplexity":
+        raise
+from mapjax.rewards.classifier import ClassifierReward, classifier_reward
+from mapjax.rewards.coherence import CoherenceReward
+from mapjax.rewards.reward_models import PairRewardModel, dialogue_question
+from mapjax.rewards.sentiment import SentimentReward
+from mapjax.rewards.text import diversity, word_tokens
+
+__all__ = [
+    "ClassifierReward", "CoherenceReward", "FunctionReward", "PairRewardModel", "Reward", "RewardError",
+    "SentimentReward", "available_rewards", "check_pairs", "check_scores", "classifier_reward",
+    "dialogue_question", "diversity", "get_reward", "register_reward", "register_reward_factory",
+    "unregister_reward", "word_tokens",
+]

@@ -1,0 +1,173 @@
+"""Machinery shared by the model-based rewards: tokenizers, length buckets, jitted forward passes.
+
+Every model-based reward tokenizes its texts without padding, sorts the rows by length, and runs them in
+batches padded to a power-of-two length (capped at the model's maximum) and a power-of-two batch size (capped
+at ``batch_size``). Only a handful of shapes ever occur, so the jitted forward pass compiles a few times and is
+then reused for every later call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mapjax.rewards.base import RewardError
+
+SMALLEST_BUCKET = 8  # shorter buckets would only add compiled programs, not save time
+
+
+def resolve_model_folder(reward_name: str, path_or_id: str | os.PathLike) -> Path:
+    """The local folder of a model: the path itself or a hub id found in (or fetched into) the HF cache."""
+    from mapjax.models.loading import CheckpointError, resolve_model_directory
+
+    try:
+        return resolve_model_directory(path_or_id)
+    except CheckpointError as error:
+        raise RewardError(f"reward {reward_name!r}: cannot find model {str(path_or_id)!r}: {error}") from None
+
+
+def load_tokenizer(reward_name: str, folder: Path) -> Any:
+    """The transformers tokenizer saved with the model (local files only: the folder is already resolved)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - transformers raises many kinds; the user needs the folder
+        raise RewardError(f"reward {reward_name!r}: cannot load a tokenizer from {folder}: {error}") from None
+
+
+def load_model(reward_name: str, folder: Path, dtype: Any = jnp.float32, architecture: str | None = None
+               ) -> nnx.Module:
+    """The mapjax NNX model of a checkpoint folder, with errors that name the reward."""
+    from mapjax.models.loading import CheckpointError, from_pretrained
+
+    try:
+        return from_pretrained(folder, dtype, architecture=architecture)
+    except CheckpointError as error:
+        raise RewardError(f"reward {reward_name!r}: cannot load the model in {folder}: {error}") from None
+
+
+def model_max_length(model: nnx.Module) -> int:
+    """The longest input the model's position table covers."""
+    config = getattr(model, "config", None)
+    for attribute in ("max_sequence_length", "n_positions", "max_position_embeddings"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise RewardError(f"cannot tell the maximum input length of {type(model).__name__}")
+
+
+def truncation_length(tokenizer: Any, model: nnx.Module, requested: int | None = None) -> int:
+    """Inputs are cut to the smallest of: what the caller asks, the tokenizer's limit, the model's limit."""
+    limits = [model_max_length(model)]
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # unset limits are ~1e30
+        limits.append(tokenizer_limit)
+    if requested is not None:
+        if requested < 1:
+            raise RewardError(f"max_length must be positive, got {requested}")
+        limits.append(requested)
+    return min(limits)
+
+
+def padding_id(tokenizer: Any, model: nnx.Module) -> int:
+    """The id to pad with: the model's pad id, else the tokenizer's, else its end-of-text id, else 0."""
+    for value in (getattr(getattr(model, "config", None), "pad_token_id", None),
+                  getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def next_power_of_two(value: int) -> int:
+    return 1 << max(0, int(value) - 1).bit_length()
+
+
+def bucket_length(longest: int, cap: int) -> int:
+    """The padded length for a batch whose longest row has ``longest`` tokens."""
+    return min(max(next_power_of_two(longest), SMALLEST_BUCKET), cap)
+
+
+def tokenize(reward_name: str, tokenizer: Any, texts: Sequence[str], max_length: int,
+             pairs: Sequence[str] | None = None) -> list[list[int]]:
+    """Token ids per text (or per text pair), truncated to ``max_length``, unpadded.
+
+    Pairs are passed to the tokenizer as pairs, so its own pair template and its ``longest_first`` truncation
+    apply, as in ``tokenizer(question, answer, truncation=True)``.
+    """
+    if not texts:
+        return []
+    arguments: dict[str, Any] = dict(truncation=True, max_length=max_length, padding=False)
+    encoded = tokenizer(list(texts), list(pairs), **arguments) if pairs is not None else \
+        tokenizer(list(texts), **arguments)
+    ids = [list(row) for row in encoded["input_ids"]]
+    for index, row in enumerate(ids):
+        if not row:
+            raise RewardError(f"reward {reward_name!r}: pair {index} has no tokens (empty text and no special "
+                              "tokens); the model cannot score it")
+    return ids
+
+
+def padded_batches(token_ids: Sequence[Sequence[int]], batch_size: int, cap: int, pad_id: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(row_indices, input_ids, attention_mask)`` batches, right padded, rows sorted by length.
+
+    Rows are grouped by length so little padding is wasted; the batch is filled up to a power of two with
+    copies of its first row (their scores are dropped) so the batch dimension also repeats.
+    """
+    if batch_size < 1:
+        raise RewardError(f"batch_size must be positive, got {batch_size}")
+    order = np.argsort([len(row) for row in token_ids], kind="stable")
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        length = bucket_length(max(len(token_ids[index]) for index in indices), cap)
+        rows = min(next_power_of_two(len(indices)), batch_size)
+        input_ids = np.full((rows, length), pad_id, np.int32)
+        attention_mask = np.zeros((rows, length), np.int32)
+        for slot in range(rows):
+            row = token_ids[indices[min(slot, len(indices) - 1)]][:length]
+            input_ids[slot, :len(row)] = row
+            attention_mask[slot, :len(row)] = 1
+        yield indices, input_ids, attention_mask
+
+
+class JittedForward:
+    """``forward(model, input_ids, attention_mask) -> array`` compiled once per shape.
+
+    The model is split into its graph definition (static) and its state (an argument), so the weights are
+    not baked into the compiled program as constants.
+    """
+
+    def __init__(self, model: nnx.Module, forward: Callable[[nnx.Module, jax.Array, jax.Array], jax.Array]):
+        self.graphdef, self.state = nnx.split(model)
+
+        def run(state: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+            return forward(nnx.merge(self.graphdef, state), input_ids, attention_mask)
+
+        self._compiled = jax.jit(run)
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return np.asarray(self._compiled(self.state, jnp.asarray(input_ids), jnp.asarray(attention_mask)))
+
+
+def run_batched(token_ids: Sequence[Sequence[int]], forward: JittedForward, *, batch_size: int, cap: int,
+                pad_id: int) -> np.ndarray:
+    """Run ``forward`` over all rows in length buckets; outputs back in the input order (float32)."""
+    outputs: np.ndarray | None = None
+    for indices, input_ids, attention_mask in padded_batches(token_ids, batch_size, cap, pad_id):
+        result = np.asarray(forward(input_ids, attention_mask), dtype=np.float32)[:len(indices)]
+        if outputs is None:
+            outputs = np.zeros((len(token_ids), *result.shape[1:]), np.float32)
+        outputs[indices] = result
+    return outputs if outputs is not None else np.zeros((0,), np.float32)
+
+
+def full_texts(prompts: Sequence[str], continuations: Sequence[str]) -> list[str]:
+    """Prompt + continuation as decoded together: plain concatenation (the continuation keeps its own spacing)."""
+    return [prompt + continuation for prompt, continuation in zip(prompts, continuations)]
