@@ -10,13 +10,8 @@ from mapjax.rewards.base import (FunctionReward, Reward, RewardError, available_
                                  check_scores, get_reward, register_reward, register_reward_factory,
                                  unregister_reward)
 # Imported for their side effect: each module registers its rewards.
-from mapjax.rewards import text, sentiment, classifier, reward_models, coherence  # noqa: E402,F401  isort: skip
+from mapjax.rewards import text, sentiment, classifier, reward_models, coherence, perplexity  # noqa: E402,F401  isort: skip
 
-try:  # `perplexity` (it scores under the policy) is written with generation; skip it until it exists
-    from mapjax.rewards import perplexity  # noqa: F401
-except ModuleNotFoundError as _error:
-    if _error.name != "mapjax.rewards.perplexity":
-        raise
 from mapjax.rewards.classifier import ClassifierReward, classifier_reward
 from mapjax.rewards.coherence import CoherenceReward
 from mapjax.rewards.reward_models import PairRewardModel, dialogue_question

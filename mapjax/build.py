@@ -1,0 +1,327 @@
+"""Build a reward pool: sample continuations from a policy, score them with each value, write the pool.
+
+``build_pool`` works through the prompts in chunks. Each finished chunk is appended to ``<out>.partial.jsonl`` (JSON
+Lines, one record per sample) and recorded in ``<out>.manifest.json`` (the settings, a hash of the prompts and
+of the policy, and how many prompts and bytes are done). Run again with the same arguments after an
+interruption and it resumes after the last finished chunk: bytes past the recorded size (a chunk cut off
+mid-write) are dropped, so no row is lost or written twice. Because each row's random key depends only on
+(seed, prompt index, sample index), a resumed build gives exactly the pool an uninterrupted one gives. A
+resume with different settings is refused. When every chunk is done the pool is written to ``out`` (``.jsonl``,
+``.json`` or ``.parquet``) and the manifest is kept, marked complete, so a rerun returns the finished pool.
+
+Records follow the authors' schema plus a grouping key: ``{prompt_id, prompt, generated, <value>: number}``
+where ``generated`` is the continuation only (the text of the new tokens); ``RewardPool.load`` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from mapjax.generate import generate
+from mapjax.pool import PoolError, RewardPool
+
+MANIFEST_VERSION = 1
+
+
+class BuildError(ValueError):
+    """A pool build that cannot start or resume; the message names the file and the setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Value:
+    name: str
+    reward: Any
+    identity: str   # what the manifest records to recognise the same reward on resume
+
+
+def _resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
+                    reward_options: Mapping[str, Mapping[str, Any]] | None) -> list[_Value]:
+    from mapjax.rewards.base import RewardError, get_reward
+
+    if isinstance(values, str):
+        values = [name.strip() for name in values.split(",") if name.strip()]
+    values = list(values)
+    if not values:
+        raise BuildError("values is empty: name at least one reward")
+    options = dict(reward_options or {})
+    resolved = []
+    for index, value in enumerate(values):
+        if isinstance(value, str):
+            kwargs = dict(options.get(value, {}))
+            if value == "perplexity" and "model" not in kwargs and "model_path" not in kwargs:
+                # The paper scores perplexity under the model that generated the samples.
+                kwargs.update(model=policy, tokenizer=tokenizer)
+            reward = get_reward(value, **kwargs)
+            identity = f"registry:{value}:" + json.dumps(
+                {k: v for k, v in sorted(kwargs.items()) if isinstance(v, (str, int, float, bool, type(None)))})
+            resolved.append(_Value(value, reward, identity))
+        elif callable(value) and isinstance(getattr(value, "name", None), str):
+            resolved.append(_Value(value.name, value, f"instance:{type(value).__qualname__}:{value.name}"))
+        else:
+            raise RewardError(f"values[{index}] is {value!r}: expected a reward name or a Reward (a callable "
+                              "with a .name)")
+    names = [value.name for value in resolved]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise BuildError(f"values name the same reward twice: {repeated}")
+    reserved = {"prompt", "prompt_id", "generated"} & set(names)
+    if reserved:
+        raise BuildError(f"reward names {sorted(reserved)} clash with the pool's text columns")
+    return resolved
+
+
+def model_fingerprint(model: Any, samples_per_tensor: int = 256) -> str:
+    """A cheap hash of a model: every parameter's path, shape and dtype, and a strided sample of its values."""
+    from flax import nnx
+
+    digest = hashlib.sha256()
+    for path, leaf in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda item: str(item[0])):
+        array = np.asarray(leaf.get_value() if hasattr(leaf, "get_value") else leaf)
+        digest.update(f"{'.'.join(map(str, path))}:{array.shape}:{array.dtype};".encode())
+        flat = array.reshape(-1)
+        stride = max(1, flat.size // samples_per_tensor)
+        digest.update(np.ascontiguousarray(flat[::stride].astype(np.float32)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    probe = "MAP palette: humor, helpfulness, harmlessness. 0123456789 ÀÉ \n\t"
+    ids = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    text = json.dumps([type(tokenizer).__name__, len(tokenizer), list(map(int, ids))])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prompts_hash(prompts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _paths(out: Path) -> tuple[Path, Path]:
+    # The partial file ends in .jsonl so that RewardPool.load reads it as it is.
+    return out.with_name(out.name + ".partial.jsonl"), out.with_name(out.name + ".manifest.json")
+
+
+def _records_for_chunk(first_prompt: int, prompts: Sequence[str], generation: Any, scores: dict[str, np.ndarray]
+                       ) -> list[dict[str, Any]]:
+    records = []
+    for row in range(len(generation.texts)):
+        prompt_id = first_prompt + int(generation.prompt_index[row])
+        record: dict[str, Any] = {"prompt_id": prompt_id, "prompt": prompts[prompt_id],
+                                  "generated": generation.texts[row]}
+        for name, values in scores.items():
+            record[name] = float(values[row])
+        records.append(record)
+    return records
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BuildError(f"{path}: unreadable build manifest ({error}); delete it and the .partial file beside "
+                         "it to start over") from None
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    os.replace(partial, path)   # atomic: a crash leaves the old manifest or the new one, never half of one
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{key}: {old.get(key)!r} then, {new.get(key)!r} now" for key in keys if old.get(key) != new.get(key)]
+
+
+def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequence[Any] | str, *,
+               samples_per_prompt: int = 1, out: str | os.PathLike | None = None, chunk_size: int = 64,
+               seed: int = 0, max_new_tokens: int = 50, top_k: int | None = 50, top_p: float = 1.0,
+               temperature: float = 1.0, batch_size: int = 16, eos_token_id: int | Sequence[int] | None = None,
+               reward_options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
+               overwrite: bool = False, format_prompt: Callable[[str], str] | None = None) -> RewardPool:
+    """Sample ``samples_per_prompt`` continuations per prompt, score each value, and return (and write) the pool.
+
+    Args:
+        policy, tokenizer: the mapjax causal LM that generates, and its tokenizer.
+        prompts: prompt texts (fed raw).
+        values: reward names (``mapjax.rewards.get_reward``; ``"perplexity"`` is scored under ``policy``) or
+            Reward instances (callables ``(prompts, continuations) -> scores`` with a ``.name``), or a
+            comma-separated string of names. The pool's columns follow this order.
+        samples_per_prompt: continuations per prompt (k for MAP-D).
+        out: pool file (``.jsonl``, ``.json`` or ``.parquet``); ``None`` keeps everything in memory (no resume).
+        chunk_size: prompts per chunk; a chunk is the unit of progress saved to disk.
+        seed, max_new_tokens, top_k, top_p, temperature, batch_size, eos_token_id: passed to ``generate``.
+        reward_options: keyword options per reward name, e.g. ``{"coherence": {"batch_size": 64}}``.
+        progress: show a tqdm bar over prompts.
+        overwrite: start afresh even if ``out`` or an unfinished build of it exists.
+        format_prompt: how the policy sees a prompt (e.g. wrapped in its chat template); the pool and the
+            rewards keep the prompt as given.
+
+    Raises:
+        BuildError: ``out`` holds a build with other settings (resume refused), or bad arguments.
+    """
+    from mapjax.generate import _check_positive_int, _check_prompts
+
+    prompts = _check_prompts(prompts)
+    samples_per_prompt = _check_positive_int("samples_per_prompt", samples_per_prompt)
+    chunk_size = _check_positive_int("chunk_size", chunk_size)
+    _check_positive_int("max_new_tokens", max_new_tokens)
+    _check_positive_int("batch_size", batch_size)
+    if top_k is not None:
+        _check_positive_int("top_k", top_k)
+    resolved = _resolve_values(values, policy, tokenizer, reward_options)
+    generation_options = dict(max_new_tokens=int(max_new_tokens), top_k=top_k, top_p=float(top_p),
+                              temperature=float(temperature), batch_size=int(batch_size), seed=int(seed),
+                              eos_token_id=eos_token_id if eos_token_id is None or isinstance(eos_token_id, int)
+                              else list(eos_token_id))
+    settings = dict(generation_options, samples_per_prompt=samples_per_prompt, chunk_size=chunk_size,
+                    values=[value.identity for value in resolved], prompts_sha256=prompts_hash(prompts),
+                    formatted_prompts_sha256=None if format_prompt is None else prompts_hash(
+                        [format_prompt(prompt) for prompt in prompts]),
+                    prompt_count=len(prompts), policy=model_fingerprint(policy),
+                    tokenizer=_tokenizer_fingerprint(tokenizer))
+
+    out_path = Path(out) if out is not None else None
+    done_prompts = 0
+    records: list[dict[str, Any]] = []
+    if out_path is not None:
+        if out_path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
+            raise BuildError(f"{out_path}: unknown pool format {out_path.suffix!r}; use .jsonl, .json or .parquet")
+        partial_path, manifest_path = _paths(out_path)
+        if overwrite:
+            for path in (out_path, partial_path, manifest_path):
+                path.unlink(missing_ok=True)
+        manifest = _read_manifest(manifest_path) if manifest_path.exists() else None
+        if manifest is not None:
+            differences = _differences(manifest.get("settings", {}), settings)
+            if differences:
+                raise BuildError(f"{out_path}: refusing to resume a build made with other settings ("
+                                 + "; ".join(differences) + "); pass overwrite=True (--overwrite) to start over, "
+                                 "or choose another output file")
+            if manifest.get("complete") and out_path.exists():
+                return RewardPool.load(out_path, value_names=[value.name for value in resolved])
+        elif out_path.exists():
+            raise BuildError(f"{out_path} exists and was not written by an unfinished build; pass overwrite=True "
+                             "(--overwrite) to replace it")
+        if manifest is None:
+            manifest = {"version": MANIFEST_VERSION, "settings": settings, "prompts_done": 0, "bytes_done": 0,
+                        "complete": False}
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            partial_path.write_bytes(b"")
+            _write_manifest(manifest_path, manifest)
+        done_prompts = int(manifest["prompts_done"])
+        if not partial_path.exists():
+            raise BuildError(f"{partial_path} is missing but {manifest_path} says {done_prompts} prompts are done; "
+                             "pass overwrite=True to start over")
+        with partial_path.open("r+b") as handle:   # drop a chunk that was cut off mid-write
+            handle.truncate(int(manifest["bytes_done"]))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), initial=done_prompts, desc="pool", unit="prompt")
+    try:
+        for start in range(done_prompts, len(prompts), chunk_size):
+            chunk = prompts[start:start + chunk_size]
+            shown = chunk if format_prompt is None else [format_prompt(prompt) for prompt in chunk]
+            generation = _generate_chunk(policy, tokenizer, shown, start, samples_per_prompt, generation_options)
+            chunk_prompts = [chunk[i] for i in generation.prompt_index]
+            scores = {value.name: _score(value, chunk_prompts, generation.texts) for value in resolved}
+            chunk_records = _records_for_chunk(start, prompts, generation, scores)
+            if out_path is None:
+                records.extend(chunk_records)
+            else:
+                payload = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in chunk_records)
+                with partial_path.open("ab") as handle:
+                    handle.write(payload.encode("utf-8"))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    size = handle.tell()
+                manifest.update(prompts_done=start + len(chunk), bytes_done=size)
+                _write_manifest(manifest_path, manifest)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    names = [value.name for value in resolved]
+    if out_path is None:
+        return RewardPool.from_records(records, value_names=names, source="build_pool")
+    pool = RewardPool.load(partial_path, value_names=names)
+    if out_path.suffix.lower() == ".jsonl":
+        os.replace(partial_path, out_path)   # the partial file already is the pool, byte for byte
+    else:
+        pool.save(out_path, overwrite=True)
+        partial_path.unlink()
+    manifest.update(complete=True)
+    _write_manifest(manifest_path, manifest)
+    return pool
+
+
+def _generate_chunk(policy: Any, tokenizer: Any, chunk: list[str], start: int, samples: int,
+                    options: Mapping[str, Any]) -> Any:
+    """``generate`` on one chunk, each row keyed by its index in the whole prompt list (chunking-invariant)."""
+    return generate(policy, tokenizer, chunk, num_samples=samples, prompt_index_offset=start, **options)
+
+
+def _score(value: _Value, prompts: list[str], continuations: list[str]) -> np.ndarray:
+    from mapjax.rewards.base import check_scores
+
+    return check_scores(value.name, np.asarray(value.reward(prompts, continuations)), len(prompts))
+
+
+# --------------------------------------------------------------------------- #
+# Command line: mapjax pool
+# --------------------------------------------------------------------------- #
+def read_prompts(source: str, count: int | None = None) -> list[str]:
+    """Prompts from ``source``: ``hh-rlhf``, ``imdb`` or a .txt / .jsonl / .json file (see ``mapjax.data``)."""
+    from mapjax.data import load_prompts
+
+    return list(load_prompts(source, count=count))
+
+
+def _pool_command(args: argparse.Namespace) -> int:
+    from mapjax.generate import load_policy
+
+    prompts = read_prompts(args.prompts, args.count)
+    model, tokenizer = load_policy(args.policy)
+    pool = build_pool(model, tokenizer, prompts, args.values, samples_per_prompt=args.samples, out=args.out,
+                      chunk_size=args.chunk_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                      top_k=args.top_k if args.top_k > 0 else None, top_p=args.top_p,
+                      temperature=args.temperature, batch_size=args.batch_size, progress=not args.quiet,
+                      overwrite=args.overwrite)
+    print(f"{args.out}: {pool.num_prompts} prompts, {pool.num_samples} samples, values {list(pool.value_names)}")
+    return 0
+
+
+def add_pool_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``mapjax pool`` to the ``mapjax`` command's subparsers."""
+    command = subparsers.add_parser("pool", help="sample a policy, score each value, write a reward pool "
+                                                 "(resumable)")
+    command.add_argument("--policy", required=True, help="a .gguf file, an HF model folder, or a cached hub id")
+    command.add_argument("--prompts", required=True,
+                         help="prompt source: hh-rlhf, imdb, or a .txt / .jsonl / .json file")
+    command.add_argument("--values", required=True, help="comma-separated reward names, e.g. diversity,perplexity")
+    command.add_argument("--samples", type=int, default=1, help="continuations per prompt (default 1)")
+    command.add_argument("--out", required=True, help="pool file: .jsonl, .json or .parquet")
+    command.add_argument("--count", type=int, default=None, help="use the first N prompts")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--max-new-tokens", type=int, default=50)
+    command.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
+    command.add_argument("--top-p", type=float, default=1.0)
+    command.add_argument("--temperature", type=float, default=1.0)
+    command.add_argument("--batch-size", type=int, default=16)
+    command.add_argument("--chunk-size", type=int, default=64, help="prompts per saved chunk")
+    command.add_argument("--overwrite", action="store_true", help="discard an existing pool or unfinished build")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+    command.set_defaults(run=_pool_command)
+    return command

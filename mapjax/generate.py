@@ -1,0 +1,495 @@
+"""Jitted sampling with a KV cache, and per-token log-probabilities of given continuations.
+
+``generate`` follows the shape of tunix's sampler: prompts are tokenized, sorted by length and left-padded
+into power-of-two length buckets so that compiled programs repeat; the prefill (every prompt token but the
+last, which only fills the cache) and the decode loop (a ``lax.while_loop`` that stops once every row has
+emitted EOS or ``max_new_tokens`` tokens) are two jitted functions; the model's state is split from its graph
+(``nnx.split``) and passed as an argument.
+
+Randomness is per row: the key of sample ``s`` of prompt ``p`` is ``fold_in(fold_in(PRNGKey(seed), p), s)`` and
+step ``t`` uses ``fold_in(row_key, t)``. A row's samples therefore do not depend on the batch size, on which
+other prompts share its batch, or on how a long prompt list is cut into chunks (``mapjax.build`` relies on
+this to resume an interrupted pool build exactly).
+
+>>> from mapjax.generate import generate
+>>> result = generate(model, tokenizer, ["Hello there"], num_samples=4, seed=0)   # top-k 50, 50 new tokens
+>>> result.texts          # four continuations (text of the new tokens only)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Shortest length bucket: tiny prompts share one program instead of compiling for 1, 2, 4 tokens.
+MIN_BUCKET = 8
+
+# How often each jitted function was traced (= compiled), by name. Tests read it through
+# ``trace_counts()`` to check that bucketing reuses programs.
+_TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+def trace_counts() -> dict[str, int]:
+    """How many times ``prefill``, ``decode`` and ``score`` were traced (each trace is one compilation)."""
+    return dict(_TRACE_COUNTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """Samples for a list of prompts, one row per (prompt, sample), prompt-major.
+
+    Attributes:
+        tokens: int32 ``[rows, max_new_tokens]``; new tokens only, padded with ``pad_token_id`` after a row ends.
+        lengths: int32 ``[rows]``; new tokens per row, counting the EOS token when one was emitted.
+        texts: the decoded new tokens of each row (special tokens such as EOS skipped).
+        logprobs: float32 ``[rows, max_new_tokens]``; log-probability of each sampled token under the model's
+            own distribution at temperature 1 without top-k/top-p filtering (the quantity ``sequence_logprobs``
+            returns), 0 after a row ends.
+        prompt_index: int ``[rows]``; index into the prompt list of each row.
+        sample_index: int ``[rows]``; which sample of its prompt each row is (0..num_samples-1).
+        prompt_tokens: the token ids each prompt was fed as (special tokens included).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    texts: list[str]
+    logprobs: np.ndarray
+    prompt_index: np.ndarray
+    sample_index: np.ndarray
+    prompt_tokens: list[list[int]]
+
+    def row_tokens(self, row: int) -> np.ndarray:
+        """The new tokens of ``row`` without the padding."""
+        return self.tokens[row, : self.lengths[row]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """Everything the decode program is specialised on (hashable: a static jit argument)."""
+
+    max_new_tokens: int
+    top_k: int | None
+    top_p: float
+    temperature: float
+    greedy: bool
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+
+
+# --------------------------------------------------------------------------- #
+# Validation and tokenization
+# --------------------------------------------------------------------------- #
+def _check_prompts(prompts: Sequence[str], field: str = "prompts") -> list[str]:
+    if isinstance(prompts, str):
+        raise ValueError(f"{field} must be a list of strings, got a single string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"{field} is empty: pass at least one prompt")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"{field}[{index}] is a {type(prompt).__name__}, expected a string")
+    return prompts
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _eos_ids(model: Any, tokenizer: Any, eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+        return tuple(int(i) for i in ids)
+    found = []
+    for candidate in (getattr(tokenizer, "eos_token_id", None), getattr(model.config, "eos_token_id", None)):
+        if candidate is not None and int(candidate) not in found:
+            found.append(int(candidate))
+    return tuple(found)
+
+
+def _pad_id(tokenizer: Any, eos_ids: tuple[int, ...]) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    return eos_ids[0] if eos_ids else 0
+
+
+def _bos_id(tokenizer: Any, model: Any) -> int | None:
+    for candidate in (getattr(tokenizer, "bos_token_id", None), getattr(model.config, "bos_token_id", None),
+                      getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return None
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], model: Any = None) -> list[list[int]]:
+    """Token ids of each prompt as the model sees it (the tokenizer's special tokens, e.g. BOS, included).
+
+    A prompt that tokenizes to nothing is fed as the BOS token (the model needs one token to condition on).
+    """
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    result = []
+    for index, ids in enumerate(encoded):
+        ids = [int(i) for i in ids]
+        if not ids:
+            bos = _bos_id(tokenizer, model) if model is not None else getattr(tokenizer, "bos_token_id", None)
+            if bos is None:
+                raise ValueError(f"prompts[{index}] = {prompts[index]!r} tokenizes to no tokens and the tokenizer "
+                                 "has no BOS token to start from")
+            ids = [int(bos)]
+        result.append(ids)
+    return result
+
+
+def position_limit(model: Any) -> int | None:
+    """Longest sequence a model with learned position embeddings can read (None: rotary, no hard limit)."""
+    config = model.config
+    if hasattr(config, "n_positions"):
+        return int(config.n_positions)
+    if type(config).__name__ == "OPTConfig":
+        return int(config.max_position_embeddings)
+    return None
+
+
+def length_bucket(length: int) -> int:
+    """The power of two (at least ``MIN_BUCKET``) a sequence of ``length`` tokens is padded to."""
+    return max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(length, 1)))))
+
+
+def _rows_per_call(batch_size: int, total_rows: int) -> int:
+    # A small job gets a small power-of-two batch rather than a mostly-empty full one.
+    return min(batch_size, 1 << math.ceil(math.log2(total_rows)))
+
+
+def row_keys(seed: int, prompt_index: np.ndarray, sample_index: np.ndarray) -> jax.Array:
+    """Raw uint32 PRNG keys ``[rows, 2]``: ``fold_in(fold_in(PRNGKey(seed), prompt), sample)`` per row."""
+    base = jax.random.PRNGKey(seed)
+    per_prompt = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.asarray(prompt_index, jnp.uint32))
+    return jax.vmap(jax.random.fold_in)(per_prompt, jnp.asarray(sample_index, jnp.uint32))
+
+
+def _left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for index, row in enumerate(rows):
+        if row:
+            ids[index, width - len(row):] = row
+            mask[index, width - len(row):] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- #
+# The two compiled programs of the sampler
+# --------------------------------------------------------------------------- #
+def _prefill(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, cache_len: int) -> Any:
+    """Write every prompt token but the last into a fresh cache.
+
+    The logits of these positions are never needed (the last prompt token is the decode loop's first
+    input), so they are not returned and XLA drops the output head from this program.
+    """
+    _TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(ids.shape[0], cache_len)
+    _, cache = model(ids, mask, cache=cache)
+    return cache
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cache_len"))
+
+
+def _top_p_filter(sorted_logits: jax.Array, top_p: float) -> jax.Array:
+    """Nucleus filter on logits sorted in descending order (transformers' TopPLogitsWarper rule).
+
+    A token is kept when the probability mass strictly above it is below ``top_p``, so the most likely
+    token is always kept.
+    """
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    return jnp.where(mass_above < top_p, sorted_logits, -jnp.inf)
+
+
+def choose_tokens(logits: jax.Array, keys: jax.Array, settings: SamplingSettings) -> jax.Array:
+    """Next token per row from float32 ``logits [rows, vocab]`` (temperature, then top-k, then top-p)."""
+    if settings.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / settings.temperature
+    vocab = logits.shape[-1]
+    if settings.top_k is not None and settings.top_k < vocab:
+        # Sampling among the k largest (sorted) logits is the top-k distribution, and it keeps the
+        # optional nucleus step to a k-sized sort instead of a vocabulary-sized one.
+        candidates, candidate_ids = jax.lax.top_k(scaled, settings.top_k)
+    elif settings.top_p < 1.0:
+        candidate_ids = jnp.argsort(-scaled, axis=-1)
+        candidates = jnp.take_along_axis(scaled, candidate_ids, axis=-1)
+    else:
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    if settings.top_p < 1.0:
+        candidates = _top_p_filter(candidates, settings.top_p)
+    picked = jax.vmap(jax.random.categorical)(keys, candidates)
+    return jnp.take_along_axis(candidate_ids, picked[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _decode(graphdef: Any, settings: SamplingSettings, state: Any, cache: Any, first_input: jax.Array,
+            keys: jax.Array, done: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sample up to ``max_new_tokens`` tokens per row; stops early once every row is done."""
+    _TRACE_COUNTS["decode"] += 1
+    rows = first_input.shape[0]
+    steps = settings.max_new_tokens
+    eos = jnp.asarray(settings.eos_token_ids or (-1,), jnp.int32)
+
+    def keep_going(carry):
+        step, _, _, done, *_ = carry
+        return (step < steps) & ~jnp.all(done)
+
+    def one_step(carry):
+        step, cache, current, done, tokens, logprobs, lengths = carry
+        model = nnx.merge(graphdef, state)
+        logits, cache = model(current[:, None], jnp.ones((rows, 1), jnp.int32), cache=cache)
+        logits = logits[:, -1].astype(jnp.float32)
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+        token = choose_tokens(logits, step_keys, settings)
+        token_logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+        token = jnp.where(done, settings.pad_token_id, token)
+        token_logprob = jnp.where(done, 0.0, token_logprob)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, token_logprob[:, None], (0, step))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(token, eos)
+        return step + 1, cache, token, done, tokens, logprobs, lengths
+
+    initial = (jnp.zeros((), jnp.int32), cache, first_input, done,
+               jnp.full((rows, steps), settings.pad_token_id, jnp.int32),
+               jnp.zeros((rows, steps), jnp.float32), jnp.zeros((rows,), jnp.int32))
+    _, _, _, _, tokens, logprobs, lengths = jax.lax.while_loop(keep_going, one_step, initial)
+    return tokens, logprobs, lengths
+
+
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "settings"))
+
+
+# --------------------------------------------------------------------------- #
+# Public API
+# --------------------------------------------------------------------------- #
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 50, top_k: int | None = 50,
+             top_p: float = 1.0, temperature: float = 1.0, greedy: bool = False, num_samples: int = 1,
+             seed: int = 0, batch_size: int = 16, eos_token_id: int | Sequence[int] | None = None,
+             progress: bool = False, prompt_index_offset: int = 0) -> Generation:
+    """Sample ``num_samples`` continuations of each prompt (defaults: the paper's top-k 50, temperature 1, 50 tokens).
+
+    Args:
+        model: a mapjax causal LM (``GPT2LMHeadModel``, ``OPTForCausalLM``, ``LlamaForCausalLM``).
+        tokenizer: its Hugging Face tokenizer; prompts are encoded with its special tokens (e.g. BOS).
+        prompts: the prompt texts, fed raw.
+        max_new_tokens: tokens to generate per row at most.
+        top_k: sample among the k most likely tokens; ``None`` disables the filter.
+        top_p: nucleus sampling mass in (0, 1]; 1 disables it.
+        temperature: divides the logits before sampling (> 0).
+        greedy: take the most likely token at every step (ignores top_k, top_p, temperature, seed).
+        num_samples: continuations per prompt.
+        seed: same seed, same samples, whatever the batch size.
+        batch_size: rows per compiled call.
+        eos_token_id: id(s) that end a row; default the tokenizer's and the model config's EOS.
+        progress: show a tqdm bar over batches.
+        prompt_index_offset: index of ``prompts[0]`` in a longer list this call is a chunk of; the per-row keys
+            use the global index, so chunk by chunk samples exactly what one call on the whole list samples.
+
+    Returns:
+        A ``Generation`` with ``len(prompts) * num_samples`` rows, prompt-major.
+    """
+    prompts = _check_prompts(prompts)
+    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
+    num_samples = _check_positive_int("num_samples", num_samples)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    if top_k is not None:
+        top_k = _check_positive_int("top_k", top_k)
+    if not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not greedy and not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature!r}")
+    eos_ids = _eos_ids(model, tokenizer, eos_token_id)
+    pad_id = _pad_id(tokenizer, eos_ids)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, top_k=None if greedy else top_k,
+                                top_p=1.0 if greedy else float(top_p),
+                                temperature=1.0 if greedy else float(temperature), greedy=bool(greedy),
+                                eos_token_ids=eos_ids, pad_token_id=pad_id)
+
+    prompt_tokens = tokenize_prompts(tokenizer, prompts, model)
+    limit = position_limit(model)
+    if limit is not None:
+        for index, ids in enumerate(prompt_tokens):
+            if len(ids) + max_new_tokens > limit:
+                raise ValueError(f"prompts[{index}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                                 f"that exceeds the model's {limit} positions")
+
+    prompt_index = np.repeat(np.arange(len(prompts)), num_samples)
+    sample_index = np.tile(np.arange(num_samples), len(prompts))
+    if isinstance(prompt_index_offset, bool) or not isinstance(prompt_index_offset, (int, np.integer)) \
+            or prompt_index_offset < 0:
+        raise ValueError(f"prompt_index_offset must be an integer >= 0, got {prompt_index_offset!r}")
+    keys = np.asarray(row_keys(seed, prompt_index + int(prompt_index_offset), sample_index))
+    total = len(prompt_index)
+    # Sorting rows by prompt length keeps each batch's padding small; per-row keys make the order irrelevant.
+    order = sorted(range(total), key=lambda row: len(prompt_tokens[prompt_index[row]]))
+    rows_per_call = _rows_per_call(batch_size, total)
+    graphdef, state = nnx.split(model)
+
+    tokens = np.full((total, max_new_tokens), pad_id, np.int32)
+    logprobs = np.zeros((total, max_new_tokens), np.float32)
+    lengths = np.zeros((total,), np.int32)
+    batches = [order[start:start + rows_per_call] for start in range(0, total, rows_per_call)]
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="generate", unit="batch")
+    for batch in iterator:
+        filled = batch + [batch[0]] * (rows_per_call - len(batch))   # filler rows start done
+        sequences = [prompt_tokens[prompt_index[row]] for row in filled]
+        width = length_bucket(max(len(ids) for ids in sequences))
+        ids, mask = _left_pad(sequences, width, pad_id)
+        cache = _prefill_jit(graphdef, state, jnp.asarray(ids[:, :-1]), jnp.asarray(mask[:, :-1]),
+                             cache_len=width - 1 + max_new_tokens)
+        done = np.arange(rows_per_call) >= len(batch)
+        out_tokens, out_logprobs, out_lengths = _decode_jit(
+            graphdef, settings, state, cache, jnp.asarray(ids[:, -1]), jnp.asarray(keys[filled]),
+            jnp.asarray(done))
+        out_tokens, out_logprobs, out_lengths = jax.device_get((out_tokens, out_logprobs, out_lengths))
+        real = len(batch)
+        tokens[batch] = out_tokens[:real]
+        logprobs[batch] = out_logprobs[:real]
+        lengths[batch] = out_lengths[:real]
+
+    texts = [decode_continuation(tokenizer, prompt_tokens[prompt_index[row]], tokens[row, :lengths[row]])
+             for row in range(total)]
+    return Generation(tokens=tokens, lengths=lengths, texts=texts, logprobs=logprobs, prompt_index=prompt_index,
+                      sample_index=sample_index, prompt_tokens=prompt_tokens)
+
+
+def decode_continuation(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """Text of ``new_ids`` as it reads after the prompt.
+
+    Decoding prompt and continuation together and cutting the prompt's text off keeps the leading space that
+    SentencePiece tokenizers drop when a continuation is decoded on its own.
+    """
+    new_ids = [int(i) for i in new_ids]
+    prefix = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    full = tokenizer.decode(list(prompt_ids) + new_ids, skip_special_tokens=True)
+    if full.startswith(prefix):
+        return full[len(prefix):]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- #
+# Log-probabilities of given text
+# --------------------------------------------------------------------------- #
+def _score(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """``log p(ids[:, t+1] | ids[:, :t+1])`` for every t: float32 ``[rows, seq - 1]``."""
+    _TRACE_COUNTS["score"] += 1
+    model = nnx.merge(graphdef, state)
+    logits = model(ids, mask)[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+_score_jit = jax.jit(_score, static_argnames=("graphdef",))
+
+
+def token_logprobs(model: Any, sequences: Sequence[Sequence[int]], *, batch_size: int = 16,
+                   progress: bool = False) -> list[np.ndarray]:
+    """For each token sequence, the log-probability of each of its tokens after the first (``len - 1`` values).
+
+    Sequences are sorted by length and left-padded into power-of-two buckets; one forward pass per batch.
+    """
+    batch_size = _check_positive_int("batch_size", batch_size)
+    sequences = [[int(t) for t in ids] for ids in sequences]
+    limit = position_limit(model)
+    for index, ids in enumerate(sequences):
+        if limit is not None and len(ids) > limit:
+            raise ValueError(f"sequence {index} has {len(ids)} tokens, more than the model's {limit} positions")
+    results: list[np.ndarray] = [np.zeros((0,), np.float32)] * len(sequences)
+    scored = [index for index, ids in enumerate(sequences) if len(ids) >= 2]
+    if not scored:
+        return results
+    order = sorted(scored, key=lambda index: len(sequences[index]))
+    rows_per_call = _rows_per_call(batch_size, len(order))
+    graphdef, state = nnx.split(model)
+    batches = [order[start:start + rows_per_call] for start in range(0, len(order), rows_per_call)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="score", unit="batch")
+    for batch in batches:
+        filled = batch + [batch[0]] * (rows_per_call - len(batch))
+        rows = [sequences[index] for index in filled]
+        width = length_bucket(max(len(ids) for ids in rows))
+        ids, mask = _left_pad(rows, width, 0)
+        values = np.asarray(jax.device_get(_score_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask))))
+        for slot, index in enumerate(batch):
+            length = len(sequences[index])
+            results[index] = values[slot, width - length:].astype(np.float32)
+    return results
+
+
+def sequence_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
+                      continuations: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 16
+                      ) -> list[np.ndarray]:
+    """Per-token log-probabilities of each continuation given its prompt (temperature 1, no filtering).
+
+    Prompts are encoded as ``generate`` encodes them (special tokens included). A continuation is either a
+    string, encoded on its own without special tokens, or a sequence of token ids (e.g. ``Generation.row_tokens``),
+    used as is; token ids reproduce the sampler's ``logprobs`` exactly, while re-encoding text need not give
+    back the sampled tokens. Returns one float32 array per pair, as long as the continuation's tokens.
+    """
+    prompts = _check_prompts(prompts)
+    continuations = list(continuations)
+    if len(continuations) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    prompt_tokens = tokenize_prompts(tokenizer, prompts, model)
+    continuation_tokens = []
+    for index, continuation in enumerate(continuations):
+        if isinstance(continuation, str):
+            continuation_tokens.append(
+                [int(t) for t in tokenizer(continuation, add_special_tokens=False)["input_ids"]])
+        else:
+            try:
+                continuation_tokens.append([int(t) for t in continuation])
+            except (TypeError, ValueError):
+                raise ValueError(f"continuations[{index}] must be a string or a sequence of token ids, got "
+                                 f"{type(continuation).__name__}") from None
+    sequences = [p + c for p, c in zip(prompt_tokens, continuation_tokens)]
+    per_sequence = token_logprobs(model, sequences, batch_size=batch_size)
+    return [values[len(values) - len(cont):] if cont else np.zeros((0,), np.float32)
+            for values, cont in zip(per_sequence, continuation_tokens)]
+
+
+# --------------------------------------------------------------------------- #
+# Loading a policy
+# --------------------------------------------------------------------------- #
+def load_policy(path_or_id: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a ``.gguf`` file, an HF folder, or a hub id in the local HF cache."""
+    path = Path(path_or_id).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"policy GGUF file {path} does not exist")
+        from mapjax.models import from_gguf
+
+        return from_gguf(path, dtype)
+    from transformers import AutoTokenizer
+
+    from mapjax.models import from_pretrained
+    from mapjax.models.loading import resolve_model_directory
+
+    directory = resolve_model_directory(path_or_id)
+    model = from_pretrained(directory, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return model, tokenizer

@@ -1,0 +1,72 @@
+"""The ``perplexity`` reward: −log perplexity of the full text under the generating model.
+
+As in the paper's code, the full text (prompt + continuation) is encoded with the tokenizer's special tokens
+(e.g. BOS), cut to the model's positions, and scored with the model's own next-token loss: the reward is the
+mean log-probability of every token after the first, i.e. −mean NLL = −log PPL (higher is better). A text
+that encodes to a single token has nothing to predict; it is scored after a prepended BOS token instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
+
+
+class PerplexityReward:
+    """``reward(prompts, continuations)`` = −mean token NLL of ``prompt + continuation`` under ``model``."""
+
+    name = "perplexity"
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+
+    def __call__(self, prompts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
+        from mapjax.generate import _bos_id, position_limit, token_logprobs
+
+        check_pairs(self.name, prompts, continuations)
+        if not len(prompts):
+            return np.zeros((0,), np.float32)
+        texts = [prompt + continuation for prompt, continuation in zip(prompts, continuations)]
+        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        limit = position_limit(self.model)
+        bos = _bos_id(self.tokenizer, self.model)
+        sequences = []
+        for index, ids in enumerate(encoded):
+            ids = [int(t) for t in ids]
+            if limit is not None:
+                ids = ids[:limit]   # the reference truncates at the model length, keeping the start
+            if len(ids) < 2:
+                if bos is None:
+                    raise RewardError(f"reward 'perplexity': pair {index} encodes to {len(ids)} token(s) and the "
+                                      "tokenizer has no BOS token to condition on")
+                ids = [bos] + ids
+            sequences.append(ids)
+        per_token = token_logprobs(self.model, sequences, batch_size=self.batch_size)
+        scores = np.array([values.astype(np.float64).mean() for values in per_token], np.float32)
+        return check_scores(self.name, scores, len(prompts))
+
+
+def make_perplexity_reward(model: Any = None, tokenizer: Any = None, *, model_path: str | os.PathLike | None = None,
+                           batch_size: int = 16) -> PerplexityReward:
+    """Factory for ``get_reward("perplexity", ...)``: pass the generating ``model`` and ``tokenizer``, or
+    ``model_path`` (a ``.gguf`` file, an HF folder or a cached hub id)."""
+    if model is None and model_path is None:
+        raise RewardError("reward 'perplexity' scores under the generating model: pass model= and tokenizer=, "
+                          "or model_path=")
+    if model is None:
+        from mapjax.generate import load_policy
+
+        model, loaded_tokenizer = load_policy(model_path)
+        tokenizer = tokenizer or loaded_tokenizer
+    if tokenizer is None:
+        raise RewardError("reward 'perplexity': model= was given without tokenizer=")
+    return PerplexityReward(model, tokenizer, batch_size=batch_size)
+
+
+register_reward_factory("perplexity", make_perplexity_reward)
