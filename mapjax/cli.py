@@ -141,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     adjust.add_argument("--per-prompt", action="store_true")
     adjust.add_argument("--json", action="store_true")
     adjust.set_defaults(run=_adjust)
+
+    from mapjax.build import add_pool_command
+    from mapjax.decode import add_decode_command
+    from mapjax.demo import add_demo_command
+    from mapjax.evaluate import add_evaluate_command
+
+    add_pool_command(commands)
+    add_decode_command(commands)
+    add_evaluate_command(commands)
+    add_demo_command(commands)
     return parser
 
 

@@ -89,3 +89,27 @@ def test_bad_lambda():
         lambda_for(pool, {"humor": 1.0})
     with pytest.raises(ValueError, match="rule must be"):
         select(pool, [0.0, 0.0], rule="greedy")
+
+
+def test_decode_command_end_to_end(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from mapjax.cli import main
+    from tests.model_fixtures import CASES, build_torch_model, save_torch_model
+    from tests.test_generate import word_tokenizer
+
+    policy = save_torch_model(build_torch_model(CASES["gpt2"]), tmp_path / "policy")
+    word_tokenizer(policy)
+    rng = np.random.default_rng(0)
+    base = RewardPool.from_array(np.c_[rng.uniform(0.3, 1.0, 200), rng.uniform(-1, 1, 200)],
+                                 value_names=["diversity", "sentiment"])
+    base.save(tmp_path / "base.jsonl")
+    (tmp_path / "prompts.txt").write_text("\n".join(f"w{3 + i} w{30 + i}" for i in range(6)))
+    argv = ["decode", "--policy", policy, "--prompts", tmp_path / "prompts.txt", "--palette", "diversity>=q0.6",
+            "--pool", tmp_path / "base.jsonl", "--k", 4, "--out", tmp_path / "result.jsonl", "--max-new-tokens", 5]
+    assert main([str(a) for a in argv]) == 0
+    result = RewardPool.load(tmp_path / "result.jsonl")
+    candidates = RewardPool.load(tmp_path / "result.candidates.jsonl")
+    assert result.num_prompts == 6 and result.num_samples == 6 and candidates.num_samples == 24
+    assert "expected from the weights" in capsys.readouterr().out
+    assert main([str(a) for a in argv]) == 2  # the result exists: not overwritten unasked
+    assert "exists" in capsys.readouterr().err
