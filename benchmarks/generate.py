@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--torch-threads", type=int, default=None, help="default: one per CPU core")
+    parser.add_argument("--coherence-pairs", type=int, default=256, help="pairs scored in the MiniLM coherence "
+                        "benchmark (0 skips it)")
     args = parser.parse_args(argv)
 
     if args.device == "cpu":
@@ -146,7 +148,59 @@ def main(argv=None) -> int:
     print("|---:|---:|---:|---:|---:|")
     for batch, compile_time, jax_rate, torch_rate in rows:
         print(f"| {batch} | {compile_time:.1f} | {jax_rate:.0f} | {torch_rate:.0f} | {jax_rate / torch_rate:.2f}x |")
+    if args.coherence_pairs:
+        coherence_benchmark(args.coherence_pairs, args.repeats, device)
     return 0
+
+
+def coherence_benchmark(pairs: int, repeats: int, device: str) -> None:
+    """Scoring speed of the `coherence` reward (MiniLM, mean pooling, cosine of prompt and continuation)
+    against the same computation in PyTorch, batch 64, both warmed up."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    from mapjax.models.packaged import minilm_path
+    from mapjax.rewards import get_reward
+
+    prompts = benchmark_prompts(pairs)
+    continuations = [f"{prompt} Here is a longer answer that goes on for a while about it." * 2 for prompt in prompts]
+    reward = get_reward("coherence", batch_size=64)
+    first = time.perf_counter()
+    ours = reward(prompts, continuations)
+    first = time.perf_counter() - first
+    jax_time = min(_timed(lambda: reward(prompts, continuations)) for _ in range(repeats))
+
+    folder = str(minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = BertModel.from_pretrained(folder).eval().to(device)
+
+    def embed(texts):
+        out = []
+        for start in range(0, len(texts), 64):
+            batch = tokenizer(texts[start:start + 64], padding=True, truncation=True, max_length=256,
+                              return_tensors="pt").to(device)
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
+        return torch.cat(out)
+
+    def torch_scores():
+        with torch.inference_mode():
+            return torch.nn.functional.cosine_similarity(embed(prompts), embed(continuations)).cpu().numpy()
+
+    theirs = torch_scores()
+    torch_time = min(_timed(torch_scores) for _ in range(repeats))
+    print(f"\ncoherence reward (all-MiniLM-L6-v2, batch 64, {pairs} pairs; max |difference| "
+          f"{float(abs(ours - theirs).max()):.1e}; mapjax first call {first:.1f} s)\n")
+    print("| mapjax pairs/s | PyTorch pairs/s | mapjax / PyTorch |")
+    print("|---:|---:|---:|")
+    print(f"| {pairs / jax_time:.0f} | {pairs / torch_time:.0f} | {torch_time / jax_time:.2f}x |")
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
