@@ -129,17 +129,15 @@ def radar(
 # ============================================================================ histograms
 
 
-def tilted_weights(pool: RewardPool, lam: Mapping[str, float] | np.ndarray) -> np.ndarray:
-    """Weights of the pool's samples (in :meth:`RewardPool.flat` order) under p_λ ∝ p0 exp(λᵀr), pooled."""
-    if isinstance(lam, Mapping):
-        vector = np.zeros(pool.num_values)
-        for name, value in lam.items():
-            vector[pool.index_of(name)] = float(value)
-    else:
-        vector = np.nan_to_num(np.asarray(lam, dtype=np.float64))
-        if vector.shape != (pool.num_values,):
-            raise ValueError(f"λ has shape {vector.shape}; the pool has {pool.num_values} values")
-    logits = pool.flat() @ vector
+def tilted_weights(pool: RewardPool, lam) -> np.ndarray:
+    """Weights of the pool's samples (in :meth:`RewardPool.flat` order) under p_λ ∝ p0 exp(λᵀr), pooled.
+
+    ``lam`` is a Solution, a {value: λ} mapping or a vector over the pool's values (see
+    :func:`mapjax.decode.lambda_for`).
+    """
+    from mapjax.decode import lambda_for
+
+    logits = pool.flat() @ lambda_for(pool, lam)
     weights = np.exp(logits - logits.max())
     return weights / weights.sum()
 
