@@ -22,21 +22,15 @@ import yaml
 
 from mapjax import RewardPool, solve_many
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
+from common import ROOT, prepare_out  # noqa: E402
+
 DEFAULT_CONFIG = ROOT / "configs" / "feasibility_vs_m.yaml"
 COLUMNS = (
     "mode", "m", "palettes", "feasible_exact", "kept_l1", "feasible_reference", "reference_false_infeasible",
     "reference_false_feasible", "exact_first_call_s", "exact_s", "reference_jax_s", "reference_torch_s_per_palette",
     "reference_torch_projected_s",
 )
-
-
-def prepare_out(out: Path, force: bool) -> Path:
-    """Create the output folder; refuse one that holds files unless forced."""
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SystemExit(f"{out} exists and is not empty; pass --force to overwrite its files")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def upper_levels(pool: RewardPool, columns: list[int], upper: str) -> np.ndarray:

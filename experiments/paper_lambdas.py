@@ -7,6 +7,7 @@ authors' solver (reference replica) and by mapjax's exact solver, with ESS, KKT 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,8 @@ import yaml
 
 from mapjax import RewardPool, solve
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def palettes_from_config(config: dict) -> dict[str, dict[str, float]]:
-    palettes = {name: {**levels, **config["maintained"]} for name, levels in config["palettes"].items()}
-    palettes.update(config.get("single", {}))
-    return palettes
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
+from common import ROOT, named_palettes  # noqa: E402
 
 
 def table(pool: RewardPool, palettes: dict[str, dict[str, float]], values: list[str]) -> str:
@@ -50,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     config = yaml.safe_load(args.config.read_text())
     pool = RewardPool.load(args.pool or (ROOT / config["pool"]))
-    text = table(pool, palettes_from_config(config), list(config["values"]))
+    text = table(pool, named_palettes(args.config), list(config["values"]))
     print(text)
     if args.out:
         if args.out.exists():

@@ -26,16 +26,10 @@ from mapjax import RewardPool, adjust, solve
 from mapjax.evaluate import navigation_efficiency, quantile_table
 from mapjax.plots import feasible_region, pareto_plot, radar, region_grid, reward_histograms, tilted_weights
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
+from common import ROOT, pick_palettes, prepare_out  # noqa: E402
+
 DEFAULT_CONFIG = ROOT / "configs" / "pareto_and_region.yaml"
-
-
-def prepare_out(out: Path, force: bool) -> Path:
-    """Create the output folder; refuse one that holds files unless forced."""
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SystemExit(f"{out} exists and is not empty; pass --force to overwrite its files")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def load_marks(config: dict, config_path: Path, pool: RewardPool) -> dict[str, dict[str, float]]:
@@ -43,13 +37,8 @@ def load_marks(config: dict, config_path: Path, pool: RewardPool) -> dict[str, d
     names = config.get("marks") or []
     if not names:
         return {}
-    source = yaml.safe_load((config_path.parent / config["palettes_config"]).read_text())
-    every = {name: {**levels, **source.get("maintained", {})} for name, levels in source["palettes"].items()}
-    every.update(source.get("single", {}))
-    missing = [name for name in names if name not in every]
-    if missing:
-        raise SystemExit(f"palette {missing[0]!r} is not in {config['palettes_config']} (it has {sorted(every)})")
-    return {name: {v: level for v, level in every[name].items() if v in pool.value_names} for name in names}
+    chosen = pick_palettes(config_path.parent / config["palettes_config"], names)
+    return {name: {v: level for v, level in levels.items() if v in pool.value_names} for name, levels in chosen.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

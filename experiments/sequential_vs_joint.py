@@ -23,27 +23,10 @@ from mapjax import RewardPool, solve, solve_sequential
 from mapjax.dual import Solution
 from mapjax.evaluate import base_quantile
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
+from common import ROOT, pick_palettes, prepare_out  # noqa: E402
+
 DEFAULT_CONFIG = ROOT / "configs" / "sequential_vs_joint.yaml"
-
-
-def prepare_out(out: Path, force: bool) -> Path:
-    """Create the output folder; refuse one that holds files unless forced."""
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SystemExit(f"{out} exists and is not empty; pass --force to overwrite its files")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def load_palettes(config: dict, config_path: Path) -> dict[str, dict[str, float]]:
-    """The chosen palettes from the palettes config (levels plus the maintained values)."""
-    source = yaml.safe_load((config_path.parent / config["palettes_config"]).read_text())
-    every = {name: {**levels, **source.get("maintained", {})} for name, levels in source["palettes"].items()}
-    every.update(source.get("single", {}))
-    missing = [name for name in config["palettes"] if name not in every]
-    if missing:
-        raise SystemExit(f"palette {missing[0]!r} is not in {config['palettes_config']} (it has {sorted(every)})")
-    return {name: every[name] for name in config["palettes"]}
 
 
 def record(pool: RewardPool, palette: str, method: str, stage: str, solution: Solution) -> dict:
@@ -133,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.palettes:
         config["palettes"] = [name.strip() for name in args.palettes.split(",") if name.strip()]
     pool = RewardPool.load(args.pool or (ROOT / config["pool"]))
-    palettes = load_palettes(config, args.config)
+    palettes = pick_palettes(args.config.parent / config["palettes_config"], config["palettes"])
     rounds = int(args.rounds or config["rounds"])
     shown = [name for name in config.get("shown_values", pool.value_names) if name in pool.value_names]
     plot_rounds = [r for r in config.get("plot_rounds", [1, rounds]) if r <= rounds] or [rounds]

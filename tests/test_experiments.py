@@ -16,7 +16,7 @@ def load_script(name):
 def test_paper_lambda_table(pilot):
     script = load_script("paper_lambdas")
     config = yaml.safe_load((ROOT / "configs" / "opt_pilot_palettes.yaml").read_text())
-    palettes = script.palettes_from_config(config)
+    palettes = script.named_palettes(ROOT / "configs" / "opt_pilot_palettes.yaml")
     assert set(palettes) == {"HHH-50", "HHH-60", "HHH-70", "HHH-80", "Humor-80", "Help-80", "Harm-80"}
     text = script.table(pilot, {k: palettes[k] for k in ("HHH-70", "HHH-80")}, config["values"])
     rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:]}
