@@ -134,17 +134,8 @@ class GPT2Model(nnx.Module):
         context, mask = layers.attention_context(input_ids, attention_mask, cache, positions)
         # Padding rows carry position -1; any valid index works since they are masked out.
         x = self.wte(input_ids) + self.wpe(jnp.maximum(context.positions, 0))
-        new_keys, new_values = [], []
-        for index, block in enumerate(self.h):
-            layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
-            x, layer_cache = block(x, context, layer_cache)
-            if layer_cache is not None:
-                new_keys.append(layer_cache[0])
-                new_values.append(layer_cache[1])
-        x = self.ln_f(x)
-        if cache is None:
-            return x, None
-        return x, layers.advance_cache(cache, mask, new_keys, new_values)
+        x, new_cache = layers.run_layers(self.h, x, cache, mask, lambda block, h, c: block(h, context, c))
+        return self.ln_f(x), new_cache
 
     def hf_parameters(self, prefix: str) -> Iterator[tuple[str, nnx.Variable, Layout]]:
         yield f"{prefix}wte.weight", self.wte.weight, "linear"

@@ -338,6 +338,24 @@ def attention_context(input_ids: Array, attention_mask: Array | None, cache: KVC
     return AttentionContext(positions=positions, allowed=allowed, write_index=write_index), mask
 
 
+def run_layers(stack: Any, x: Array, cache: KVCache | None, mask: Array,
+               call: Callable[[Any, Array, tuple[Array, Array] | None], tuple[Array, tuple[Array, Array] | None]]
+               ) -> tuple[Array, KVCache | None]:
+    """Run a decoder's layers in order, each on its own slice of the cache.
+
+    ``call(layer, x, layer_cache) -> (x, layer_cache)`` runs one layer. Returns the last hidden states and the
+    advanced cache (None when there is no cache).
+    """
+    new_keys, new_values = [], []
+    for index, layer in enumerate(stack):
+        layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
+        x, layer_cache = call(layer, x, layer_cache)
+        if layer_cache is not None:
+            new_keys.append(layer_cache[0])
+            new_values.append(layer_cache[1])
+    return x, (None if cache is None else advance_cache(cache, mask, new_keys, new_values))
+
+
 def advance_cache(cache: KVCache, mask: Array, keys: list[Array], values: list[Array]) -> KVCache:
     """The cache after a call wrote ``mask.shape[1]`` slots."""
     seq = mask.shape[1]

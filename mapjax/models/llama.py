@@ -165,18 +165,11 @@ class LlamaForCausalLM(nnx.Module):
         context, mask = layers.attention_context(input_ids, attention_mask, cache, positions)
         x = self.embed_tokens(input_ids)
         cos_sin = layers.rotary_cos_sin(self.config.rope, context.positions, x.dtype)
-        new_keys, new_values = [], []
-        for index, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
-            x, layer_cache = layer(x, context, cos_sin, layer_cache)
-            if layer_cache is not None:
-                new_keys.append(layer_cache[0])
-                new_values.append(layer_cache[1])
+        x, new_cache = layers.run_layers(self.layers, x, cache, mask,
+                                         lambda layer, h, c: layer(h, context, cos_sin, c))
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        if cache is None:
-            return logits
-        return logits, layers.advance_cache(cache, mask, new_keys, new_values)
+        return logits if cache is None else (logits, new_cache)
 
     def hf_parameters(self) -> Iterator[tuple[str, nnx.Variable, Layout]]:
         yield "model.embed_tokens.weight", self.embed_tokens.weight, "linear"

@@ -186,21 +186,13 @@ class OPTForCausalLM(nnx.Module):
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(context.positions + POSITION_OFFSET)
-        new_keys, new_values = [], []
-        for index, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
-            x, layer_cache = layer(x, context, layer_cache)
-            if layer_cache is not None:
-                new_keys.append(layer_cache[0])
-                new_values.append(layer_cache[1])
+        x, new_cache = layers.run_layers(self.layers, x, cache, mask, lambda layer, h, c: layer(h, context, c))
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        if cache is None:
-            return logits
-        return logits, layers.advance_cache(cache, mask, new_keys, new_values)
+        return logits if cache is None else (logits, new_cache)
 
     def hf_parameters(self) -> Iterator[tuple[str, nnx.Variable, Layout]]:
         prefix = "model.decoder."
