@@ -146,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     from mapjax.decode import add_decode_command
     from mapjax.demo import add_demo_command
     from mapjax.evaluate import add_evaluate_command
+    from mapjax.finetune.cli import add_finetune_command
 
     add_pool_command(commands)
     add_decode_command(commands)
+    add_finetune_command(commands)
     add_evaluate_command(commands)
     add_demo_command(commands)
     return parser

@@ -1,0 +1,392 @@
+"""The MAP-F training loop: one jitted train step, optax AdamW, gradient accumulation, Orbax checkpoints.
+
+>>> from mapjax.finetune import finetune, FinetuneConfig
+>>> result = finetune(model, tokenizer, pool, solution, method="weighted", out="runs/map-f",
+...                   config=FinetuneConfig(steps=200, batch_size=8, learning_rate=1e-5))
+>>> result.model, result.losses                 # trained model (also in runs/map-f/model, HF format)
+
+State: the model's ``nnx.Param`` leaves (float32 master copy, cast to ``config.dtype`` for the forward) and the
+optax state, both flattened to ``{"00000": array}`` dicts, plus the step number, which is the data position:
+step ``s`` trains on positions ``s·B .. (s+1)·B`` of a stream of epochs, each a seeded permutation. A run killed
+at any point and started again with the same call restores the latest checkpoint and continues; its final
+parameters equal an uninterrupted run's bit for bit (the step is deterministic on a given device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mapjax.finetune import data as data_module
+from mapjax.finetune import dpo as dpo_module
+from mapjax.finetune import weighted as weighted_module
+from mapjax.finetune.data import FinetuneError
+
+METHODS = ("weighted", "dpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of a run (all part of the checkpoint fingerprint: a resume with other settings is refused).
+
+    batch_size: examples (weighted) or pairs (dpo) per optimizer step, split into ``grad_accum`` micro-batches.
+    steps: optimizer steps; ``None``: ``epochs`` passes over the examples.
+    learning_rate, warmup_steps, weight_decay, clip_norm: AdamW with linear warm-up, then constant (or cosine
+        decay to 0 with ``schedule="cosine"``), gradients clipped to a global norm (None: no clipping).
+    kl_coef: weight of the token-level KL(p_θ || p0) penalty (weighted method only).
+    beta: DPO temperature.
+    normalize: ``"token"`` (weighted token-level NLL) or ``"sequence"`` (weighted sequence NLL).
+    dtype: compute dtype of the forward pass, ``"float32"`` or ``"bfloat16"`` (master weights stay float32).
+    max_length: cut sequences to this many tokens (None: the model's position limit).
+    save_every: checkpoint every N steps (and at the end).
+    seed: data order.
+    """
+
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int | None = None
+    epochs: float = 1.0
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    kl_coef: float = 0.0
+    beta: float = 0.1
+    normalize: str = "token"
+    dtype: str = "float32"
+    max_length: int | None = None
+    save_every: int = 50
+    seed: int = 0
+
+    def validate(self, method: str) -> None:
+        if method not in METHODS:
+            raise FinetuneError(f"method must be one of {list(METHODS)}, got {method!r}")
+        for name in ("batch_size", "grad_accum", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FinetuneError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise FinetuneError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise FinetuneError(f"steps must be an integer >= 1 or None, got {self.steps!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise FinetuneError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.normalize not in ("token", "sequence"):
+            raise FinetuneError(f"normalize must be 'token' or 'sequence', got {self.normalize!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise FinetuneError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.learning_rate <= 0 or self.kl_coef < 0 or self.beta <= 0:
+            raise FinetuneError("learning_rate and beta must be > 0 and kl_coef >= 0")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    model: Any
+    losses: list[float]
+    steps: int
+    resumed_from: int
+    out: Path | None
+    examples: int
+
+
+def optimizer(config: FinetuneConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up (then constant or cosine decay) after global-norm clipping."""
+    warmup = min(config.warmup_steps, total_steps)
+    if config.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup, 1) if warmup else 0,
+                                                      max(total_steps, warmup + 1))
+    elif warmup:
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup),
+                                         optax.constant_schedule(config.learning_rate)], [warmup])
+    else:
+        schedule = optax.constant_schedule(config.learning_rate)
+    parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
+    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay))
+    return optax.chain(*parts)
+
+
+class Stepper:
+    """A model split into graph, trainable ``Param`` leaves and the rest, with the jitted train step."""
+
+    def __init__(self, model: Any, method: str, config: FinetuneConfig, total_steps: int):
+        self.method, self.config = method, config
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        leaves, self.treedef = jax.tree.flatten(params)
+        self.param_dtypes = [leaf.dtype for leaf in leaves]
+        # copies: the train step donates its parameters, and the caller's model must stay intact
+        self.params = [jnp.array(leaf, jnp.float32 if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype,
+                                 copy=True) for leaf in leaves]
+        self.tx = optimizer(config, total_steps)
+        self.opt_state = self.tx.init(self.params)
+        self.compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        self.total_steps = total_steps
+        # settings that do not change the compiled step are normalised away so that such runs share it
+        step_config = dataclasses.replace(config, seed=0, save_every=1, steps=None, epochs=1.0, max_length=None)
+        self._static = dict(graphdef=self.graphdef, treedef=self.treedef, method=method, config=step_config,
+                            total_steps=total_steps)
+
+    def apply(self, params: Any, ids: jax.Array, attention: jax.Array) -> jax.Array:
+        """The forward pass (float32 logits) of the model at ``params`` (a list of leaves)."""
+        return _apply(self.graphdef, self.treedef, self.config.dtype, self.rest, params, ids, attention)
+
+    def _logps(self, params, ids, attention, loss_mask):
+        return _sequence_logps_jit(self.graphdef, self.treedef, self.config.dtype, self.rest, params, ids,
+                                   attention, loss_mask)
+
+    def loss_and_grad(self, params: Any, reference: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, Any]:
+        return _loss_and_grad(self.graphdef, self.treedef, self.method, self.config, self.rest, params, reference,
+                              batch)
+
+    def step(self, reference: Any, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        batch = {key: jnp.asarray(value) for key, value in batch.items()}
+        self.params, self.opt_state, metrics = _train_step_jit(self.params, self.opt_state, self.rest, reference,
+                                                               batch, **self._static)
+        return {key: float(value) for key, value in metrics.items()}
+
+    def model(self) -> Any:
+        """A model holding the current parameters (in the model's original dtypes)."""
+        leaves = [jnp.array(leaf, dtype, copy=True) for leaf, dtype in zip(self.params, self.param_dtypes)]
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves), self.rest)
+
+    # checkpoint trees: flat dicts of arrays with fixed-width string keys
+    def state_tree(self) -> dict[str, dict[str, Any]]:
+        return {"params": {f"{i:05d}": leaf for i, leaf in enumerate(self.params)},
+                "opt": {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(self.opt_state))}}
+
+    def load_state_tree(self, tree: dict[str, dict[str, Any]]) -> None:
+        self.params = [jnp.asarray(tree["params"][f"{i:05d}"]) for i in range(len(self.params))]
+        opt_leaves, opt_def = jax.tree.flatten(self.opt_state)
+        self.opt_state = jax.tree.unflatten(opt_def, [jnp.asarray(tree["opt"][f"{i:05d}"])
+                                                     for i in range(len(opt_leaves))])
+
+
+# The compiled functions are module-level with the graph, the tree structure and the (frozen, hashable) config
+# as static arguments, so runs with the same model and settings share one compilation.
+def _apply(graphdef, treedef, dtype, rest, params, ids, attention):
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    cast = [leaf.astype(compute) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf for leaf in params]
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, cast), rest)
+    return model(ids, attention).astype(jnp.float32)
+
+
+def _sequence_logps(graphdef, treedef, dtype, rest, params, ids, attention, loss_mask):
+    apply = functools.partial(_apply, graphdef, treedef, dtype, rest)
+    return dpo_module.sequence_logps(apply, params, ids, attention, loss_mask)
+
+
+_sequence_logps_jit = jax.jit(_sequence_logps, static_argnums=(0, 1, 2))
+
+
+def _loss_and_grad(graphdef, treedef, method, config, rest, params, reference, batch):
+    """Loss and gradient of a batch ``[accum, micro, ...]``: a scan over micro-batches summing gradients."""
+    apply = functools.partial(_apply, graphdef, treedef, config.dtype, rest)
+    if method == "weighted":
+        den, kl_den = weighted_module.denominators(batch, config.normalize)
+
+        def micro_loss(p, micro):
+            return weighted_module.micro_loss(apply, p, reference, micro, den, kl_den, config.kl_coef)
+    else:
+        den = dpo_module.denominator(batch)
+
+        def micro_loss(p, micro):
+            return dpo_module.micro_loss(apply, p, micro, den, config.beta)
+
+    grad_fn = jax.value_and_grad(micro_loss)
+
+    def body(carry, micro):
+        loss, grads = grad_fn(params, micro)
+        return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), batch)
+    return loss, grads
+
+
+def _train_step(params, opt_state, rest, reference, batch, *, graphdef, treedef, method, config, total_steps):
+    """One optimizer step: accumulated gradients, clipping, AdamW."""
+    loss, grads = _loss_and_grad(graphdef, treedef, method, config, rest, params, reference, batch)
+    tx = optimizer(config, total_steps)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+_train_step_jit = jax.jit(_train_step, donate_argnums=(0, 1),
+                          static_argnames=("graphdef", "treedef", "method", "config", "total_steps"))
+
+
+def _resolve_lambda(pool: Any, lam: Any) -> np.ndarray:
+    """λ as a vector over the pool's values; a palette spec (str / dict of levels) is solved first."""
+    from mapjax.decode import lambda_for
+
+    if isinstance(lam, str) or (isinstance(lam, dict) and any(isinstance(v, str) for v in lam.values())):
+        from mapjax import solve
+
+        solution = solve(pool, lam, normaliser="per_prompt")
+        if solution.status != "optimal":
+            raise FinetuneError(f"the palette {lam!r} has no λ on this pool (status {solution.status}): "
+                                f"{solution.certificate.explain() if solution.certificate is not None else ''}")
+        lam = solution
+    return lambda_for(pool, lam)
+
+
+def _fingerprint(method: str, config: FinetuneConfig, model: Any, examples: Any) -> str:
+    from mapjax.build import model_fingerprint
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"method": method, "config": dataclasses.asdict(config)}, sort_keys=True).encode())
+    digest.update(model_fingerprint(model).encode())
+    parts = [examples] if isinstance(examples, data_module.Examples) else [examples.chosen, examples.rejected]
+    for part in parts:
+        digest.update(json.dumps([part.prompt_ids, part.continuation_ids]).encode())
+        digest.update(np.ascontiguousarray(part.weights, np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad or 0)
+
+
+def reference_logps(stepper: Stepper, pairs: data_module.Pairs, pad_id: int, rows: int = 8) -> np.ndarray:
+    """log π0 of each pair's chosen and rejected continuation, [pairs, 2] (frozen base model)."""
+    out = np.zeros((len(pairs), 2), np.float32)
+    for start in range(0, len(pairs), rows):
+        index = np.arange(start, start + rows) % len(pairs)
+        batch = data_module.dpo_batch(pairs, out, index, 1, pad_id)
+        values = stepper._logps(stepper.params, jnp.asarray(batch["ids"][0]), jnp.asarray(batch["attention"][0]),
+                                jnp.asarray(batch["loss_mask"][0]))
+        count = min(rows, len(pairs) - start)
+        out[start:start + count] = np.asarray(values)[:count]
+    return out
+
+
+def finetune(model: Any, tokenizer: Any, pool: Any, lam: Any, *, method: str = "weighted",
+             config: FinetuneConfig | None = None, out: str | os.PathLike | None = None,
+             callback: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
+             overwrite: bool = False, export: bool = True) -> FinetuneResult:
+    """Finetune ``model`` towards p_λ on ``pool``'s samples; returns the trained model (a new module).
+
+    Args:
+        model, tokenizer: the base policy (a mapjax causal LM) and its tokenizer; ``model`` is not modified.
+        pool: a RewardPool with prompt and generated texts, sampled from this policy.
+        lam: a Solution, a {value: λ} mapping (numbers), a λ vector in the pool's value order, or a palette
+            spec string such as ``"humor>=q0.8, diversity>=mean"`` (solved on the pool with the per-prompt
+            normaliser; an unreachable palette is an error).
+        method: ``"weighted"`` (reward-weighted likelihood) or ``"dpo"`` (DPO on highest- vs lowest-λᵀr pairs).
+        out: run folder: ``checkpoints/`` (Orbax; resumed when present), ``model/`` (HF format, at the end),
+            ``losses.json``. ``None``: no checkpoints.
+        callback: called as ``callback(step, metrics)`` after each step (step counts from 1).
+        overwrite: discard checkpoints of another run in ``out`` instead of refusing to resume from them.
+    """
+    config = config or FinetuneConfig()
+    config.validate(method)
+    lam_vector = _resolve_lambda(pool, lam)
+    if method == "weighted":
+        examples = data_module.weighted_examples(pool, tokenizer, lam_vector, model=model,
+                                                 max_length=config.max_length)
+    else:
+        examples = data_module.dpo_pairs(pool, tokenizer, lam_vector, model=model, max_length=config.max_length)
+    count = len(examples)
+    total_steps = config.steps or max(1, math.ceil(config.epochs * count / config.batch_size))
+    pad_id = _pad_id(tokenizer)
+    stepper = Stepper(model, method, config, total_steps)
+    reference = None
+    if method == "weighted" and config.kl_coef:
+        reference = [jnp.array(leaf, copy=True) for leaf in stepper.params]   # frozen p0 (params are donated)
+    ref_logps = reference_logps(stepper, examples, pad_id) if method == "dpo" else None
+
+    manager, losses, start = None, [], 0
+    fingerprint = _fingerprint(method, config, model, examples)
+    if out is not None:
+        manager, start, losses = _open_checkpoints(Path(out), fingerprint, stepper, config, overwrite)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc=f"finetune ({method})", unit="step")
+    try:
+        for step in range(start, total_steps):
+            indices = data_module.step_indices(count, config.seed, step, config.batch_size)
+            if method == "weighted":
+                batch = data_module.weighted_batch(examples, indices, config.grad_accum, pad_id)
+            else:
+                batch = data_module.dpo_batch(examples, ref_logps, indices, config.grad_accum, pad_id)
+            metrics = stepper.step(reference, batch)
+            losses.append(metrics["loss"])
+            if manager is not None:
+                _save(manager, step + 1, stepper, fingerprint, losses, force=step + 1 == total_steps)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                bar.update(1)
+            if callback is not None:
+                callback(step + 1, metrics)
+    finally:
+        if bar is not None:
+            bar.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    trained = stepper.model()
+    if out is not None:
+        out = Path(out)
+        (out / "losses.json").write_text(json.dumps({"method": method, "config": dataclasses.asdict(config),
+                                                     "losses": losses}, indent=2))
+        if export:
+            from mapjax.models import export_pretrained
+
+            export_pretrained(trained, out / "model")
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(str(out / "model"))
+    return FinetuneResult(trained, losses, total_steps, start, Path(out) if out is not None else None, count)
+
+
+def _open_checkpoints(out: Path, fingerprint: str, stepper: Stepper, config: FinetuneConfig, overwrite: bool):
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    directory = (out / "checkpoints").absolute()
+    if overwrite and directory.exists():
+        shutil.rmtree(directory)
+    options = ocp.CheckpointManagerOptions(save_interval_steps=config.save_every, max_to_keep=2, create=True)
+    manager = ocp.CheckpointManager(directory, options=options)
+    latest = manager.latest_step()
+    if latest is None:
+        return manager, 0, []
+    meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta.get("fingerprint") != fingerprint:
+        manager.close()
+        raise FinetuneError(f"{directory} holds checkpoints of another run (other model, pool, λ or settings); "
+                            "use another --out or pass overwrite=True (--overwrite) to start afresh")
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), stepper.state_tree())
+    restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    stepper.load_state_tree(restored)
+    return manager, int(meta["step"]), list(meta["losses"])
+
+
+def _save(manager: Any, step: int, stepper: Stepper, fingerprint: str, losses: list[float], force: bool) -> None:
+    import orbax.checkpoint as ocp
+
+    if not (force or manager.should_save(step)):
+        return
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(stepper.state_tree()),
+        meta=ocp.args.JsonSave({"step": step, "fingerprint": fingerprint, "losses": list(losses)})), force=force)
+    manager.wait_until_finished()
