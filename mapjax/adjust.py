@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mapjax.certificate import largest_step
+from mapjax.certificate import certify, largest_step
 from mapjax.dual import Normaliser, Solution, Solutions, concatenate, evaluate_lambdas, palette_targets, solve_many
 from mapjax.palette import PaletteSpec, parse
 from mapjax.pool import RewardPool
@@ -151,8 +151,8 @@ def greedy(
             raise ValueError(f"priority names {name!r}, which the palette does not constrain ({names})")
     problem = DualProblem.from_pool(pool, normaliser)
     constrained = ~np.isnan(requested)
-    start_solution = _solve_one(pool, requested, normaliser)
-    current = requested.copy() if start_solution.feasible else _safe_anchor(pool, requested)
+    # Whether c itself is reachable is the LP's verdict alone; no λ is needed for the starting point.
+    current = requested.copy() if certify(problem, requested).feasible else _safe_anchor(pool, requested)
     for name in priority:
         column = pool.index_of(name)
         base = problem.to_scaled_targets(np.nan_to_num(current))
