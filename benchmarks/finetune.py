@@ -48,20 +48,23 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
 def write_model(kind: str, folder: Path) -> int:
     """Write the benchmark model as an HF folder; returns its vocabulary size."""
     if kind == "smollm2":
+        from mapjax.generate import load_policy
         from mapjax.models import export_pretrained
         from mapjax.models.packaged import smollm2_gguf_path
-        from mapjax.generate import load_policy
 
         model, _ = load_policy(str(smollm2_gguf_path()))
         export_pretrained(model, folder)
         return int(model.config.vocab_size)
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from mapjax.models import GPT2Config, GPT2LMHeadModel, export_pretrained
 
-    torch.manual_seed(0)
-    config = GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12, vocab_size=50257, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(config).save_pretrained(str(folder), safe_serialization=True)
+    # GPT-2 small with random weights, built in JAX (no torch needed for the mapjax side).
+    config = GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12, vocab_size=50257)
+    export_pretrained(GPT2LMHeadModel.from_config(config), folder)
+    # mapjax has no dropout; switch transformers' (0.1 by default) off so both sides do the same work.
+    config_file = folder / "config.json"
+    hf_config = json.loads(config_file.read_text())
+    hf_config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config_file.write_text(json.dumps(hf_config, indent=2))
     return config.vocab_size
 
 

@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct (the packaged Q4_1 GGUF, dequantised to float32; exported with ``export_pretrained`` and
 loaded by ``transformers.LlamaForCausalLM``, so both sides run the very same float32 weights), the same prompts
-(the first human turns of the authors' pilot set when ``../shared/data`` is there, else synthetic ones), top-k 50,
+(the first human turns of the authors' pilot set, shipped in ``data/``), top-k 50,
 temperature 1, 50 new tokens. EOS is ignored on both sides (``min_new_tokens`` for PyTorch, no EOS id for mapjax)
 so every row generates exactly ``--new-tokens`` tokens and the work is equal. mapjax's first call (tracing and
 compiling its prefill and decode programs) is timed apart as the compile time; the throughput rows are the
@@ -15,32 +15,27 @@ best of ``--repeats`` calls after it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-PILOT = REPO_ROOT.parent / "shared" / "data" / "opt1.3b-anthropic-harmless.json"
+PILOT = REPO_ROOT / "data" / "opt1.3b-anthropic-harmless.json.gz"
 
 
 def benchmark_prompts(count: int) -> list[str]:
-    """``count`` distinct prompts: the pilot set's, or synthetic questions when it is absent."""
-    if PILOT.is_file():
-        seen: list[str] = []
-        for record in json.loads(PILOT.read_text(encoding="utf-8")):
-            if record["prompt"] not in seen:
-                seen.append(record["prompt"])
-            if len(seen) == count:
-                return seen
-    topics = ["cats", "rain", "taxes", "chess", "bread", "the moon", "jazz", "rivers"]
-    return [f"What is the best thing to know about {topics[i % len(topics)]}, question {i}?" for i in range(count)]
+    """The pilot set's first ``count`` distinct prompts."""
+    from mapjax import RewardPool
+
+    prompts = RewardPool.load(PILOT).prompts
+    if count > len(prompts):
+        raise SystemExit(f"the pilot set has {len(prompts)} prompts; asked for {count}")
+    return list(prompts[:count])
 
 
 def time_mapjax(model, tokenizer, prompts, new_tokens, repeats):

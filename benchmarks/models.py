@@ -60,13 +60,13 @@ def torch_device(requested: str) -> str:
 
 
 def jitted_forward(model: Any, ids: np.ndarray, mask: np.ndarray) -> Callable[[], Any]:
-    """Compile ``model(ids, mask)`` once (params passed as arguments) and return the timed call."""
+    """Compile ``model(ids, mask).logits`` once (params passed as arguments) and return the timed call."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
+    forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask).logits)
     device_ids, device_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
     forward(state, device_ids, device_mask).block_until_ready()  # compile + warm-up
 
@@ -178,14 +178,9 @@ def gpt2_small_case(args: argparse.Namespace) -> list[BenchmarkCase]:
 
 
 def encoder_cases(args: argparse.Namespace) -> list[BenchmarkCase]:
-    """Rows from ``benchmarks/models_encoders.py`` (the encoder helper's file), when present."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        from models_encoders import encoder_benchmark_cases
-    except ModuleNotFoundError as error:
-        if error.name != "models_encoders":
-            raise
-        return []
+    """Rows from ``benchmarks/models_encoders.py``."""
+    from benchmarks.models_encoders import encoder_benchmark_cases
+
     return list(encoder_benchmark_cases())
 
 

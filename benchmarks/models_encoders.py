@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 
-
 @dataclasses.dataclass(frozen=True)
 class BenchmarkCase:
     """One side-by-side measurement.

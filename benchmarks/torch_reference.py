@@ -32,7 +32,9 @@ def reference_lambda(rewards: torch.Tensor, target: torch.Tensor, steps: int = 1
 
 def reference_lambdas(rewards: np.ndarray, targets: np.ndarray, steps: int = 150) -> tuple[np.ndarray, np.ndarray]:
     """rewards [n, values], targets [palettes, values] -> (λ [palettes, values], success [palettes])."""
-    torch_rewards = torch.tensor(rewards.T, dtype=torch.float32)
+    # A contiguous [values, n] tensor, as a model's scores stacked by value would be: torch then sums λᵀr over the
+    # values in their order (a transposed view would reorder that sum, and float32 rounding with it).
+    torch_rewards = torch.tensor(np.ascontiguousarray(rewards.T), dtype=torch.float32)
     lams, successes = [], []
     for target in targets:
         lam, success = reference_lambda(torch_rewards, torch.tensor(target, dtype=torch.float32), steps)

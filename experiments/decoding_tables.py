@@ -1,10 +1,10 @@
 """The paper's MAP-D decoding tables, driven by YAML configs: one pipeline, four tables.
 
-    python experiments/decoding_tables.py table1 --out runs/table1            # OPT-1.3B, hh-rlhf, HHH palettes
-    python experiments/decoding_tables.py table2 --out runs/table2            # OPT-1.3B, IMDB, positive +κ
-    python experiments/decoding_tables.py table3 --out runs/table3            # navigation efficiency, MAP vs MORL
-    python experiments/decoding_tables.py table4 --out runs/table4            # Llama-2-7B-chat, hh-rlhf
-    python experiments/decoding_tables.py table1 --config configs/tiny_decoding.yaml --set policy=PATH --out runs/t
+    python -m experiments.decoding_tables table1 --out runs/table1            # OPT-1.3B, hh-rlhf, HHH palettes
+    python -m experiments.decoding_tables table2 --out runs/table2            # OPT-1.3B, IMDB, positive +κ
+    python -m experiments.decoding_tables table3 --out runs/table3            # navigation efficiency, MAP vs MORL
+    python -m experiments.decoding_tables table4 --out runs/table4            # Llama-2-7B-chat, hh-rlhf
+    python -m experiments.decoding_tables table1 --config configs/tiny_decoding.yaml --set policy=PATH --out runs/t
 
 Each table runs the same pipeline (``run_table``):
 
@@ -30,20 +30,27 @@ for Tables 1, 2 and 4 the MAP-D result of each palette under ``decoded/``.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
+import dataclasses
 import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+from experiments.common import (
+    CONFIGS,
+    add_config_arguments,
+    add_output_arguments,
+    build_config,
+    load_yaml,
+    path_or_name,
+    prepare_out,
+    reports_errors,
+)
+from mapjax.errors import BuildError, ConfigError, ModelError
+from mapjax.jsonio import dumps, jsonable
 
 # table name -> (kind of pipeline, default config)
 TABLES: dict[str, tuple[str, Path]] = {
@@ -53,27 +60,6 @@ TABLES: dict[str, tuple[str, Path]] = {
     "table4": ("levels", CONFIGS / "table4_llama.yaml"),
 }
 
-# Settings a config may leave out.
-DEFAULTS: dict[str, Any] = {
-    "title": "",
-    "dtype": "float32",
-    "chat_template": False,        # the paper feeds prompts raw, even to Llama-2-chat
-    "seed": 0,
-    "k": 16,
-    "prompts": {"source": "hh-rlhf", "split": None, "data_files": None, "field": None, "shuffle_seed": 0,
-                "pilot_count": 100, "eval_count": 100},
-    "sampling": {"max_new_tokens": 50, "top_k": 50, "temperature": 1.0, "top_p": 1.0, "batch_size": 16,
-                 "chunk_size": 64},
-    "pilot": {"samples_per_prompt": 1, "normaliser": "pooled"},
-    "values": [],
-    "reward_options": {},
-    "palettes": {},
-    "win_rates": "all",
-    "confidence": 0.95,
-    "navigation": {"count": 100, "values": ["gpt2-helpful", "gpt2-harmless"], "random_values": None,
-                   "max_l1": 6.0, "tolerances": [0.0, 0.06]},
-    "paper": {},
-}
 
 # Registry rewards that load a hub model by default: reward name -> (option naming the model, default hub id).
 # The script checks these are cached before it starts, so a missing reward model fails as early as the policy.
@@ -87,123 +73,144 @@ def _hub_reward_models() -> dict[str, tuple[str, str | None]]:
             "coherence-simcse": ("model", SIMCSE_MODEL), "classifier": ("model_id_or_path", None)}
 
 
-class DecodingTableError(ValueError):
-    """A config, output folder or model that stops a table before it runs; the message says what to change."""
-
-
-class ModelNotCachedError(DecodingTableError):
+class ModelNotCachedError(ModelError):
     """A hub model id that is not in the local Hugging Face cache (this script never downloads)."""
 
 
 # ============================================================================ config
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The YAML config at ``path`` with ``key.sub=value`` overrides applied (values read as YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DecodingTableError(f"config {path} does not exist")
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(config, dict):
-        raise DecodingTableError(f"config {path} is not a mapping of settings")
-    for override in overrides:
-        apply_override(config, override)
-    return config
+@dataclasses.dataclass
+class PromptsConfig:
+    source: str = "hh-rlhf"            # hh-rlhf, imdb, or a prompts file (relative to the repository)
+    split: str | None = None
+    data_files: str | list[str] | dict[str, Any] | None = None   # local copies of a hub dataset's files
+    field: str | None = None
+    shuffle_seed: int | None = 0       # seeded shuffle before the split (null: the source's order)
+    pilot_count: int = 100
+    eval_count: int = 100
 
 
-def apply_override(config: dict[str, Any], override: str) -> None:
-    """Set ``a.b.c=value`` in ``config`` (nested dicts created as needed); the value is parsed as YAML, so
-    ``k=8``, ``values=[diversity,perplexity]`` and ``prompts.data_files=null`` do what they say."""
-    if "=" not in override:
-        raise DecodingTableError(f"--set {override!r}: write it as key=value (dots for nested keys)")
-    key, text = override.split("=", 1)
-    parts = [part for part in key.strip().split(".") if part]
-    if not parts:
-        raise DecodingTableError(f"--set {override!r} names no key")
-    node = config
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = yaml.safe_load(text)
+@dataclasses.dataclass
+class SamplingConfig:
+    max_new_tokens: int = 50
+    top_k: int | None = 50             # 0 or null: no top-k
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    chunk_size: int = 64
 
 
-def resolve_config(config: Mapping[str, Any], table: str | None = None) -> dict[str, Any]:
-    """The config with defaults filled in (one level deep for the nested sections) and checked.
+@dataclasses.dataclass
+class PilotConfig:
+    samples_per_prompt: int = 1
+    normaliser: Literal["pooled", "per_prompt"] = "pooled"
+
+
+@dataclasses.dataclass
+class ValueEntry:
+    """A value scored under a column name of its own: ``{name: coherence, reward: coherence-simcse}``."""
+
+    name: str | None = None            # the pool column (default: the reward's name)
+    reward: str | None = None          # the registry reward (default: the column name)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (self.name or self.reward):
+            raise ConfigError("values: an entry {name, reward, options} needs a name or a reward")
+
+
+@dataclasses.dataclass
+class NavigationConfig:
+    count: int = 100                   # N models of each kind
+    values: list[str] = dataclasses.field(default_factory=lambda: ["gpt2-helpful", "gpt2-harmless"])
+    random_values: list[str] | None = None   # the values random palettes and λ run over (default: values)
+    max_l1: float = 6.0
+    tolerances: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.06])
+
+
+@dataclasses.dataclass
+class TableConfig:
+    """configs/table*.yaml: the policy, the prompts and their split, sampling, the values, the palettes."""
+
+    policy: str                        # a local folder, a .gguf file (relative to the repository) or a hub id
+    table: str | None = None           # table1 .. table4 (the command line's choice wins)
+    title: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    chat_template: bool = False        # the paper feeds prompts raw, even to Llama-2-chat
+    seed: int = 0
+    k: int = 16
+    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    pilot: PilotConfig = dataclasses.field(default_factory=PilotConfig)
+    values: list[str | ValueEntry] = dataclasses.field(default_factory=list)
+    reward_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    palettes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    win_rates: str | list[str] = "all"  # "all" or the values to report win rates for
+    confidence: float = 0.95
+    navigation: NavigationConfig = dataclasses.field(default_factory=NavigationConfig)
+    paper: dict[str, Any] = dataclasses.field(default_factory=dict)   # the paper's numbers, for comparison only
+
+
+def resolve_config(config: TableConfig | Mapping[str, Any], table: str | None = None) -> TableConfig:
+    """The config typed (from a mapping: ``experiments.common.load_yaml`` reads one), ``table`` set, and
+    checked.
 
     Everything that can be checked without models is checked here, so a typo fails in a second, not after
     an hour of sampling: the table name, counts, value names, palettes naming only scored values.
     """
-    resolved = copy.deepcopy(DEFAULTS)
-    for key, value in copy.deepcopy(dict(config)).items():
-        if isinstance(resolved.get(key), dict) and isinstance(value, dict) and key not in ("reward_options",
-                                                                                             "palettes", "paper"):
-            resolved[key].update(value)
-        else:
-            resolved[key] = value
+    resolved = build_config(TableConfig, config) if isinstance(config, Mapping) else dataclasses.replace(config)
     if table is not None:
-        resolved["table"] = table
-    if resolved.get("table") not in TABLES:
-        raise DecodingTableError(f"table is {resolved.get('table')!r}; choose one of {sorted(TABLES)}")
-    if not resolved.get("policy"):
-        raise DecodingTableError("the config names no policy (a local folder, a .gguf file or a hub id)")
-    resolved["policy"] = str(resolved["policy"])
-    for key in ("k",):
-        _positive_int(resolved, key, resolved[key])
-    for key in ("pilot_count", "eval_count"):
-        _positive_int(resolved, f"prompts.{key}", resolved["prompts"][key])
-    _positive_int(resolved, "pilot.samples_per_prompt", resolved["pilot"]["samples_per_prompt"])
-    if resolved["pilot"]["normaliser"] not in ("pooled", "per_prompt"):
-        raise DecodingTableError(f"pilot.normaliser is {resolved['pilot']['normaliser']!r}; use pooled or per_prompt")
-    names = value_names(resolved["values"])
+        resolved.table = table
+    if resolved.table not in TABLES:
+        raise ConfigError(f"table is {resolved.table!r}; choose one of {sorted(TABLES)}")
+    if not resolved.policy:
+        raise ConfigError("policy: the config names no policy (a local folder, a .gguf file or a hub id)")
+    for key, value in (("k", resolved.k), ("prompts.pilot_count", resolved.prompts.pilot_count),
+                       ("prompts.eval_count", resolved.prompts.eval_count),
+                       ("pilot.samples_per_prompt", resolved.pilot.samples_per_prompt)):
+        _positive_int(key, value)
+    names = value_names(resolved.values)
     if not names:
-        raise DecodingTableError("the config scores no values: list them under values")
+        raise ConfigError("values: the config scores no values; list them under values")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise DecodingTableError(f"values name {repeated} twice")
-    kind = TABLES[resolved["table"]][0]
+        raise ConfigError(f"values name {repeated} twice")
+    kind = TABLES[resolved.table][0]
     if kind == "levels":
-        if not resolved["palettes"]:
-            raise DecodingTableError(f"{resolved['table']} needs palettes: list them under palettes")
-        for name, spec in resolved["palettes"].items():
+        if not resolved.palettes:
+            raise ConfigError(f"palettes: {resolved.table} needs palettes; list them under palettes")
+        for name, spec in resolved.palettes.items():
             unknown = [value for value in palette_spec(name, spec).names if value not in names]
             if unknown:
-                raise DecodingTableError(f"palette {name!r} constrains {unknown}, which the config does not score "
-                                         f"(values: {names})")
-    wins = resolved["win_rates"]
+                raise ConfigError(f"palettes.{name} constrains {unknown}, which the config does not score "
+                                  f"(values: {names})")
+    wins = resolved.win_rates
     if wins == "all":
-        resolved["win_rates"] = list(names)
+        resolved.win_rates = list(names)
     elif not isinstance(wins, list) or any(name not in names for name in wins):
-        raise DecodingTableError(f"win_rates must be 'all' or a list of scored values {names}, got {wins!r}")
+        raise ConfigError(f"win_rates must be 'all' or a list of scored values {names}, got {wins!r}")
     if kind == "navigation":
-        navigation = resolved["navigation"]
-        _positive_int(resolved, "navigation.count", navigation["count"])
-        navigation["random_values"] = list(navigation["random_values"] or navigation["values"])
+        navigation = resolved.navigation = dataclasses.replace(resolved.navigation)
+        _positive_int("navigation.count", navigation.count)
+        navigation.random_values = list(navigation.random_values or navigation.values)
         for key in ("values", "random_values"):
-            unknown = [value for value in navigation[key] if value not in names]
+            unknown = [value for value in getattr(navigation, key) if value not in names]
             if unknown:
-                raise DecodingTableError(f"navigation.{key} names {unknown}, which the config does not score "
-                                         f"(values: {names})")
+                raise ConfigError(f"navigation.{key} names {unknown}, which the config does not score "
+                                  f"(values: {names})")
     return resolved
 
 
-def _positive_int(config: Mapping[str, Any], key: str, value: Any) -> None:
+def _positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DecodingTableError(f"{key} must be a positive whole number, got {value!r}")
+        raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
 
 
-def value_names(values: Sequence[Any]) -> list[str]:
+def value_names(values: Sequence[str | ValueEntry]) -> list[str]:
     """The pool column of each configured value: a registry name, or the ``name`` of a ``{name, reward,
     options}`` entry (e.g. the paper's SimCSE coherence scored as ``coherence``)."""
-    names = []
-    for entry in values or []:
-        if isinstance(entry, str):
-            names.append(entry)
-        elif isinstance(entry, dict) and isinstance(entry.get("name") or entry.get("reward"), str):
-            names.append(entry.get("name") or entry["reward"])
-        else:
-            raise DecodingTableError(f"value {entry!r}: write a reward name or {{name, reward, options}}")
-    return names
+    return [entry if isinstance(entry, str) else (entry.name or entry.reward) for entry in values]
 
 
 def palette_spec(name: str, spec: Any) -> Any:
@@ -216,13 +223,13 @@ def palette_spec(name: str, spec: Any) -> Any:
         if isinstance(spec, dict) and "quantile" in spec:
             unknown = sorted(set(spec) - {"quantile", "raise", "maintain", "floor_at_mean"})
             if unknown or not spec.get("raise"):
-                raise DecodingTableError(f"palette {name!r}: the quantile form takes quantile, raise (a non-empty "
-                                         f"list), maintain and floor_at_mean; got {sorted(spec)}")
+                raise ConfigError(f"palettes.{name}: the quantile form takes quantile, raise (a non-empty list), "
+                                  f"maintain and floor_at_mean; got {sorted(spec)}")
             return quantile_palette(list(spec["raise"]), float(spec["quantile"]), list(spec.get("maintain") or []),
                                     floor_at_mean=bool(spec.get("floor_at_mean", True)))
         return parse(spec)
     except PaletteError as error:
-        raise DecodingTableError(f"palette {name!r}: {error}") from None
+        raise ConfigError(f"palettes.{name}: {error}") from None
 
 
 # ============================================================================ models
@@ -239,8 +246,8 @@ def require_local_model(path_or_id: str, role: str, setting: str) -> Path:
         return path
     looks_like_hub_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-        raise DecodingTableError(f"{role} {path_or_id!r} ({setting}) is neither an existing file or folder nor a "
-                                 "hub id (owner/name)")
+        raise ConfigError(f"{setting}: {role} {path_or_id!r} is neither an existing file or folder nor a hub id "
+                          "(owner/name)")
     from huggingface_hub import constants, snapshot_download
 
     cache = constants.HF_HUB_CACHE
@@ -262,33 +269,33 @@ def require_local_model(path_or_id: str, role: str, setting: str) -> Path:
     return directory
 
 
-def check_models(config: Mapping[str, Any]) -> dict[str, Path]:
+def check_models(config: TableConfig) -> dict[str, Path]:
     """Every model the table needs, found locally (policy first): {setting: folder}. Raises
     ModelNotCachedError before any work when one is missing."""
-    found = {"policy": require_local_model(_repository_path(config["policy"]), "policy", "policy")}
+    found = {"policy": require_local_model(path_or_name(config.policy), "policy", "policy")}
     hub_rewards = _hub_reward_models()
-    for entry in config["values"]:
+    for entry in config.values:
         name, reward, options = _value_entry(entry, config)
         if reward not in hub_rewards:
             continue
         option, default = hub_rewards[reward]
         model = options.get(option, default)
         if model is None:
-            raise DecodingTableError(f"value {name!r}: reward {reward!r} needs options.{option}")
+            raise ConfigError(f"values: value {name!r}: reward {reward!r} needs options.{option}")
         found[f"values.{name}"] = require_local_model(str(model), f"reward model of {name!r}",
                                                       f"the {option} option of value {name!r}")
     return found
 
 
-def _value_entry(entry: Any, config: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
+def _value_entry(entry: str | ValueEntry, config: TableConfig) -> tuple[str, str, dict[str, Any]]:
     """(pool column, registry reward, options) of one configured value; ``reward_options`` by column name
     add to the entry's own options."""
     if isinstance(entry, str):
         name, reward, options = entry, entry, {}
     else:
-        reward = entry.get("reward") or entry["name"]
-        name, options = entry.get("name") or reward, dict(entry.get("options") or {})
-    options.update((config.get("reward_options") or {}).get(name, {}))
+        reward = entry.reward or entry.name
+        name, options = entry.name or reward, dict(entry.options)
+    options.update(config.reward_options.get(name, {}))
     return name, reward, options
 
 
@@ -303,7 +310,7 @@ class NamedReward:
         return self.reward(prompts, continuations)
 
 
-def build_rewards(config: Mapping[str, Any], folders: Mapping[str, Path], policy: Any, tokenizer: Any) -> list[Any]:
+def build_rewards(config: TableConfig, folders: Mapping[str, Path], policy: Any, tokenizer: Any) -> list[Any]:
     """One Reward per configured value, built once and shared by the pilot pool and the candidates (a
     GPT-2-large reward model loads in tens of seconds). Hub models come from the folders ``check_models``
     found; ``perplexity`` is scored under the policy, as the paper does."""
@@ -311,7 +318,7 @@ def build_rewards(config: Mapping[str, Any], folders: Mapping[str, Path], policy
 
     hub_rewards = _hub_reward_models()
     rewards = []
-    for entry in config["values"]:
+    for entry in config.values:
         name, reward_name, options = _value_entry(entry, config)
         if reward_name == "perplexity" and "model" not in options and "model_path" not in options:
             options.update(model=policy, tokenizer=tokenizer)
@@ -322,51 +329,48 @@ def build_rewards(config: Mapping[str, Any], folders: Mapping[str, Path], policy
     return rewards
 
 
-def load_policy_checked(config: Mapping[str, Any], folder: Path) -> tuple[Any, Any]:
+def load_policy_checked(config: TableConfig, folder: Path) -> tuple[Any, Any]:
     """The policy and its tokenizer from the folder (or .gguf file) ``check_models`` found."""
     import jax.numpy as jnp
 
     from mapjax.generate import load_policy
 
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-    if config["dtype"] not in dtypes:
-        raise DecodingTableError(f"dtype is {config['dtype']!r}; use one of {sorted(dtypes)}")
-    return load_policy(folder, dtypes[config["dtype"]])
+    return load_policy(folder, dtypes[config.dtype])
 
 
 # ============================================================================ prompts
 
 
-def read_prompt_split(config: Mapping[str, Any]) -> tuple[list[str], list[str], dict[str, Any]]:
+def read_prompt_split(config: TableConfig) -> tuple[list[str], list[str], dict[str, Any]]:
     """Disjoint (pilot, evaluation) prompts: the source's prompts, duplicates dropped (the same text in both
     sets would not be disjoint), shuffled with ``prompts.shuffle_seed`` (null keeps the source's order), then
     the first ``pilot_count`` for the pilot and the next ``eval_count`` for evaluation."""
     from mapjax.data import load_prompts
 
-    settings = config["prompts"]
+    settings = config.prompts
     options: dict[str, Any] = {}
-    if settings.get("data_files"):
-        options["data_files"] = settings["data_files"]
-    source = _repository_path(str(settings["source"]))
-    pilot_count, eval_count = int(settings["pilot_count"]), int(settings["eval_count"])
+    if settings.data_files:
+        options["data_files"] = settings.data_files
+    source = path_or_name(settings.source)
+    pilot_count, eval_count = settings.pilot_count, settings.eval_count
     # hh-rlhf and files: read them all (the paper's order), so the shuffle below decides the split. IMDB has
     # 25000 reviews and its loader shuffles with its own seed: take what is needed plus a margin for the
     # duplicate openings dropped below.
     count = None if source != "imdb" else pilot_count + eval_count + max(20, (pilot_count + eval_count) // 20)
     try:
-        prompts = load_prompts(source, split=settings.get("split"), field=settings.get("field"),
-                               count=count, **options)
+        prompts = load_prompts(source, split=settings.split, field=settings.field, count=count, **options)
     except Exception as error:  # noqa: BLE001 - name the setting to change, keep the loader's reason
         hint = ("" if source not in ("hh-rlhf", "anthropic-harmless", "imdb") else
                 "; offline, set prompts.data_files to local copies of the dataset's files")
-        raise DecodingTableError(f"cannot read prompts from {source!r}: {error}{hint}") from error
+        raise ConfigError(f"prompts.source: cannot read prompts from {source!r}: {error}{hint}") from error
     unique = list(dict.fromkeys(prompts))
-    if settings.get("shuffle_seed") is not None:
-        order = np.random.default_rng(int(settings["shuffle_seed"])).permutation(len(unique))
+    if settings.shuffle_seed is not None:
+        order = np.random.default_rng(settings.shuffle_seed).permutation(len(unique))
         unique = [unique[i] for i in order]
     if pilot_count + eval_count > len(unique):
-        raise DecodingTableError(f"prompts.pilot_count {pilot_count} + prompts.eval_count {eval_count} exceed the "
-                                 f"{len(unique)} distinct prompts of {source!r}")
+        raise ConfigError(f"prompts.pilot_count {pilot_count} + prompts.eval_count {eval_count} exceed the "
+                          f"{len(unique)} distinct prompts of {source!r}")
     info = {"source": source, "read": len(prompts), "distinct": len(unique), "pilot": pilot_count,
             "eval": eval_count}
     return unique[:pilot_count], unique[pilot_count:pilot_count + eval_count], info
@@ -375,39 +379,9 @@ def read_prompt_split(config: Mapping[str, Any]) -> tuple[list[str], list[str], 
 # ============================================================================ output folder
 
 
-def _repository_path(text: str) -> str:
-    """A relative file path that does not exist from the working directory but does from the repository root
-    is read from there, so the configs' paths work from anywhere; anything else is returned as it is."""
-    path = Path(text).expanduser()
-    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
-        return str(ROOT / path)
-    return text
-
-
-def prepare_out(out: Path, config: Mapping[str, Any], force: bool) -> bool:
-    """Create ``out``; returns whether it resumes a run of the same config. A non-empty folder holding
-    anything else is refused unless ``force``."""
-    record = out / "config.json"
-    if out.exists() and not out.is_dir():
-        raise DecodingTableError(f"--out {out} is a file; give a folder")
-    if out.exists() and any(out.iterdir()):
-        same = record.is_file() and json.loads(record.read_text(encoding="utf-8")) == _jsonable(config)
-        if same:
-            return True
-        if not force:
-            raise DecodingTableError(f"--out {out} is not empty and holds no run of this config; pass --force to "
-                                     "write into it (pools made with other settings are rebuilt), or choose "
-                                     "another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(_jsonable(config), indent=1), encoding="utf-8")
-    return False
-
-
 def _build(build: Callable[..., Any], force: bool, **arguments: Any) -> Any:
     """``build_pool`` resuming what the folder holds; under ``force`` a pool made with other settings is
     rebuilt instead of refused."""
-    from mapjax.build import BuildError
-
     try:
         return build(overwrite=False, **arguments)
     except BuildError:
@@ -419,50 +393,51 @@ def _build(build: Callable[..., Any], force: bool, **arguments: Any) -> Any:
 # ============================================================================ the pipeline
 
 
-def run_table(config: Mapping[str, Any], out: str | os.PathLike, *, table: str | None = None, force: bool = False,
-              progress: bool = False) -> dict[str, Any]:
+def run_table(config: TableConfig | Mapping[str, Any], out: str | os.PathLike, *, table: str | None = None,
+              force: bool = False, progress: bool = False) -> dict[str, Any]:
     """Run one table end to end (see the module docstring) and return what ``<table>.json`` holds.
 
-    ``config`` is a config dict (``load_config`` reads one); ``table`` overrides its ``table`` key.
+    ``config`` is a TableConfig or its mapping (``experiments.common.load_yaml`` reads one); ``table``
+    overrides its ``table`` setting.
     """
     from mapjax.build import build_pool
-    from mapjax.demo import candidates_first_sample, chat_formatter
+    from mapjax.data import chat_formatter
+    from mapjax.decode import first_samples
 
     started = time.perf_counter()
     config = resolve_config(config, table)
-    name, kind = config["table"], TABLES[config["table"]][0]
+    name, kind = config.table, TABLES[config.table][0]
     out = Path(out)
     folders = check_models(config)                     # before anything slow, and before touching --out
-    resumed = prepare_out(out, config, force)
+    resumed = prepare_out(out, force=force, config=config, resumable=True)
     _say(name, f"{'resuming' if resumed else 'writing'} {out}")
     pilot_prompts, eval_prompts, prompt_info = read_prompt_split(config)
-    _say(name, f"loading the policy {config['policy']}")
+    _say(name, f"loading the policy {config.policy}")
     policy, tokenizer = load_policy_checked(config, folders["policy"])
     rewards = build_rewards(config, folders, policy, tokenizer)
-    seed, sampling = int(config["seed"]), dict(config["sampling"])
-    generation = dict(max_new_tokens=int(sampling["max_new_tokens"]),
-                      top_k=None if not sampling["top_k"] else int(sampling["top_k"]),
-                      temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]),
-                      batch_size=int(sampling["batch_size"]), chunk_size=int(sampling["chunk_size"]),
-                      format_prompt=chat_formatter(tokenizer) if config["chat_template"] else None,
+    seed, sampling = config.seed, config.sampling
+    generation = dict(max_new_tokens=sampling.max_new_tokens, top_k=sampling.top_k or None,
+                      temperature=sampling.temperature, top_p=sampling.top_p,
+                      batch_size=sampling.batch_size, chunk_size=sampling.chunk_size,
+                      format_prompt=chat_formatter(tokenizer) if config.chat_template else None,
                       progress=progress)
     timings: dict[str, float] = {}
 
     clock = time.perf_counter()
-    _say(name, f"pilot pool: {len(pilot_prompts)} prompts x {config['pilot']['samples_per_prompt']}")
+    _say(name, f"pilot pool: {len(pilot_prompts)} prompts x {config.pilot.samples_per_prompt}")
     pilot = _build(build_pool, force, policy=policy, tokenizer=tokenizer, prompts=pilot_prompts, values=rewards,
-                   samples_per_prompt=int(config["pilot"]["samples_per_prompt"]), out=out / "pilot_pool.jsonl",
+                   samples_per_prompt=config.pilot.samples_per_prompt, out=out / "pilot_pool.jsonl",
                    seed=seed, **generation)
     timings["pilot_pool"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    _say(name, f"evaluation candidates: {len(eval_prompts)} prompts x k = {config['k']}")
+    _say(name, f"evaluation candidates: {len(eval_prompts)} prompts x k = {config.k}")
     # seed + 1: the evaluation draws are independent of the pilot's even where prompt indices coincide.
     candidates = _build(build_pool, force, policy=policy, tokenizer=tokenizer, prompts=eval_prompts,
-                        values=rewards, samples_per_prompt=int(config["k"]), out=out / "eval_candidates.jsonl",
+                        values=rewards, samples_per_prompt=config.k, out=out / "eval_candidates.jsonl",
                         seed=seed + 1, **generation)
     timings["candidates"] = time.perf_counter() - clock
-    base = candidates_first_sample(candidates)
+    base = first_samples(candidates)
 
     clock = time.perf_counter()
     if kind == "levels":
@@ -474,32 +449,32 @@ def run_table(config: Mapping[str, Any], out: str | os.PathLike, *, table: str |
 
     summary = {
         "table": name,
-        "title": config["title"],
+        "title": config.title,
         "config": config,
         "resumed": resumed,
         "prompts": prompt_info,
         "pilot": {"prompts": pilot.num_prompts, "samples": pilot.num_samples,
                   "levels": _levels_dict(pilot)},
-        "candidates": {"prompts": candidates.num_prompts, "samples": candidates.num_samples, "k": config["k"]},
+        "candidates": {"prompts": candidates.num_prompts, "samples": candidates.num_samples, "k": config.k},
         **result["json"],
-        "paper": config.get("paper") or {},
+        "paper": config.paper,
         "seconds": timings,
     }
     markdown = _document(config, summary, result["tables"])
     (out / f"{name}.md").write_text(markdown, encoding="utf-8")
-    (out / f"{name}.json").write_text(json.dumps(_jsonable(summary), indent=1, allow_nan=False), encoding="utf-8")
+    (out / f"{name}.json").write_text(dumps(summary, indent=1), encoding="utf-8")
     print()
     print(result["tables"][0])
     print()
     print(f"{out / (name + '.md')} ({timings['total']:.0f} s)")
-    return _jsonable(summary)
+    return jsonable(summary)
 
 
 def solve_palettes(pilot: Any, palettes: Mapping[str, Any], normaliser: str) -> dict[str, dict[str, Any]]:
     """Each palette solved on the pilot: {name: {palette, solution or None, status, reason}}. A palette whose
     level lies outside the pilot's range is reported like an infeasible one, not raised: one bad palette
     must not cost the whole table."""
-    from mapjax.dual import solve
+    from mapjax import solve
     from mapjax.palette import PaletteError
 
     solved = {}
@@ -515,14 +490,14 @@ def solve_palettes(pilot: Any, palettes: Mapping[str, Any], normaliser: str) -> 
     return solved
 
 
-def _levels_table(config: Mapping[str, Any], pilot: Any, candidates: Any, base: Any, out: Path) -> dict[str, Any]:
+def _levels_table(config: TableConfig, pilot: Any, candidates: Any, base: Any, out: Path) -> dict[str, Any]:
     """Tables 1, 2 and 4: MAP-D of each palette on the shared candidates, against the base sample."""
     from mapjax.decode import decode_pool, expected_levels
     from mapjax.evaluate import realised_levels, win_rates
 
     names = list(candidates.value_names)
-    confidence = float(config["confidence"])
-    solved = solve_palettes(pilot, config["palettes"], config["pilot"]["normaliser"])
+    confidence = float(config.confidence)
+    solved = solve_palettes(pilot, config.palettes, config.pilot.normaliser)
     base_levels = realised_levels(base, confidence=confidence)
     rows: dict[str, Any] = {}
     (out / "decoded").mkdir(exist_ok=True)
@@ -532,15 +507,15 @@ def _levels_table(config: Mapping[str, Any], pilot: Any, candidates: Any, base: 
         if solution is not None:
             row["solve"] = solution.to_dict()
         if solution is None or not solution.feasible:
-            _say(config["table"], f"{name}: {entry['status']} on the pilot ({entry['reason']}); skipped")
+            _say(config.table, f"{name}: {entry['status']} on the pilot ({entry['reason']}); skipped")
             rows[name] = row
             continue
         targets = {value: float(level) for value, level in zip(solution.value_names, solution.targets)
                    if not math.isnan(level)}
         # One seed for every palette: the same Gumbel noise, so differences between palettes are λ's alone.
-        decoded = decode_pool(candidates, solution, seed=int(config["seed"]))
+        decoded = decode_pool(candidates, solution, seed=int(config.seed))
         levels = realised_levels(decoded.result, targets, confidence=confidence)
-        wins = win_rates(decoded.result, base, config["win_rates"])
+        wins = win_rates(decoded.result, base, config.win_rates)
         expected = dict(zip(names, expected_levels(candidates, solution)))
         decoded.result.save(out / "decoded" / f"{_file_name(name)}.jsonl", overwrite=True)
         row.update(lam=solution.lam_by_name(), ess_pilot=solution.ess, targets=targets, realised=levels.to_dict(),
@@ -548,7 +523,7 @@ def _levels_table(config: Mapping[str, Any], pilot: Any, candidates: Any, base: 
                    verdicts={level.name: level.met for level in levels.levels if level.met is not None})
         rows[name] = row
         rows[name]["_levels"], rows[name]["_wins"] = levels, wins
-    main = _main_table(names, config["win_rates"], base_levels, rows)
+    main = _main_table(names, config.win_rates, base_levels, rows)
     detail = _solve_table(names, rows)
     for row in rows.values():
         row.pop("_levels", None)
@@ -556,7 +531,7 @@ def _levels_table(config: Mapping[str, Any], pilot: Any, candidates: Any, base: 
     return {"json": {"original": base_levels.to_dict(), "palettes": rows}, "tables": [main, detail]}
 
 
-def _navigation_table(config: Mapping[str, Any], pilot: Any, candidates: Any, base: Any) -> dict[str, Any]:
+def _navigation_table(config: TableConfig, pilot: Any, candidates: Any, base: Any) -> dict[str, Any]:
     """Table 3: N random MAP palettes and N random MORL λ, each realised by MAP-D on the same candidates;
     navigation efficiency over the navigation values against the base sample's levels."""
     from mapjax import adjust
@@ -564,20 +539,20 @@ def _navigation_table(config: Mapping[str, Any], pilot: Any, candidates: Any, ba
     from mapjax.evaluate import navigation_efficiency, realised_levels
     from mapjax.palette import PaletteError
 
-    navigation = config["navigation"]
-    count, seed = int(navigation["count"]), int(config["seed"])
-    values, random_values = list(navigation["values"]), list(navigation["random_values"])
-    normaliser = config["pilot"]["normaliser"]
+    navigation = config.navigation
+    count, seed = navigation.count, config.seed
+    values, random_values = list(navigation.values), list(navigation.random_values)
+    normaliser = config.pilot.normaliser
     methods: dict[str, Any] = {}
     try:
         palettes, kept_share = adjust.random_palettes(pilot, random_values, count, seed=seed,
-                                                      max_l1=float(navigation["max_l1"]), normaliser=normaliser)
+                                                      max_l1=float(navigation.max_l1), normaliser=normaliser)
         methods["MAP-D"] = {"solutions": palettes, "kept_share": kept_share, "note": ""}
-    except (RuntimeError, PaletteError) as error:
+    except (adjust.TooFewPalettes, PaletteError) as error:
         # Too few feasible palettes with ||λ||₁ < max_l1 among the draws, or a value constant on the pilot:
         # reported in the table, and MORL still runs.
         methods["MAP-D"] = {"solutions": None, "kept_share": 0.0, "note": str(error)}
-    morl = adjust.random_morl_lambdas(pilot, random_values, count, seed=seed, max_scale=float(navigation["max_l1"]),
+    morl = adjust.random_morl_lambdas(pilot, random_values, count, seed=seed, max_scale=float(navigation.max_l1),
                                       normaliser=normaliser)
     methods["MORL-D"] = {"solutions": morl, "kept_share": 1.0, "note": ""}
 
@@ -587,7 +562,7 @@ def _navigation_table(config: Mapping[str, Any], pilot: Any, candidates: Any, ba
     base_expected = expected_levels(candidates, np.zeros(candidates.num_values))
     references = {"realised": {name: base_levels[name].mean for name in values},
                   "expected": {name: float(base_expected[candidates.index_of(name)]) for name in values}}
-    tolerances = [float(tolerance) for tolerance in navigation["tolerances"]]
+    tolerances = [float(tolerance) for tolerance in navigation.tolerances]
     results: dict[str, Any] = {}
     for method, entry in methods.items():
         solutions = entry["solutions"]
@@ -688,30 +663,30 @@ def _level_cell(level: Any) -> str:
     return f"{level.mean:.3f} ± {error}"
 
 
-def _document(config: Mapping[str, Any], summary: Mapping[str, Any], tables: Sequence[str]) -> str:
+def _document(config: TableConfig, summary: Mapping[str, Any], tables: Sequence[str]) -> str:
     """The Markdown file: what was run, the paper-shaped table, the solver's table, notes."""
-    kind = TABLES[config["table"]][0]
-    lines = [f"# {config['table']}: {config['title'] or 'MAP-D decoding'}", "",
-             f"Policy `{config['policy']}`; prompts `{config['prompts']['source']}`: {summary['pilot']['prompts']} "
-             f"pilot prompts x {config['pilot']['samples_per_prompt']} samples (solved with the "
-             f"{config['pilot']['normaliser']} normaliser), {summary['candidates']['prompts']} evaluation prompts "
-             f"x k = {config['k']} candidates; top-k {config['sampling']['top_k']}, temperature "
-             f"{config['sampling']['temperature']}, {config['sampling']['max_new_tokens']} new tokens; seed "
-             f"{config['seed']}. {summary['seconds']['total']:.0f} s.", ""]
+    kind = TABLES[config.table][0]
+    lines = [f"# {config.table}: {config.title or 'MAP-D decoding'}", "",
+             f"Policy `{config.policy}`; prompts `{config.prompts.source}`: {summary['pilot']['prompts']} "
+             f"pilot prompts x {config.pilot.samples_per_prompt} samples (solved with the "
+             f"{config.pilot.normaliser} normaliser), {summary['candidates']['prompts']} evaluation prompts "
+             f"x k = {config.k} candidates; top-k {config.sampling.top_k}, temperature "
+             f"{config.sampling.temperature}, {config.sampling.max_new_tokens} new tokens; seed "
+             f"{config.seed}. {summary['seconds']['total']:.0f} s.", ""]
     if kind == "levels":
         lines += ["Realised level (mean ± SE over evaluation prompts) of MAP-D, one candidate kept per prompt with "
                   "probability softmax(λᵀr); in brackets the win rate against the base (strictly higher reward, per "
                   "prompt). Original: the base model, one plain sample per prompt (the first candidate). Palette "
-                  f"met: every target within the realised level's {100 * config['confidence']:g}% interval.", "",
+                  f"met: every target within the realised level's {100 * config.confidence:g}% interval.", "",
                   tables[0], "", "## Solved on the pilot", "", tables[1], ""]
     else:
-        navigation = config["navigation"]
-        lines += [f"{navigation['count']} random MAP palettes (c_i ~ U(c0_i, max r_i) over "
-                  f"{', '.join(navigation['random_values'])}, kept when feasible with ||λ||₁ < "
-                  f"{navigation['max_l1']}) "
-                  f"and {navigation['count']} random MORL λ (s·Dirichlet(1), s ~ U(0, {navigation['max_l1']})), each "
+        navigation = config.navigation
+        lines += [f"{navigation.count} random MAP palettes (c_i ~ U(c0_i, max r_i) over "
+                  f"{', '.join(navigation.random_values)}, kept when feasible with ||λ||₁ < "
+                  f"{navigation.max_l1}) "
+                  f"and {navigation.count} random MORL λ (s·Dirichlet(1), s ~ U(0, {navigation.max_l1})), each "
                   "realised by MAP-D on the same candidates. Navigation efficiency: the share of models whose level "
-                  f"is at least the base's minus the tolerance in each of {', '.join(navigation['values'])}; "
+                  f"is at least the base's minus the tolerance in each of {', '.join(navigation.values)}; "
                   "'realised' compares the sampled MAP-D levels with the base sample's, 'expected' the numeric "
                   "estimates with the base's (the mean over the candidates). Level columns: the mean over models of "
                   "the realised levels.", "", tables[0], ""]
@@ -721,8 +696,8 @@ def _document(config: Mapping[str, Any], summary: Mapping[str, Any], tables: Seq
             elif result["models"]:
                 lines += [f"{method}: {result['models']} models, {100 * result['kept_share']:.1f}% of the draws kept.",
                           ""]
-    if config.get("paper"):
-        lines += ["Paper's numbers (for comparison): `" + json.dumps(config["paper"]) + "`", ""]
+    if config.paper:
+        lines += ["Paper's numbers (for comparison): `" + dumps(config.paper, indent=None) + "`", ""]
     return "\n".join(lines)
 
 
@@ -734,25 +709,6 @@ def _file_name(name: str) -> str:
     return "".join(char if char.isalnum() or char in "-_." else "_" for char in name)
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON-ready: numpy to Python, paths to text, NaN and infinities to null (the files stay valid JSON)."""
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _say(table: str, message: str) -> None:
     print(f"[{table}] {message}", flush=True)
 
@@ -760,26 +716,18 @@ def _say(table: str, message: str) -> None:
 # ============================================================================ command line
 
 
+@reports_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=sorted(TABLES), help="which table's pipeline to run")
-    parser.add_argument("--config", type=Path, help="YAML config (default: the table's under configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config setting, e.g. --set k=8 --set prompts.eval_count=100 (repeatable)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created; see --force)")
-    parser.add_argument("--force", action="store_true",
-                        help="write into a non-empty --out that holds another run (pools made with other "
-                        "settings are rebuilt)")
+    add_config_arguments(parser, None)
+    add_output_arguments(parser, resumable=True)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config or TABLES[args.table][1], args.overrides)
-        run_table(config, args.out, table=args.table, force=args.force, progress=not args.quiet)
-    except DecodingTableError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_yaml(args.config or TABLES[args.table][1], args.overrides)
+    run_table(config, args.out, table=args.table, force=args.force, progress=not args.quiet)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

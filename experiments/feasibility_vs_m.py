@@ -6,26 +6,73 @@ with the exact solver (LP-certified verdicts) and with the authors' solver repli
 whose "feasible" means "λ did not overflow"); optionally time the authors' PyTorch solver one palette at a time on
 a subset. Writes feasibility_vs_m.csv, feasibility_vs_m.md and feasibility_vs_m.png into --out.
 
-    python experiments/feasibility_vs_m.py [POOL] --out results/feasibility_vs_m [--palettes 1000] [--force]
+    python -m experiments.feasibility_vs_m [POOL] --out results/feasibility_vs_m [--palettes 1000] [--set seed=1] [--force]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import sys
+import dataclasses
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import yaml
 
+from experiments.common import (
+    CONFIGS,
+    PILOT,
+    add_config_arguments,
+    add_output_arguments,
+    load_config,
+    prepare_out,
+    reports_errors,
+)
 from mapjax import RewardPool, solve_many
+from mapjax.errors import ConfigError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
-from common import ROOT, prepare_out  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "configs" / "feasibility_vs_m.yaml"
+@dataclasses.dataclass
+class Mode:
+    """One kind of random palette: c_i ~ U(c0_i, upper_i), upper ``max`` (the sample maximum) or ``qP``."""
+
+    upper: str
+
+    def __post_init__(self) -> None:
+        if self.upper != "max":
+            fraction = _quantile(self.upper)
+            if fraction is None or not 0.0 < fraction <= 1.0:
+                raise ConfigError(f"modes: upper {self.upper!r}: use 'max' or a quantile 'qP' with P in (0, 1]")
+
+
+@dataclasses.dataclass
+class FeasibilityConfig:
+    """configs/feasibility_vs_m.yaml: the values (the first m of them for each m), the modes, the draws."""
+
+    values: list[str]
+    modes: dict[str, Mode]
+    pool: Path = PILOT
+    palettes: int = 1000
+    seed: int = 0
+    torch_palettes: int = 0   # palettes timed with the authors' PyTorch solver (0: skip)
+    max_l1: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.palettes < 1 or self.torch_palettes < 0:
+            raise ConfigError(f"palettes must be >= 1 and torch_palettes >= 0, got {self.palettes} and "
+                              f"{self.torch_palettes}")
+        if not self.values or not self.modes:
+            raise ConfigError("values and modes must each name at least one entry")
+
+
+def _quantile(upper: str) -> float | None:
+    try:
+        return float(upper[1:]) if upper.startswith("q") else None
+    except ValueError:
+        return None
+
+
 COLUMNS = (
     "mode", "m", "palettes", "feasible_exact", "kept_l1", "feasible_reference", "reference_false_infeasible",
     "reference_false_feasible", "exact_first_call_s", "exact_s", "reference_jax_s", "reference_torch_s_per_palette",
@@ -37,12 +84,7 @@ def upper_levels(pool: RewardPool, columns: list[int], upper: str) -> np.ndarray
     """Each column's upper end of the draw: the sample maximum ('max') or a quantile ('q0.8')."""
     if upper == "max":
         return pool.value_range()[1][columns]
-    if upper.startswith("q"):
-        fraction = float(upper[1:])
-        if not 0.0 < fraction <= 1.0:
-            raise SystemExit(f"upper {upper!r}: the quantile must lie in (0, 1]")
-        return np.quantile(pool.flat()[:, columns], fraction, axis=0)
-    raise SystemExit(f"upper {upper!r}: use 'max' or a quantile such as 'q0.8'")
+    return np.quantile(pool.flat()[:, columns], _quantile(upper), axis=0)
 
 
 def draw_palettes(pool: RewardPool, values: list[str], upper: str, count: int, seed: int) -> np.ndarray:
@@ -59,29 +101,30 @@ def torch_timing(pool: RewardPool, values: list[str], palettes: np.ndarray) -> f
     The median over the palettes: robust to other work on a shared machine slowing a few of them down.
     """
     try:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         import torch
-        import torch_reference
+
+        from benchmarks.torch_reference import reference_lambda
     except ImportError:
         return None
     rewards = torch.tensor(pool.flat()[:, [pool.index_of(name) for name in values]].T, dtype=torch.float32)
     seconds = []
     for row in palettes:
         start = time.perf_counter()
-        torch_reference.reference_lambda(rewards, torch.tensor(row, dtype=torch.float32))
+        reference_lambda(rewards, torch.tensor(row, dtype=torch.float32))
         seconds.append(time.perf_counter() - start)
     return float(np.median(seconds))
 
 
-def run(pool: RewardPool, config: dict, palettes: int, torch_palettes: int) -> list[dict]:
+def run(pool: RewardPool, config: FeasibilityConfig) -> list[dict]:
     """One row per (mode, m): shares and timings."""
-    values = list(config["values"])
+    values, palettes = config.values, config.palettes
+    torch_palettes = min(config.torch_palettes, palettes)
     rows = []
-    for mode_index, (mode, settings) in enumerate(config["modes"].items()):
+    for mode_index, (mode, settings) in enumerate(config.modes.items()):
         for m in range(1, len(values) + 1):
             chosen = values[:m]
-            seed = int(config.get("seed", 0)) + 1000 * mode_index + m
-            targets = draw_palettes(pool, chosen, str(settings["upper"]), palettes, seed)
+            seed = config.seed + 1000 * mode_index + m
+            targets = draw_palettes(pool, chosen, settings.upper, palettes, seed)
             start = time.perf_counter()
             solve_many(pool, targets, values=chosen)
             first_call = time.perf_counter() - start
@@ -96,7 +139,7 @@ def run(pool: RewardPool, config: dict, palettes: int, torch_palettes: int) -> l
             reference = solve_many(pool, targets, values=chosen, method="reference")
             reference_seconds = time.perf_counter() - start
             feasible = exact.feasible
-            kept = feasible & (np.nansum(exact.lam, axis=1) < float(config.get("max_l1", 6.0)))
+            kept = feasible & (np.nansum(exact.lam, axis=1) < config.max_l1)
             ref_ok = reference.feasible
             per_palette = torch_timing(pool, chosen, targets[:torch_palettes]) if torch_palettes > 0 else None
             rows.append({
@@ -174,22 +217,27 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+@reports_errors
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pool", nargs="?", type=Path, help="reward pool (default: the config's, relative to the repository)")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created; refused if not empty)")
-    parser.add_argument("--palettes", type=int, help="palettes per (mode, m) (default: the config's)")
-    parser.add_argument("--torch-palettes", type=int, help="palettes timed with the PyTorch solver (0: skip)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files")
+    parser.add_argument("pool", nargs="?", type=Path, help="reward pool (default: the config's pool)")
+    add_config_arguments(parser, CONFIGS / "feasibility_vs_m.yaml")
+    add_output_arguments(parser)
+    parser.add_argument("--palettes", type=int, help="palettes per (mode, m); the same as --set palettes=N")
+    parser.add_argument("--torch-palettes", type=int, help="palettes timed with the PyTorch solver (0: skip); "
+                        "the same as --set torch_palettes=N")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(args.config.read_text())
-    pool = RewardPool.load(args.pool or (ROOT / config["pool"]))
-    palettes = int(args.palettes or config["palettes"])
-    torch_palettes = int(config.get("torch_palettes", 0) if args.torch_palettes is None else args.torch_palettes)
-    out = prepare_out(args.out, args.force)
+    shortcuts = {"palettes": args.palettes, "torch_palettes": args.torch_palettes}
+    overrides = [*args.overrides, *(f"{key}={value}" for key, value in shortcuts.items() if value is not None)]
+    config = load_config(FeasibilityConfig, args.config, overrides)
+    if args.pool:
+        config.pool = args.pool.resolve()
+    pool = RewardPool.load(config.pool)
+    out = args.out
+    prepare_out(out, force=args.force, config=config)
+    palettes = config.palettes
     print(f"{pool.num_samples} samples, {palettes} random palettes per (mode, m)")
-    rows = run(pool, config, palettes, min(torch_palettes, palettes))
+    rows = run(pool, config)
     with (out / "feasibility_vs_m.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -203,4 +251,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

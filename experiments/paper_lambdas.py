@@ -1,22 +1,26 @@
 """Reproduce the λ table of MAP.md section 7: the paper's palettes on the OPT-1.3B pilot set, solved by the
 authors' solver (reference replica) and by mapjax's exact solver, with ESS, KKT residual and the LP verdict.
 
-    python experiments/paper_lambdas.py [--config configs/opt_pilot_palettes.yaml] [--pool PATH] [--out table.md]
+    python -m experiments.paper_lambdas [--config configs/opt_pilot_palettes.yaml] [--pool PATH] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import yaml
 
+from experiments.common import (
+    PILOT_PALETTES,
+    PaletteSet,
+    add_config_arguments,
+    load_config,
+    prepare_out,
+    reports_errors,
+)
 from mapjax import RewardPool, solve
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
-from common import ROOT, named_palettes  # noqa: E402
 
 
 def table(pool: RewardPool, palettes: dict[str, dict[str, float]], values: list[str]) -> str:
@@ -25,11 +29,13 @@ def table(pool: RewardPool, palettes: dict[str, dict[str, float]], values: list[
     for name, palette in palettes.items():
         reference = solve(pool, palette, method="reference")
         exact = solve(pool, palette)
+
         def show(solution):
             if solution.status == "infeasible":
                 return "-"
             lam = solution.lam_by_name()
             return ", ".join(f"{lam[v]:.3f}" for v in values)
+
         ess = f"{exact.ess:.1f}" if np.isfinite(exact.ess) else "-"
         lines.append(
             f"| {name} | {show(reference)} | {'overflow: infeasible' if reference.status == 'infeasible' else 'success'} "
@@ -38,21 +44,27 @@ def table(pool: RewardPool, palettes: dict[str, dict[str, float]], values: list[
     return "\n".join(lines)
 
 
-def main() -> None:
+@reports_errors
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "opt_pilot_palettes.yaml")
-    parser.add_argument("--pool", type=Path, help="overrides the config's pool path (relative to the repository)")
-    parser.add_argument("--out", type=Path, help="also write the Markdown table here (refuses to overwrite)")
-    args = parser.parse_args()
-    config = yaml.safe_load(args.config.read_text())
-    pool = RewardPool.load(args.pool or (ROOT / config["pool"]))
-    text = table(pool, named_palettes(args.config), list(config["values"]))
+    add_config_arguments(parser, PILOT_PALETTES)
+    parser.add_argument("--pool", type=Path, help="reward pool (default: the config's pool, the shipped pilot)")
+    parser.add_argument("--out", type=Path, help="also write paper_lambdas.md into this folder (refused if not "
+                                                 "empty unless --force)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files")
+    args = parser.parse_args(argv)
+    config = load_config(PaletteSet, args.config, args.overrides)
+    if args.pool:
+        config.pool = args.pool.resolve()
+    pool = RewardPool.load(config.pool)
+    if args.out:
+        prepare_out(args.out, force=args.force, config=config)
+    text = table(pool, config.named(), config.values)
     print(text)
     if args.out:
-        if args.out.exists():
-            raise SystemExit(f"{args.out} exists; choose another --out")
-        args.out.write_text(text + "\n")
+        (args.out / "paper_lambdas.md").write_text(text + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,66 +9,107 @@
 - The paper's palettes' realised levels as base quantiles (the authors' realised c-levels table), a radar of
   them, and the reward histograms of the pool reweighted by their λ.
 
-    python experiments/pareto_and_region.py [POOL] --out results/pareto_and_region [--count 500] [--points 40] [--force]
+    python -m experiments.pareto_and_region [POOL] --out results/pareto_and_region [--count 500] [--points 40] [--force]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import sys
+import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import yaml
 
+from experiments.common import (
+    CONFIGS,
+    PILOT,
+    PILOT_PALETTES,
+    add_config_arguments,
+    add_output_arguments,
+    load_config,
+    palette_set,
+    prepare_out,
+    reports_errors,
+)
 from mapjax import RewardPool, adjust, solve
+from mapjax.errors import ConfigError
 from mapjax.evaluate import navigation_efficiency, quantile_table
 from mapjax.plots import feasible_region, pareto_plot, radar, region_grid, reward_histograms, tilted_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
-from common import ROOT, pick_palettes, prepare_out  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "configs" / "pareto_and_region.yaml"
+@dataclasses.dataclass
+class RegionConfig:
+    points: int = 40   # grid points per axis
+    fixed: dict[str, float | str] = dataclasses.field(default_factory=dict)   # other values' levels on the slice
 
 
-def load_marks(config: dict, config_path: Path, pool: RewardPool) -> dict[str, dict[str, float]]:
+@dataclasses.dataclass
+class ParetoConfig:
+    """configs/pareto_and_region.yaml: the two axes, the random clouds, the region grid, the marked palettes."""
+
+    x: str
+    y: str
+    random_values: list[str]   # the values the random λ (MORL) and random palettes (MAP) run over
+    pool: Path = PILOT
+    palettes_config: Path = PILOT_PALETTES
+    count: int = 500
+    seed: int = 0
+    max_l1: float = 6.0
+    navigation_tolerances: list[float] = dataclasses.field(default_factory=lambda: [0.0])
+    region: RegionConfig = dataclasses.field(default_factory=RegionConfig)
+    marks: list[str] = dataclasses.field(default_factory=list)   # the paper's palettes drawn on the plots
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.region.points < 2:
+            raise ConfigError(f"count must be >= 1 and region.points >= 2, got {self.count} and {self.region.points}")
+
+
+def load_marks(config: ParetoConfig, pool: RewardPool) -> dict[str, dict[str, float]]:
     """The marked palettes (levels plus maintained values), keeping only values the pool has."""
-    names = config.get("marks") or []
-    if not names:
+    if not config.marks:
         return {}
-    chosen = pick_palettes(config_path.parent / config["palettes_config"], names)
+    chosen = palette_set(config.palettes_config).pick(config.marks)
     return {name: {v: level for v, level in levels.items() if v in pool.value_names} for name, levels in chosen.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+@reports_errors
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pool", nargs="?", type=Path, help="reward pool (default: the config's, relative to the repository)")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created; refused if not empty)")
-    parser.add_argument("--count", type=int, help="random λ and random palettes each (default: the config's)")
-    parser.add_argument("--points", type=int, help="grid points per axis of the region (default: the config's)")
-    parser.add_argument("--x", help="value on the x axis (default: the config's)")
-    parser.add_argument("--y", help="value on the y axis (default: the config's)")
-    parser.add_argument("--no-marks", action="store_true", help="skip the paper's palettes (for pools without their values)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files")
+    parser.add_argument("pool", nargs="?", type=Path, help="reward pool (default: the config's pool)")
+    add_config_arguments(parser, CONFIGS / "pareto_and_region.yaml")
+    add_output_arguments(parser)
+    parser.add_argument("--count", type=int, help="random λ and random palettes each; the same as --set count=N")
+    parser.add_argument("--points", type=int, help="grid points per axis; the same as --set region.points=N")
+    parser.add_argument("--x", help="value on the x axis (the random clouds then run over x and y)")
+    parser.add_argument("--y", help="value on the y axis (the random clouds then run over x and y)")
+    parser.add_argument("--no-marks", action="store_true",
+                        help="skip the paper's palettes (for pools without their values); the same as --set marks=[]")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(args.config.read_text())
-    pool = RewardPool.load(args.pool or (ROOT / config["pool"]))
-    x, y = args.x or config["x"], args.y or config["y"]
-    random_values = [x, y] if (args.x or args.y) else list(config["random_values"])
-    count = int(args.count or config["count"])
-    points = int(args.points or config["region"]["points"])
-    seed = int(config.get("seed", 0))
-    fixed = config["region"].get("fixed") or None
-    marks = {} if args.no_marks else load_marks(config, args.config, pool)
-    out = prepare_out(args.out, args.force)
+    overrides = list(args.overrides)
+    for key, value in (("count", args.count), ("region.points", args.points), ("x", args.x), ("y", args.y)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.no_marks:
+        overrides.append("marks=[]")
+    config = load_config(ParetoConfig, args.config, overrides)
+    if args.x or args.y:
+        config.random_values = [config.x, config.y]
+    if args.pool:
+        config.pool = args.pool.resolve()
+    pool = RewardPool.load(config.pool)
+    x, y, random_values, count, seed = config.x, config.y, config.random_values, config.count, config.seed
+    points, fixed = config.region.points, config.region.fixed or None
+    marks = load_marks(config, pool)
+    out = args.out
+    prepare_out(out, force=args.force, config=config)
     force = args.force
 
     # Pareto: the two random clouds, the marked palettes.
-    morl = adjust.random_morl_lambdas(pool, random_values, count, seed=seed, max_scale=float(config.get("max_l1", 6.0)))
+    morl = adjust.random_morl_lambdas(pool, random_values, count, seed=seed, max_scale=config.max_l1)
     map_palettes, kept_share = adjust.random_palettes(pool, random_values, count, seed=seed,
-                                                      max_l1=float(config.get("max_l1", 6.0)))
+                                                      max_l1=config.max_l1)
     solved = {name: solve(pool, palette) for name, palette in marks.items()}
     column_x, column_y = pool.index_of(x), pool.index_of(y)
     targets = {name: (palette[x], palette[y]) for name, palette in marks.items() if x in palette and y in palette}
@@ -79,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     # Navigation efficiency of each cloud on the pool: realised levels against c0.
     c0 = {name: float(pool.means()[pool.index_of(name)]) for name in (x, y)}
     ne_rows = []
-    for tolerance in config.get("navigation_tolerances", [0.0]):
+    for tolerance in config.navigation_tolerances:
         for label, batch in (("MORL: random λ", morl), ("MAP: random feasible palettes", map_palettes)):
             levels = [{x: row[column_x], y: row[column_y]} for row in batch.realised]
             ne = navigation_efficiency(levels, c0, (x, y), tolerance=float(tolerance))
@@ -115,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Pareto and feasible region on {pool.num_samples} samples ({x} vs {y})",
         "",
         f"MAP random palettes over {random_values}: {100 * kept_share:.1f}% of draws kept (feasible, ||λ||₁ < "
-        f"{config.get('max_l1', 6.0)}); MORL: {count} random λ.",
+        f"{config.max_l1}); MORL: {count} random λ.",
         "",
         "| cloud | tolerance | navigation efficiency on the pool | count |",
         "|---|---|---|---|",
@@ -136,4 +177,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -6,27 +6,50 @@ with its realised levels on the pilot (raw and as quantiles of the pilot's rewar
 the authors' solver replicated (method="reference": 150 Adam steps restarted at λ_i = 1 per step). Writes
 sequential_vs_joint.csv (every value), sequential_vs_joint.md and sequential_vs_joint.png into --out.
 
-    python experiments/sequential_vs_joint.py [POOL] --out results/sequential_vs_joint [--rounds 5] [--force]
+    python -m experiments.sequential_vs_joint [POOL] --out results/sequential_vs_joint [--rounds 5] [--force]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import sys
+import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import yaml
 
-from mapjax import RewardPool, solve, solve_sequential
-from mapjax.dual import Solution
+from experiments.common import (
+    CONFIGS,
+    PILOT,
+    PILOT_PALETTES,
+    add_config_arguments,
+    add_output_arguments,
+    load_config,
+    palette_set,
+    prepare_out,
+    reports_errors,
+)
+from mapjax import RewardPool, Solution, solve, solve_sequential
+from mapjax.errors import ConfigError
 from mapjax.evaluate import base_quantile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
-from common import ROOT, pick_palettes, prepare_out  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "configs" / "sequential_vs_joint.yaml"
+@dataclasses.dataclass
+class SequentialConfig:
+    """configs/sequential_vs_joint.yaml: which named palettes, how many rounds, what the figure shows."""
+
+    palettes: list[str]
+    palettes_config: Path = PILOT_PALETTES
+    pool: Path = PILOT
+    rounds: int = 5
+    plot_rounds: list[int] = dataclasses.field(default_factory=lambda: [1, 5])   # rounds drawn in the figure
+    shown_values: list[str] | None = None   # values in the figure and the Markdown table (default: all)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or not self.palettes:
+            raise ConfigError(f"rounds must be >= 1 and palettes name at least one, got {self.rounds} and "
+                              f"{self.palettes}")
 
 
 def record(pool: RewardPool, palette: str, method: str, stage: str, solution: Solution) -> dict:
@@ -103,24 +126,30 @@ def plot(rows: list[dict], shown: list[str], plot_rounds: list[int], path: Path)
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+@reports_errors
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pool", nargs="?", type=Path, help="reward pool (default: the config's, relative to the repository)")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created; refused if not empty)")
-    parser.add_argument("--rounds", type=int, help="sequential rounds (default: the config's)")
-    parser.add_argument("--palettes", help="comma-separated palette names (default: the config's)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files")
+    parser.add_argument("pool", nargs="?", type=Path, help="reward pool (default: the config's pool)")
+    add_config_arguments(parser, CONFIGS / "sequential_vs_joint.yaml")
+    add_output_arguments(parser)
+    parser.add_argument("--rounds", type=int, help="sequential rounds; the same as --set rounds=N")
+    parser.add_argument("--palettes", help="comma-separated palette names; the same as --set palettes=[A,B]")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(args.config.read_text())
+    overrides = list(args.overrides)
+    if args.rounds is not None:
+        overrides.append(f"rounds={args.rounds}")
     if args.palettes:
-        config["palettes"] = [name.strip() for name in args.palettes.split(",") if name.strip()]
-    pool = RewardPool.load(args.pool or (ROOT / config["pool"]))
-    palettes = pick_palettes(args.config.parent / config["palettes_config"], config["palettes"])
-    rounds = int(args.rounds or config["rounds"])
-    shown = [name for name in config.get("shown_values", pool.value_names) if name in pool.value_names]
-    plot_rounds = [r for r in config.get("plot_rounds", [1, rounds]) if r <= rounds] or [rounds]
-    out = prepare_out(args.out, args.force)
+        overrides.append(f"palettes=[{args.palettes}]")
+    config = load_config(SequentialConfig, args.config, overrides)
+    if args.pool:
+        config.pool = args.pool.resolve()
+    pool = RewardPool.load(config.pool)
+    palettes = palette_set(config.palettes_config).pick(config.palettes)
+    rounds = config.rounds
+    shown = [name for name in (config.shown_values or pool.value_names) if name in pool.value_names]
+    plot_rounds = [r for r in config.plot_rounds if r <= rounds] or [rounds]
+    out = args.out
+    prepare_out(out, force=args.force, config=config)
     rows = run(pool, palettes, rounds)
     with (out / "sequential_vs_joint.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -135,4 +164,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

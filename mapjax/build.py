@@ -8,6 +8,8 @@ mid-write) are dropped, so no row is lost or written twice. Because each row's r
 (seed, prompt index, sample index), a resumed build gives exactly the pool an uninterrupted one gives. A
 resume with different settings is refused. When every chunk is done the pool is written to ``out`` (``.jsonl``,
 ``.json`` or ``.parquet``) and the manifest is kept, marked complete, so a rerun returns the finished pool.
+``overwrite=True`` starts afresh, but an existing pool stays in ``out`` until the new one is complete and takes its
+place in one rename: an interrupted rebuild leaves the old pool whole (and resumes like any other build).
 
 Records follow the authors' schema plus a grouping key: ``{prompt_id, prompt, generated, <value>: number}``
 where ``generated`` is the continuation only (the text of the new tokens); ``RewardPool.load`` reads it.
@@ -15,7 +17,6 @@ where ``generated`` is the continuation only (the text of the new tokens); ``Rew
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -25,14 +26,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mapjax.errors import BuildError  # re-exported: mapjax.build.BuildError keeps working
 from mapjax.generate import generate
 from mapjax.pool import RewardPool
 
 MANIFEST_VERSION = 1
-
-
-class BuildError(ValueError):
-    """A pool build that cannot start or resume; the message names the file and the setting."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +101,23 @@ def prompts_hash(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+POOL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
+    """The pool file a build writes, checked before any work: a known format, not a folder, and not a file of
+    its own (one no build manifest records) unless ``overwrite``. A build's own output is resumed or returned."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() not in POOL_SUFFIXES:
+        raise BuildError(f"{path}: unknown pool format {path.suffix!r}; use {', '.join(POOL_SUFFIXES)}")
+    if path.is_dir():
+        raise BuildError(f"{path} is a folder; give a pool file")
+    if path.exists() and not overwrite and not _paths(path)[1].exists():
+        raise BuildError(f"{path} exists and was not written by an unfinished build; pass overwrite=True "
+                         "(--overwrite) to replace it")
+    return path
+
+
 def _paths(out: Path) -> tuple[Path, Path]:
     # The partial file ends in .jsonl so that RewardPool.load reads it as it is.
     return out.with_name(out.name + ".partial.jsonl"), out.with_name(out.name + ".manifest.json")
@@ -131,7 +146,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    partial.write_text(json.dumps(manifest, indent=1, allow_nan=False), encoding="utf-8")
     os.replace(partial, path)   # atomic: a crash leaves the old manifest or the new one, never half of one
 
 
@@ -160,7 +175,8 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
         seed, max_new_tokens, top_k, top_p, temperature, batch_size, eos_token_id: passed to ``generate``.
         reward_options: keyword options per reward name, e.g. ``{"coherence": {"batch_size": 64}}``.
         progress: show a tqdm bar over prompts.
-        overwrite: start afresh even if ``out`` or an unfinished build of it exists.
+        overwrite: start afresh even if ``out`` or an unfinished build of it exists (``out`` is replaced only
+            once the new pool is complete).
         format_prompt: how the policy sees a prompt (e.g. wrapped in its chat template); the pool and the
             rewards keep the prompt as given.
 
@@ -188,15 +204,15 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
                     prompt_count=len(prompts), policy=model_fingerprint(policy),
                     tokenizer=_tokenizer_fingerprint(tokenizer))
 
-    out_path = Path(out) if out is not None else None
+    out_path = check_output(out, overwrite=overwrite) if out is not None else None
     done_prompts = 0
     records: list[dict[str, Any]] = []
     if out_path is not None:
-        if out_path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
-            raise BuildError(f"{out_path}: unknown pool format {out_path.suffix!r}; use .jsonl, .json or .parquet")
         partial_path, manifest_path = _paths(out_path)
         if overwrite:
-            for path in (out_path, partial_path, manifest_path):
+            # Start afresh, but leave a finished pool where it is: the new one replaces it (an atomic rename)
+            # only once it is complete, so an interrupted rebuild keeps the old pool.
+            for path in (partial_path, manifest_path):
                 path.unlink(missing_ok=True)
         manifest = _read_manifest(manifest_path) if manifest_path.exists() else None
         if manifest is not None:
@@ -207,9 +223,6 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
                                  "or choose another output file")
             if manifest.get("complete") and out_path.exists():
                 return RewardPool.load(out_path, value_names=[value.name for value in resolved])
-        elif out_path.exists():
-            raise BuildError(f"{out_path} exists and was not written by an unfinished build; pass overwrite=True "
-                             "(--overwrite) to replace it")
         if manifest is None:
             manifest = {"version": MANIFEST_VERSION, "settings": settings, "prompts_done": 0, "bytes_done": 0,
                         "complete": False}
@@ -239,7 +252,8 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
             if out_path is None:
                 records.extend(chunk_records)
             else:
-                payload = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in chunk_records)
+                payload = "".join(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+                                  for record in chunk_records)
                 with partial_path.open("ab") as handle:
                     handle.write(payload.encode("utf-8"))
                     handle.flush()
@@ -257,10 +271,11 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
     if out_path is None:
         return RewardPool.from_records(records, value_names=names, source="build_pool")
     pool = RewardPool.load(partial_path, value_names=names)
+    # Both ways replace an older pool in one rename: until then ``out`` holds the old pool whole.
     if out_path.suffix.lower() == ".jsonl":
         os.replace(partial_path, out_path)   # the partial file already is the pool, byte for byte
     else:
-        pool.save(out_path, overwrite=True)
+        pool.save(out_path, overwrite=True)   # written beside out_path, then renamed over it
         partial_path.unlink()
     manifest.update(complete=True)
     _write_manifest(manifest_path, manifest)
@@ -277,51 +292,3 @@ def _score(value: _Value, prompts: list[str], continuations: list[str]) -> np.nd
     from mapjax.rewards.base import check_scores
 
     return check_scores(value.name, np.asarray(value.reward(prompts, continuations)), len(prompts))
-
-
-# --------------------------------------------------------------------------- #
-# Command line: mapjax pool
-# --------------------------------------------------------------------------- #
-def read_prompts(source: str, count: int | None = None) -> list[str]:
-    """Prompts from ``source``: ``hh-rlhf``, ``imdb`` or a .txt / .jsonl / .json file (see ``mapjax.data``)."""
-    from mapjax.data import load_prompts
-
-    return list(load_prompts(source, count=count))
-
-
-def _pool_command(args: argparse.Namespace) -> int:
-    from mapjax.generate import load_policy
-
-    prompts = read_prompts(args.prompts, args.count)
-    model, tokenizer = load_policy(args.policy)
-    pool = build_pool(model, tokenizer, prompts, args.values, samples_per_prompt=args.samples, out=args.out,
-                      chunk_size=args.chunk_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                      top_k=args.top_k if args.top_k > 0 else None, top_p=args.top_p,
-                      temperature=args.temperature, batch_size=args.batch_size, progress=not args.quiet,
-                      overwrite=args.overwrite)
-    print(f"{args.out}: {pool.num_prompts} prompts, {pool.num_samples} samples, values {list(pool.value_names)}")
-    return 0
-
-
-def add_pool_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``mapjax pool`` to the ``mapjax`` command's subparsers."""
-    command = subparsers.add_parser("pool", help="sample a policy, score each value, write a reward pool "
-                                                 "(resumable)")
-    command.add_argument("--policy", required=True, help="a .gguf file, an HF model folder, or a cached hub id")
-    command.add_argument("--prompts", required=True,
-                         help="prompt source: hh-rlhf, imdb, or a .txt / .jsonl / .json file")
-    command.add_argument("--values", required=True, help="comma-separated reward names, e.g. diversity,perplexity")
-    command.add_argument("--samples", type=int, default=1, help="continuations per prompt (default 1)")
-    command.add_argument("--out", required=True, help="pool file: .jsonl, .json or .parquet")
-    command.add_argument("--count", type=int, default=None, help="use the first N prompts")
-    command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--max-new-tokens", type=int, default=50)
-    command.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
-    command.add_argument("--top-p", type=float, default=1.0)
-    command.add_argument("--temperature", type=float, default=1.0)
-    command.add_argument("--batch-size", type=int, default=16)
-    command.add_argument("--chunk-size", type=int, default=64, help="prompts per saved chunk")
-    command.add_argument("--overwrite", action="store_true", help="discard an existing pool or unfinished build")
-    command.add_argument("--quiet", action="store_true", help="no progress bar")
-    command.set_defaults(run=_pool_command)
-    return command

@@ -23,12 +23,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from mapjax.errors import PromptSourceError
+
 HH_RLHF_DATASET = "Anthropic/hh-rlhf"
 IMDB_DATASET = "stanfordnlp/imdb"
-
-
-class PromptSourceError(ValueError):
-    """A prompt file or record that cannot be read; the message names the file, row or field."""
 
 
 # --------------------------------------------------------------------------------------------------------- #
@@ -273,3 +271,16 @@ def _select(prompts: list[str], count: int | None, seed: int | None, source: str
     """``count`` prompts from ``start``, after a seeded shuffle when ``seed`` is given."""
     order = np.random.default_rng(seed).permutation(len(prompts)) if seed is not None else range(len(prompts))
     return [prompts[index] for index in _take(order, count, len(prompts), source, start)]
+
+
+def chat_formatter(tokenizer: Any) -> Any:
+    """``format_prompt`` for ``build_pool``: a request wrapped in the tokenizer's chat template (an instruct model
+    answers it); ``None`` (prompts fed raw) when the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def format_prompt(prompt: str) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return format_prompt

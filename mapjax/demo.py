@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from mapjax.errors import InputError
+from mapjax.jsonio import write_json
 
 DEFAULT_VALUES = ("sentiment", "coherence", "diversity", "perplexity")
 DEFAULT_PALETTE = "sentiment>=q0.7, coherence>=q0.7, diversity>=mean, perplexity>=mean"
@@ -47,24 +48,12 @@ def demo_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def chat_formatter(tokenizer: Any):
-    """Wrap a request in the tokenizer's chat template (an instruct model answers it); raw when it has none."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-
-    def format_prompt(prompt: str) -> str:
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    return format_prompt
-
-
 def split_prompts(prompts: Sequence[str], pool_count: int, heldout_count: int, seed: int) -> tuple[list[str], list[str]]:
     """A seeded shuffle, cut into the pool's prompts and the held-out prompts MAP-D is evaluated on."""
     if pool_count < 2 or heldout_count < 2:
-        raise ValueError("--pool-prompts and --heldout-prompts must each be at least 2")
+        raise InputError("--pool-prompts and --heldout-prompts must each be at least 2")
     if pool_count + heldout_count > len(prompts):
-        raise ValueError(f"--pool-prompts {pool_count} + --heldout-prompts {heldout_count} exceed the "
+        raise InputError(f"--pool-prompts {pool_count} + --heldout-prompts {heldout_count} exceed the "
                          f"{len(prompts)} prompts available")
     order = np.random.default_rng(seed).permutation(len(prompts))
     shuffled = [prompts[i] for i in order]
@@ -75,24 +64,24 @@ def run_demo(settings: DemoSettings, *, policy: Any = None, tokenizer: Any = Non
              prompts: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the demo; ``policy``/``tokenizer``/``rewards``/``prompts`` replace the packaged defaults (tests use
     tiny ones). Returns the summary also written to ``summary.json``."""
-    from mapjax import adjust
+    from mapjax import adjust, solve
     from mapjax.build import build_pool
-    from mapjax.decode import decode_pool, expected_levels
-    from mapjax.dual import solve
+    from mapjax.data import chat_formatter
+    from mapjax.decode import decode_pool, expected_levels, first_samples
     from mapjax.evaluate import realised_levels
 
     started = time.perf_counter()
     out = settings.out
+    check_settings(settings)
+    pool_prompts, heldout = split_prompts(list(prompts or demo_prompts()), settings.pool_prompts,
+                                          settings.heldout_prompts, settings.seed)
     out.mkdir(parents=True, exist_ok=True)
-    _check_palette_values(settings.palette, settings.values)
     if policy is None:
         from mapjax.models import from_gguf
         from mapjax.models.packaged import smollm2_gguf_path
 
         _say("loading SmolLM2-135M-Instruct (packaged GGUF)")
         policy, tokenizer = from_gguf(smollm2_gguf_path())
-    pool_prompts, heldout = split_prompts(list(prompts or demo_prompts()), settings.pool_prompts,
-                                          settings.heldout_prompts, settings.seed)
     values = list(rewards) if rewards is not None else list(settings.values)
     # Chunks of 8 requests: the progress bar moves, and an interrupted demo resumes from the last chunk.
     sampling = dict(samples_per_prompt=settings.k, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
@@ -115,7 +104,7 @@ def run_demo(settings: DemoSettings, *, policy: Any = None, tokenizer: Any = Non
     candidates = build_pool(policy, tokenizer, heldout, values, out=out / "heldout_candidates.jsonl",
                             seed=settings.seed + 1, **sampling)
     decoded = decode_pool(candidates, solution, seed=settings.seed)
-    base = candidates_first_sample(candidates)
+    base = first_samples(candidates)
 
     _say("4/4 evaluating and writing the report")
     targets = dict(zip(pool.value_names, solution.targets))
@@ -140,7 +129,7 @@ def run_demo(settings: DemoSettings, *, policy: Any = None, tokenizer: Any = Non
         "seconds": time.perf_counter() - started,
         "plots": [str(path.name) for path in plots],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    write_json(out / "summary.json", summary)
     table = _level_table(pool.value_names, constrained, expected, report, base_levels)
     (out / "report.md").write_text(_markdown(settings, pool, requested, adjusted, solution, table, report, decoded,
                                              base, plots, summary["seconds"]))
@@ -153,20 +142,20 @@ def run_demo(settings: DemoSettings, *, policy: Any = None, tokenizer: Any = Non
     return summary
 
 
-def candidates_first_sample(candidates):
-    """The base model's output for each prompt: its first sample, a plain draw from p0."""
-    from mapjax.decode import selected
-
-    return selected(candidates, np.zeros(candidates.num_prompts, dtype=int))
-
-
-def _check_palette_values(palette: str, values: Sequence[str]) -> None:
+def check_settings(settings: DemoSettings) -> None:
+    """Everything about the settings that can be wrong, checked before any model is loaded."""
     from mapjax.palette import parse
 
-    unknown = [name for name in parse(palette).names if name not in values]
+    if settings.out.exists() and not settings.out.is_dir():
+        raise InputError(f"--out {settings.out} is a file; give a folder")
+    for name in ("k", "max_new_tokens", "batch_size"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+    unknown = [name for name in parse(settings.palette).names if name not in settings.values]
     if unknown:
-        raise ValueError(f"the palette names {unknown}, which the demo does not score; it scores {list(values)} "
-                         "(change --values)")
+        raise InputError(f"the palette names {unknown}, which the demo does not score; it scores "
+                         f"{list(settings.values)} (change --values)")
 
 
 def _name(value: Any) -> str:
@@ -175,14 +164,6 @@ def _name(value: Any) -> str:
 
 def _say(message: str) -> None:
     print(f"[mapjax demo] {message}", flush=True)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(type(value).__name__)
 
 
 def _plots(out: Path, pool, result, base, targets) -> list[Path]:
@@ -258,29 +239,3 @@ def _markdown(settings, pool, requested, adjusted, solution, table, report, deco
             "",
         ]
     return "\n".join(lines)
-
-
-def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="the MAP procedure end to end, offline, on the packaged models")
-    parser.add_argument("--out", type=Path, default=Path("mapjax-demo"), help="output folder (default: mapjax-demo)")
-    parser.add_argument("--palette", default=DEFAULT_PALETTE)
-    parser.add_argument("--values", default=",".join(DEFAULT_VALUES), help="rewards to score, comma-separated")
-    parser.add_argument("--pool-prompts", type=int, default=32)
-    parser.add_argument("--heldout-prompts", type=int, default=16)
-    parser.add_argument("--k", type=int, default=8, help="samples per request, in the pool and for MAP-D")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="rebuild the pools even if the folder holds others")
-    parser.set_defaults(run=_run_command)
-    return parser
-
-
-def _run_command(args: argparse.Namespace) -> int:
-    settings = DemoSettings(
-        out=args.out, palette=args.palette, values=tuple(v.strip() for v in args.values.split(",") if v.strip()),
-        pool_prompts=args.pool_prompts, heldout_prompts=args.heldout_prompts, k=args.k,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size, force=args.force,
-    )
-    run_demo(settings)
-    return 0

@@ -20,8 +20,6 @@ per prompt first, then averaged over prompts, with the standard error over promp
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -29,8 +27,9 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from mapjax.palette import PaletteSpec, parse
-from mapjax.pool import RewardPool
+from mapjax.errors import EvaluationError
+from mapjax.palette import Palettes, is_spec, palette_targets, parse
+from mapjax.pool import PoolLike, RewardPool, as_pool, unique_names
 
 # The authors' navigation-efficiency slack (their plotting code): a model counts when each chosen level is at
 # least the base's minus this much. Expected reward, raw units:
@@ -41,8 +40,25 @@ AUTHORS_WIN_RATE_TOLERANCE = 0.03
 NAVIGATION_VALUES = ("gpt2-helpful", "gpt2-harmless")
 
 
-class EvaluationError(ValueError):
-    """Raised when two pools cannot be compared; the message names the values or prompts at fault."""
+__all__ = [
+    "EvaluationError",
+    "Evaluation",
+    "LevelReport",
+    "NavigationEfficiency",
+    "QuantileTable",
+    "ValueLevel",
+    "WinRate",
+    "WinRateReport",
+    "base_quantile",
+    "evaluate",
+    "match_prompts",
+    "navigation_efficiency",
+    "quantile_table",
+    "realised_levels",
+    "resolve_targets",
+    "shared_values",
+    "win_rates",
+]
 
 
 # ============================================================================ per-prompt statistics
@@ -81,6 +97,10 @@ def _z(confidence: float) -> float:
     return NormalDist().inv_cdf(0.5 + confidence / 2.0)
 
 
+def _names(values: Sequence[str] | None) -> tuple[str, ...] | None:
+    return None if values is None else unique_names(values, "values", EvaluationError)
+
+
 def _columns(pool: RewardPool, names: Sequence[str], label: str) -> list[int]:
     missing = [name for name in names if name not in pool.value_names]
     if missing:
@@ -88,11 +108,13 @@ def _columns(pool: RewardPool, names: Sequence[str], label: str) -> list[int]:
     return [pool.value_names.index(name) for name in names]
 
 
-def shared_values(result: RewardPool, base: RewardPool, values: Sequence[str] | None = None) -> tuple[str, ...]:
+def shared_values(result: PoolLike, base: PoolLike, values: Sequence[str] | None = None) -> tuple[str, ...]:
     """The values to compare: ``values`` if given (each must be in both pools), else the values of both,
     which must then be the same set (in the result's order)."""
+    values = _names(values)
+    result, base = as_pool(result, values), as_pool(base, values)
     if values is not None:
-        names = tuple(values)
+        names = values
         if not names:
             raise EvaluationError("no values to evaluate")
         _columns(result, names, "the result")
@@ -206,37 +228,55 @@ class LevelReport:
         return "\n".join(lines)
 
 
-def resolve_targets(palette: PaletteSpec, base: RewardPool) -> dict[str, float]:
-    """The palette's levels, resolved on the base model's rewards (quantiles and means are the base's)."""
-    parsed = parse(palette)
-    targets = parsed.targets(base, check_range=False)
-    return {name: float(targets[base.index_of(name)]) for name in parsed.names}
+def resolve_targets(palette: Palettes, base: PoolLike, values: Sequence[str] | None = None) -> dict[str, float]:
+    """One palette's levels by value name, resolved on the base model's rewards (quantiles and means are the
+    base's), in the order written (the base's value order for a vector of levels over ``values`` or all of its
+    values). Levels outside the base's range are kept: an aligned model's level is checked against them."""
+    base = as_pool(base, values)
+    targets = palette_targets(base, palette, values, check_range=False)
+    if targets.shape[0] != 1:
+        raise EvaluationError(f"an evaluation checks one palette, got {targets.shape[0]}")
+    names = parse(palette).names if is_spec(palette) else [
+        base.value_names[column] for column in np.flatnonzero(~np.isnan(targets[0]))
+    ]
+    return {name: float(targets[0, base.index_of(name)]) for name in names}
+
+
+def _palette_text(palette: Palettes, targets: Mapping[str, float]) -> str:
+    if isinstance(palette, str):
+        return palette
+    if is_spec(palette):
+        return str(parse(palette))
+    return ", ".join(f"{name}>={level:g}" for name, level in targets.items())
 
 
 def realised_levels(
-    pool: RewardPool,
-    palette: PaletteSpec | Mapping[str, float] | None = None,
+    pool: PoolLike,
+    palette: Palettes | None = None,
     *,
-    base: RewardPool | None = None,
+    base: PoolLike | None = None,
     confidence: float = 0.95,
     values: Sequence[str] | None = None,
 ) -> LevelReport:
     """Mean, standard error and confidence interval of each value of ``pool``; palette verdicts.
 
     Args:
-        pool: the aligned model's rewards.
-        palette: levels to check (a palette spec; levels such as ``q0.8`` or ``mean`` are resolved on ``base``,
-            or on ``pool`` itself when no base is given).
+        pool: the aligned model's rewards (a RewardPool or a plain reward array, see
+            :func:`mapjax.pool.as_pool`).
+        palette: levels to check: a spec (levels such as ``q0.8`` or ``mean`` are resolved on ``base``, or on
+            ``pool`` itself when no base is given), a dict, or a vector of levels over the reported values.
         base: the base model's pool, for resolving the palette.
         confidence: the interval's level (normal approximation: mean ± z·SE).
-        values: the values to report (default: all of the pool's).
+        values: the values to report (default: all of the pool's); for a plain array, its columns.
     """
     z = _z(confidence)
-    names = tuple(values) if values is not None else pool.value_names
+    values = _names(values)
+    pool = as_pool(pool, values)
+    names = values if values is not None else pool.value_names
     columns = _columns(pool, names, "the pool")
     targets: dict[str, float] = {}
     if palette is not None:
-        targets = resolve_targets(palette, base if base is not None else pool)
+        targets = resolve_targets(palette, as_pool(base, values) if base is not None else pool, names)
         _columns(pool, list(targets), "the pool")
         names = names + tuple(name for name in targets if name not in names)
         columns = _columns(pool, names, "the pool")
@@ -252,7 +292,7 @@ def realised_levels(
             met = bool(target <= bound)
         levels.append(ValueLevel(name, float(mean[index]), float(error[index]), float(lower), float(upper),
                                  confidence, target, met))
-    text = None if palette is None else (palette if isinstance(palette, str) else str(parse(palette)))
+    text = None if palette is None else _palette_text(palette, targets)
     return LevelReport(tuple(levels), confidence, pool.num_prompts, pool.num_samples, text)
 
 
@@ -301,9 +341,10 @@ class WinRateReport:
         return "\n".join(lines)
 
 
-def match_prompts(result: RewardPool, base: RewardPool) -> tuple[np.ndarray, np.ndarray, str]:
+def match_prompts(result: PoolLike, base: PoolLike) -> tuple[np.ndarray, np.ndarray, str]:
     """Rows of ``result`` and ``base`` holding the same prompts: by prompt text when both pools have texts,
     else by prompt row (then both must have the same number of prompts). Returns (result rows, base rows, how)."""
+    result, base = as_pool(result), as_pool(base)
     if result.prompts is not None and base.prompts is not None:
         base_rows = {text: row for row, text in enumerate(base.prompts)}
         pairs = [(row, base_rows[text]) for row, text in enumerate(result.prompts) if text in base_rows]
@@ -323,13 +364,15 @@ def match_prompts(result: RewardPool, base: RewardPool) -> tuple[np.ndarray, np.
     return rows, rows, "row"
 
 
-def win_rates(result: RewardPool, base: RewardPool, values: Sequence[str] | None = None) -> WinRateReport:
+def win_rates(result: PoolLike, base: PoolLike, values: Sequence[str] | None = None) -> WinRateReport:
     """Win rate of ``result`` against ``base``, per value.
 
     Per prompt: the share of pairs (a result sample, a base sample) of that prompt in which the result's reward
     is strictly higher (ties lose, as in the paper); then the mean over the common prompts, with its standard
     error over prompts (ddof=1).
     """
+    values = _names(values)
+    result, base = as_pool(result, values), as_pool(base, values)
     names = shared_values(result, base, values)
     result_rows, base_rows, how = match_prompts(result, base)
     result_columns, base_columns = _columns(result, names, "the result"), _columns(base, names, "the base")
@@ -399,7 +442,7 @@ def navigation_efficiency(
         names = tuple(f"model {i}" for i in range(len(levels)))
     if not levels:
         raise EvaluationError("navigation efficiency needs at least one model")
-    values = tuple(values)
+    values = _names(values)
     if not values:
         raise EvaluationError("navigation efficiency needs at least one value")
     slack = {name: float(tolerance[name] if isinstance(tolerance, Mapping) else tolerance) for name in values}
@@ -419,9 +462,11 @@ def navigation_efficiency(
 # ============================================================================ quantile table
 
 
-def base_quantile(base: RewardPool, name: str, level: float) -> float:
+def base_quantile(base: PoolLike, name: str, level: float, *, values: Sequence[str] | None = None) -> float:
     """``level`` as a quantile of the base model's rewards of ``name``: the share of base samples below it,
-    ties counted half (so the base's own median sits at 0.5 whatever the ties)."""
+    ties counted half (so the base's own median sits at 0.5 whatever the ties). ``values`` names the columns
+    of a plain reward array."""
+    base = as_pool(base, values)
     samples = base.flat()[:, base.index_of(name)]
     below = np.count_nonzero(samples < level)
     equal = np.count_nonzero(samples == level)
@@ -464,21 +509,23 @@ class QuantileTable:
         return "\n".join(lines)
 
 
-ModelLevels = Union[Mapping[str, float], RewardPool, LevelReport]
+ModelLevels = Union[Mapping[str, float], RewardPool, np.ndarray, LevelReport]
 
 
-def quantile_table(models: Mapping[str, ModelLevels], base: RewardPool, values: Sequence[str] | None = None) -> QuantileTable:
+def quantile_table(models: Mapping[str, ModelLevels], base: PoolLike, values: Sequence[str] | None = None) -> QuantileTable:
     """The authors' realised c-levels table: each model's level of each value as a base-reward quantile.
 
-    ``models`` maps a name to the model's levels: a dict value -> level, a LevelReport, or a RewardPool (its
-    realised levels are computed).
+    ``models`` maps a name to the model's levels: a dict value -> level, a LevelReport, or a RewardPool or
+    plain reward array (its realised levels are computed; an array's columns are ``values``, else the base's).
     """
     if not models:
         raise EvaluationError("the quantile table needs at least one model")
+    values = _names(values)
+    base = as_pool(base, values)
     resolved: dict[str, dict[str, float]] = {}
     for name, model in models.items():
-        if isinstance(model, RewardPool):
-            resolved[name] = realised_levels(model).means()
+        if isinstance(model, (RewardPool, np.ndarray)):
+            resolved[name] = realised_levels(as_pool(model, values or base.value_names)).means()
         elif isinstance(model, LevelReport):
             resolved[name] = model.means()
         else:
@@ -554,20 +601,24 @@ class Evaluation:
 
 
 def evaluate(
-    result: RewardPool,
-    base: RewardPool,
-    palette: PaletteSpec | None = None,
+    result: PoolLike,
+    base: PoolLike,
+    palette: Palettes | None = None,
     *,
     confidence: float = 0.95,
     values: Sequence[str] | None = None,
 ) -> Evaluation:
     """Evaluate an aligned model's pool against the base model's pool (see the module docstring).
 
-    ``values`` picks the values to compare (default: all, and then both pools must have the same values);
-    palette levels are resolved on the base.
+    ``values`` picks the values to compare (default: all, and then both pools must have the same values; for
+    plain reward arrays, their columns); palette levels are resolved on the base, and a vector of levels runs
+    over the compared values.
     """
+    values = _names(values)
+    result, base = as_pool(result, values), as_pool(base, values)
     names = shared_values(result, base, values)
-    if palette is not None:
+    if palette is not None and is_spec(palette):
+        # (A vector of levels runs over the compared values, so only a spec can name another value.)
         for name in parse(palette).names:
             if name not in names:
                 raise EvaluationError(f"the palette constrains {name!r}, which is not among the compared values {list(names)}")
@@ -575,43 +626,6 @@ def evaluate(
     base_levels = realised_levels(base, confidence=confidence, values=names)
     quantiles = {name: base_quantile(base, name, levels[name].mean) for name in names}
     return Evaluation(levels, base_levels, quantiles, win_rates(result, base, names))
-
-
-# ============================================================================ command line
-
-
-def add_evaluate_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``mapjax evaluate RESULT --base BASE [--palette SPEC] [--confidence 0.95] [--values v1,v2] [--json]``."""
-    command = subparsers.add_parser(
-        "evaluate",
-        help="realised levels, palette verdicts and win rates of an aligned model's pool against the base's",
-        description="Compare an aligned model's scored samples (RESULT) with the base model's (BASE): per value, "
-        "the realised level (mean, standard error, normal-approximation interval), its quantile in the base's "
-        "rewards, whether each palette entry was met (its target is not above the interval's upper bound), "
-        "and the win rate against the base (per prompt, the share of sample pairs where the result is strictly "
-        "higher; prompts matched by text, else by row).",
-    )
-    command.add_argument("result", help="the aligned model's pool: .json (the authors' schema), .jsonl or .parquet")
-    command.add_argument("--base", required=True, help="the base model's pool, same formats")
-    command.add_argument("--palette", help='levels to check, resolved on the base, e.g. "humor>=q0.7, gpt2-harmless>=mean"')
-    command.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
-    command.add_argument("--values", help="comma-separated values to compare (default: all; the pools must then agree)")
-    command.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    command.set_defaults(run=_run_evaluate)
-    return command
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
-    result = RewardPool.load(args.result)
-    base = RewardPool.load(args.base)
-    values = [name.strip() for name in args.values.split(",") if name.strip()] if args.values else None
-    evaluation = evaluate(result, base, args.palette, confidence=args.confidence, values=values)
-    if args.json:
-        print(json.dumps({"result": str(args.result), "base": str(args.base), **evaluation.to_dict()}, indent=2))
-    else:
-        print(f"{args.result} against {args.base}")
-        print(evaluation.table())
-    return 0
 
 
 # ============================================================================ helpers

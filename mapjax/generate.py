@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Shortest length bucket: tiny prompts share one program instead of compiling for 1, 2, 4 tokens.
-MIN_BUCKET = 8
+from mapjax.errors import GenerationError
+from mapjax.models.base import CausalLM
+from mapjax.models.padding import length_bucket, pad_rows, pad_token_id, rows_per_batch
 
 # How often each jitted function was traced (= compiled), by name. Tests read it through
 # ``trace_counts()`` to check that bucketing reuses programs.
@@ -90,23 +90,23 @@ class SamplingSettings:
 # --------------------------------------------------------------------------- #
 def _check_prompts(prompts: Sequence[str], field: str = "prompts") -> list[str]:
     if isinstance(prompts, str):
-        raise ValueError(f"{field} must be a list of strings, got a single string")
+        raise GenerationError(f"{field} must be a list of strings, got a single string")
     prompts = list(prompts)
     if not prompts:
-        raise ValueError(f"{field} is empty: pass at least one prompt")
+        raise GenerationError(f"{field} is empty: pass at least one prompt")
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
-            raise ValueError(f"{field}[{index}] is a {type(prompt).__name__}, expected a string")
+            raise GenerationError(f"{field}[{index}] is a {type(prompt).__name__}, expected a string")
     return prompts
 
 
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise GenerationError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 
 
-def _eos_ids(model: Any, tokenizer: Any, eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+def _eos_ids(model: CausalLM, tokenizer: Any, eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     if eos_token_id is not None:
         ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
         return tuple(int(i) for i in ids)
@@ -117,22 +117,17 @@ def _eos_ids(model: Any, tokenizer: Any, eos_token_id: int | Sequence[int] | Non
     return tuple(found)
 
 
-def _pad_id(tokenizer: Any, eos_ids: tuple[int, ...]) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is not None:
-        return int(pad)
-    return eos_ids[0] if eos_ids else 0
-
-
-def _bos_id(tokenizer: Any, model: Any) -> int | None:
-    for candidate in (getattr(tokenizer, "bos_token_id", None), getattr(model.config, "bos_token_id", None),
+def bos_token_id(tokenizer: Any, model: CausalLM | None = None) -> int | None:
+    """The id a text starts from: the tokenizer's BOS, else the model config's BOS, else the tokenizer's EOS."""
+    config = getattr(model, "config", None)
+    for candidate in (getattr(tokenizer, "bos_token_id", None), getattr(config, "bos_token_id", None),
                       getattr(tokenizer, "eos_token_id", None)):
         if candidate is not None:
             return int(candidate)
     return None
 
 
-def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], model: Any = None) -> list[list[int]]:
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], model: CausalLM | None = None) -> list[list[int]]:
     """Token ids of each prompt as the model sees it (the tokenizer's special tokens, e.g. BOS, included).
 
     A prompt that tokenizes to nothing is fed as the BOS token (the model needs one token to condition on).
@@ -142,33 +137,13 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], model: Any = None) 
     for index, ids in enumerate(encoded):
         ids = [int(i) for i in ids]
         if not ids:
-            bos = _bos_id(tokenizer, model) if model is not None else getattr(tokenizer, "bos_token_id", None)
+            bos = bos_token_id(tokenizer, model)
             if bos is None:
-                raise ValueError(f"prompts[{index}] = {prompts[index]!r} tokenizes to no tokens and the tokenizer "
+                raise GenerationError(f"prompts[{index}] = {prompts[index]!r} tokenizes to no tokens and the tokenizer "
                                  "has no BOS token to start from")
             ids = [int(bos)]
         result.append(ids)
     return result
-
-
-def position_limit(model: Any) -> int | None:
-    """Longest sequence a model with learned position embeddings can read (None: rotary, no hard limit)."""
-    config = model.config
-    if hasattr(config, "n_positions"):
-        return int(config.n_positions)
-    if type(config).__name__ == "OPTConfig":
-        return int(config.max_position_embeddings)
-    return None
-
-
-def length_bucket(length: int) -> int:
-    """The power of two (at least ``MIN_BUCKET``) a sequence of ``length`` tokens is padded to."""
-    return max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(length, 1)))))
-
-
-def _rows_per_call(batch_size: int, total_rows: int) -> int:
-    # A small job gets a small power-of-two batch rather than a mostly-empty full one.
-    return min(batch_size, 1 << math.ceil(math.log2(total_rows)))
 
 
 def row_keys(seed: int, prompt_index: np.ndarray, sample_index: np.ndarray) -> jax.Array:
@@ -176,16 +151,6 @@ def row_keys(seed: int, prompt_index: np.ndarray, sample_index: np.ndarray) -> j
     base = jax.random.PRNGKey(seed)
     per_prompt = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.asarray(prompt_index, jnp.uint32))
     return jax.vmap(jax.random.fold_in)(per_prompt, jnp.asarray(sample_index, jnp.uint32))
-
-
-def _left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for index, row in enumerate(rows):
-        if row:
-            ids[index, width - len(row):] = row
-            mask[index, width - len(row):] = 1
-    return ids, mask
 
 
 # --------------------------------------------------------------------------- #
@@ -200,8 +165,7 @@ def _prefill(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, cache_l
     _TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, state)
     cache = model.init_cache(ids.shape[0], cache_len)
-    _, cache = model(ids, mask, cache=cache)
-    return cache
+    return model(ids, mask, cache=cache).cache
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cache_len"))
@@ -254,8 +218,8 @@ def _decode(graphdef: Any, settings: SamplingSettings, state: Any, cache: Any, f
     def one_step(carry):
         step, cache, current, done, tokens, logprobs, lengths = carry
         model = nnx.merge(graphdef, state)
-        logits, cache = model(current[:, None], jnp.ones((rows, 1), jnp.int32), cache=cache)
-        logits = logits[:, -1].astype(jnp.float32)
+        output = model(current[:, None], jnp.ones((rows, 1), jnp.int32), cache=cache)
+        logits, cache = output.logits[:, -1].astype(jnp.float32), output.cache
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
         token = choose_tokens(logits, step_keys, settings)
         token_logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
@@ -280,7 +244,7 @@ _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "settings"))
 # --------------------------------------------------------------------------- #
 # Public API
 # --------------------------------------------------------------------------- #
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 50, top_k: int | None = 50,
+def generate(model: CausalLM, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 50, top_k: int | None = 50,
              top_p: float = 1.0, temperature: float = 1.0, greedy: bool = False, num_samples: int = 1,
              seed: int = 0, batch_size: int = 16, eos_token_id: int | Sequence[int] | None = None,
              progress: bool = False, prompt_index_offset: int = 0) -> Generation:
@@ -313,34 +277,33 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
     if top_k is not None:
         top_k = _check_positive_int("top_k", top_k)
     if not (0.0 < float(top_p) <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}")
     if not greedy and not float(temperature) > 0.0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature!r}")
+        raise GenerationError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature!r}")
     eos_ids = _eos_ids(model, tokenizer, eos_token_id)
-    pad_id = _pad_id(tokenizer, eos_ids)
+    pad_id = pad_token_id(tokenizer, model)
     settings = SamplingSettings(max_new_tokens=max_new_tokens, top_k=None if greedy else top_k,
                                 top_p=1.0 if greedy else float(top_p),
                                 temperature=1.0 if greedy else float(temperature), greedy=bool(greedy),
                                 eos_token_ids=eos_ids, pad_token_id=pad_id)
 
     prompt_tokens = tokenize_prompts(tokenizer, prompts, model)
-    limit = position_limit(model)
-    if limit is not None:
-        for index, ids in enumerate(prompt_tokens):
-            if len(ids) + max_new_tokens > limit:
-                raise ValueError(f"prompts[{index}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
-                                 f"that exceeds the model's {limit} positions")
+    limit = model.max_positions
+    for index, ids in enumerate(prompt_tokens):
+        if len(ids) + max_new_tokens > limit:
+            raise GenerationError(f"prompts[{index}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                                  f"that exceeds the model's {limit} positions")
 
     prompt_index = np.repeat(np.arange(len(prompts)), num_samples)
     sample_index = np.tile(np.arange(num_samples), len(prompts))
     if isinstance(prompt_index_offset, bool) or not isinstance(prompt_index_offset, (int, np.integer)) \
             or prompt_index_offset < 0:
-        raise ValueError(f"prompt_index_offset must be an integer >= 0, got {prompt_index_offset!r}")
+        raise GenerationError(f"prompt_index_offset must be an integer >= 0, got {prompt_index_offset!r}")
     keys = np.asarray(row_keys(seed, prompt_index + int(prompt_index_offset), sample_index))
     total = len(prompt_index)
     # Sorting rows by prompt length keeps each batch's padding small; per-row keys make the order irrelevant.
     order = sorted(range(total), key=lambda row: len(prompt_tokens[prompt_index[row]]))
-    rows_per_call = _rows_per_call(batch_size, total)
+    rows_per_call = rows_per_batch(total, batch_size)
     graphdef, state = nnx.split(model)
 
     tokens = np.full((total, max_new_tokens), pad_id, np.int32)
@@ -356,7 +319,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
         filled = batch + [batch[0]] * (rows_per_call - len(batch))   # filler rows start done
         sequences = [prompt_tokens[prompt_index[row]] for row in filled]
         width = length_bucket(max(len(ids) for ids in sequences))
-        ids, mask = _left_pad(sequences, width, pad_id)
+        ids, mask = pad_rows(sequences, width, pad_id, side="left")
         cache = _prefill_jit(graphdef, state, jnp.asarray(ids[:, :-1]), jnp.asarray(mask[:, :-1]),
                              cache_len=width - 1 + max_new_tokens)
         done = np.arange(rows_per_call) >= len(batch)
@@ -396,7 +359,7 @@ def _score(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array) -> jax.Ar
     """``log p(ids[:, t+1] | ids[:, :t+1])`` for every t: float32 ``[rows, seq - 1]``."""
     _TRACE_COUNTS["score"] += 1
     model = nnx.merge(graphdef, state)
-    logits = model(ids, mask)[:, :-1].astype(jnp.float32)
+    logits = model(ids, mask).logits[:, :-1].astype(jnp.float32)
     picked = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -404,7 +367,7 @@ def _score(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array) -> jax.Ar
 _score_jit = jax.jit(_score, static_argnames=("graphdef",))
 
 
-def token_logprobs(model: Any, sequences: Sequence[Sequence[int]], *, batch_size: int = 16,
+def token_logprobs(model: CausalLM, sequences: Sequence[Sequence[int]], *, batch_size: int = 16,
                    progress: bool = False) -> list[np.ndarray]:
     """For each token sequence, the log-probability of each of its tokens after the first (``len - 1`` values).
 
@@ -412,16 +375,16 @@ def token_logprobs(model: Any, sequences: Sequence[Sequence[int]], *, batch_size
     """
     batch_size = _check_positive_int("batch_size", batch_size)
     sequences = [[int(t) for t in ids] for ids in sequences]
-    limit = position_limit(model)
+    limit = model.max_positions
     for index, ids in enumerate(sequences):
-        if limit is not None and len(ids) > limit:
-            raise ValueError(f"sequence {index} has {len(ids)} tokens, more than the model's {limit} positions")
+        if len(ids) > limit:
+            raise GenerationError(f"sequence {index} has {len(ids)} tokens, more than the model's {limit} positions")
     results: list[np.ndarray] = [np.zeros((0,), np.float32)] * len(sequences)
     scored = [index for index, ids in enumerate(sequences) if len(ids) >= 2]
     if not scored:
         return results
     order = sorted(scored, key=lambda index: len(sequences[index]))
-    rows_per_call = _rows_per_call(batch_size, len(order))
+    rows_per_call = rows_per_batch(len(order), batch_size)
     graphdef, state = nnx.split(model)
     batches = [order[start:start + rows_per_call] for start in range(0, len(order), rows_per_call)]
     if progress:
@@ -432,7 +395,7 @@ def token_logprobs(model: Any, sequences: Sequence[Sequence[int]], *, batch_size
         filled = batch + [batch[0]] * (rows_per_call - len(batch))
         rows = [sequences[index] for index in filled]
         width = length_bucket(max(len(ids) for ids in rows))
-        ids, mask = _left_pad(rows, width, 0)
+        ids, mask = pad_rows(rows, width, 0, side="left")
         values = np.asarray(jax.device_get(_score_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask))))
         for slot, index in enumerate(batch):
             length = len(sequences[index])
@@ -440,7 +403,7 @@ def token_logprobs(model: Any, sequences: Sequence[Sequence[int]], *, batch_size
     return results
 
 
-def sequence_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
+def sequence_logprobs(model: CausalLM, tokenizer: Any, prompts: Sequence[str],
                       continuations: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 16
                       ) -> list[np.ndarray]:
     """Per-token log-probabilities of each continuation given its prompt (temperature 1, no filtering).
@@ -453,7 +416,7 @@ def sequence_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
     prompts = _check_prompts(prompts)
     continuations = list(continuations)
     if len(continuations) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        raise GenerationError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     prompt_tokens = tokenize_prompts(tokenizer, prompts, model)
     continuation_tokens = []
     for index, continuation in enumerate(continuations):
@@ -464,7 +427,7 @@ def sequence_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
             try:
                 continuation_tokens.append([int(t) for t in continuation])
             except (TypeError, ValueError):
-                raise ValueError(f"continuations[{index}] must be a string or a sequence of token ids, got "
+                raise GenerationError(f"continuations[{index}] must be a string or a sequence of token ids, got "
                                  f"{type(continuation).__name__}") from None
     sequences = [p + c for p, c in zip(prompt_tokens, continuation_tokens)]
     per_sequence = token_logprobs(model, sequences, batch_size=batch_size)
@@ -475,12 +438,10 @@ def sequence_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
 # --------------------------------------------------------------------------- #
 # Loading a policy
 # --------------------------------------------------------------------------- #
-def load_policy(path_or_id: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[Any, Any]:
+def load_policy(path_or_id: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[CausalLM, Any]:
     """``(model, tokenizer)`` from a ``.gguf`` file, an HF folder, or a hub id in the local HF cache."""
     path = Path(path_or_id).expanduser()
     if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise ValueError(f"policy GGUF file {path} does not exist")
         from mapjax.models import from_gguf
 
         return from_gguf(path, dtype)

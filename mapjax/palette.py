@@ -4,12 +4,17 @@ A palette is written as a string, ``"humor>=q0.8, gpt2-helpful>=max(mean,q0.8), 
 dict ``{"humor": "q0.8", "diversity": "mean", "coherence": 0.45}``. A level is one of
 
 - a number: the raw level, in the reward's own units;
-- ``q0.8`` (or ``q80``): the 0.8-quantile of the value over the pool's samples;
+- ``q0.8`` (or ``q80%``, ``q80``): the 0.8-quantile of the value over the pool's samples. ``q0`` to ``q1`` are
+  fractions; a percent is written with ``%``, or without it as a whole number from 10 to 100. Other numbers
+  above 1 (``q1.5``, ``q2``) are ambiguous and refused;
 - ``max(mean,q0.8)``: the larger of the mean and the quantile, as the paper's quantile palettes do;
 - ``mean``, ``mean+0.1``, ``mean-0.1``: the pool mean, optionally shifted;
 - ``mean+log(1+0.25)``: the classifier palettes' "make it 25% more likely" (for log-probability rewards).
 
 Values the palette leaves out are unconstrained.
+
+:func:`palette_targets` is the one road from a palette in any form (a spec, a dict, a Palette, a vector or
+array of levels) to target vectors over a pool's values; every public entry point resolves palettes with it.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from mapjax.pool import RewardPool
+from mapjax.errors import PaletteError
+from mapjax.pool import RewardPool, unique_names
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _QUANTILE = re.compile(rf"^q\s*({_NUMBER})\s*(%?)$")
@@ -31,8 +37,19 @@ _MEAN_SHIFT = re.compile(rf"^mean\s*(?:([-+])\s*({_NUMBER}))?$")
 _RAW = re.compile(rf"^{_NUMBER}$")
 
 
-class PaletteError(ValueError):
-    """Raised for a palette that cannot be read or resolved; the message names the value and level."""
+__all__ = [
+    "Level",
+    "Palette",
+    "PaletteError",
+    "PaletteSpec",
+    "Palettes",
+    "check_levels",
+    "is_spec",
+    "palette_targets",
+    "parse",
+    "parse_level",
+    "quantile_palette",
+]
 
 
 @dataclass(frozen=True)
@@ -87,9 +104,24 @@ def parse_level(text: Union[str, float, int], value: str = "?") -> Level:
     )
 
 
+# Without a percent sign, a quantile above 1 is read as a percent only from here up: q2 could be 2% or a slip
+# for q0.2, while q80 can only mean 80%.
+SMALLEST_BARE_PERCENT = 10
+
+
 def _fraction(match: re.Match, value: str, spec: str) -> float:
-    number = float(match.group(1))
-    if match.group(2) == "%" or number > 1:
+    """The quantile of ``q<N>`` as a fraction: N in [0, 1] is one, N% a percent, and a bare N > 1 a percent
+    only when it is a whole number from 10 to 100."""
+    written = match.group(1)
+    number = float(written)
+    if match.group(2) == "%":
+        number /= 100.0
+    elif 1 < number <= 100:
+        if not (number.is_integer() and number >= SMALLEST_BARE_PERCENT):
+            raise PaletteError(
+                f"quantile {spec!r} of {value!r} is ambiguous: q0 to q1 are fractions and a percent needs '%'; "
+                f"write 'q{number / 100:g}' or 'q{written}%'"
+            )
         number /= 100.0
     if not 0.0 <= number <= 1.0:
         raise PaletteError(f"quantile in {spec!r} of {value!r} must lie in [0, 1] (or 0-100%)")
@@ -108,17 +140,6 @@ class Palette:
 
     def __str__(self) -> str:
         return ", ".join(f"{name}>={level.text}" for name, level in self.entries)
-
-    def targets(self, pool: RewardPool, check_range: bool = True) -> np.ndarray:
-        """c over all of the pool's values: the resolved level, NaN where unconstrained."""
-        flat = pool.flat()
-        c = np.full(pool.num_values, np.nan)
-        for name, level in self.entries:
-            column = pool.index_of(name)
-            c[column] = level.resolve(flat[:, column])
-        if check_range:
-            check_levels(pool, c)
-        return c
 
 
 PaletteSpec = Union[str, Palette, Mapping[str, Union[str, float, int]]]
@@ -170,9 +191,88 @@ def _split_top_level(spec: str) -> list[str]:
     return parts
 
 
-def resolve(pool: RewardPool, spec: PaletteSpec, check_range: bool = True) -> np.ndarray:
-    """c over the pool's values (NaN where unconstrained), checked against the data's range."""
-    return parse(spec).targets(pool, check_range=check_range)
+# A palette in any form: one spec, a list of specs, a vector of levels, or an array of them (one per row).
+Palettes = Union[PaletteSpec, Sequence[PaletteSpec], np.ndarray, Sequence[float], Sequence[Sequence[float]]]
+
+
+def is_spec(palette: Any) -> bool:
+    """Whether ``palette`` is one palette written by name (a string, a dict of levels or a Palette)."""
+    return isinstance(palette, (str, Mapping, Palette))
+
+
+def palette_targets(
+    pool: RewardPool,
+    palettes: Palettes,
+    values: Sequence[str] | None = None,
+    *,
+    check_range: bool = True,
+) -> np.ndarray:
+    """Target vectors c, [palettes, pool values], NaN where a value is unconstrained.
+
+    ``palettes`` is one spec (a string, a dict of levels, a Palette), a list of specs, a vector of levels, or a
+    [palettes, levels] array. A vector or array runs over ``values`` when they are given (each named once),
+    else over all of the pool's values with NaN for an unconstrained one. Levels such as ``q0.8`` and ``mean``
+    are resolved on ``pool``; with ``check_range`` every level must lie within the range of its value's
+    samples (see :func:`check_levels`).
+    """
+    if values is not None:
+        values = unique_names(values, "values", PaletteError)
+    if is_spec(palettes):
+        palettes = [palettes]
+    if not isinstance(palettes, (np.ndarray, Sequence)):
+        raise PaletteError(
+            "a palette is a string, a dict of levels, a vector of levels, or a list or array of them; got a "
+            f"{type(palettes).__name__}"
+        )
+    if not isinstance(palettes, np.ndarray) and len(palettes) == 0:
+        raise PaletteError("no palettes given")
+    if not isinstance(palettes, np.ndarray) and all(is_spec(spec) for spec in palettes):
+        targets = np.stack([_resolve(pool, parse(spec)) for spec in palettes])
+    elif not isinstance(palettes, np.ndarray) and any(is_spec(spec) for spec in palettes):
+        raise PaletteError("a list of palettes holds either specs (strings, dicts) or vectors of levels, not both")
+    else:
+        targets = _levels_array(pool, palettes, values)
+    unconstrained = np.isnan(targets).all(axis=1)
+    if unconstrained.any():
+        raise PaletteError(f"palette {int(np.flatnonzero(unconstrained)[0])} constrains no value")
+    if check_range:
+        check_levels(pool, targets)
+    return targets
+
+
+def _resolve(pool: RewardPool, palette: Palette) -> np.ndarray:
+    """One parsed palette over the pool's values: each level resolved on its value's samples."""
+    flat = pool.flat()
+    targets = np.full(pool.num_values, np.nan)
+    for name, level in palette.entries:
+        column = pool.index_of(name)
+        targets[column] = level.resolve(flat[:, column])
+    return targets
+
+
+def _levels_array(pool: RewardPool, levels: Any, values: tuple[str, ...] | None) -> np.ndarray:
+    """A vector or [palettes, levels] array of raw levels, over ``values`` or over all of the pool's values."""
+    try:
+        array = np.asarray(levels, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise PaletteError(f"palette levels must be numbers, a vector or a [palettes, values] array ({error})") from None
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2:
+        raise PaletteError(f"palette levels must be a vector or a [palettes, values] array, got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise PaletteError("no palettes given: the array of levels has no rows")
+    names = pool.value_names if values is None else values
+    if array.shape[1] != len(names):
+        over = "the named values" if values is not None else "the pool's values"
+        hint = "" if values is not None else "; pass values=[...] to name the columns"
+        raise PaletteError(f"palette levels have {array.shape[1]} columns for {over} {list(names)}{hint}")
+    if values is None:
+        return array.copy()
+    targets = np.full((array.shape[0], pool.num_values), np.nan)
+    for column, name in enumerate(values):
+        targets[:, pool.index_of(name)] = array[:, column]
+    return targets
 
 
 def check_levels(pool: RewardPool, targets: np.ndarray) -> None:
@@ -225,6 +325,8 @@ def quantile_palette(names: Sequence[str], q: float, maintain: Sequence[str] = (
     ``quantile_palette(["humor", "gpt2-helpful", "gpt2-harmless"], 0.7, ["diversity", "coherence",
     "perplexity"])`` is the paper's HHH-70.
     """
+    if isinstance(q, bool) or not 0.0 <= float(q) <= 1.0:
+        raise PaletteError(f"quantile_palette takes the quantile as a fraction in [0, 1], got {q!r}")
     kind = "max_mean_quantile" if floor_at_mean else "quantile"
     text = f"max(mean,q{q:g})" if floor_at_mean else f"q{q:g}"
     entries = [(name, Level(kind, float(q), text)) for name in names]

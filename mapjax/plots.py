@@ -12,6 +12,9 @@ file unless called with ``overwrite=True``.
 - :func:`feasible_region`: a two-value slice of palette space, from c0 to the maximum of each value, the other
   values held at given levels; feasible vs infeasible, a colour for log ESS or ||λ||₁, and the frontier.
   :func:`region_grid` computes it (one ``solve_many`` call) for those who want the numbers.
+
+Pools may be RewardPools or plain reward arrays (see :func:`mapjax.pool.as_pool`; ``values`` names an array's
+columns), and palettes any form :func:`mapjax.palette.palette_targets` reads.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-from mapjax.dual import Solutions, palette_targets, solve_many
-from mapjax.evaluate import base_quantile
-from mapjax.palette import PaletteSpec, parse
-from mapjax.pool import RewardPool
+from mapjax.decode import lambda_for
+from mapjax.errors import OutputExistsError, PlotError
+from mapjax.evaluate import base_quantile, resolve_targets
+from mapjax.palette import Palettes, palette_targets
+from mapjax.pool import PoolLike, as_pool, unique_names
+from mapjax.problem import tilt_weights
+from mapjax.solver import Solutions, solve_many
 
 RegionColour = Literal["log_ess", "lambda_l1", "kl"]
+REGION_COLOURS: tuple[str, ...] = ("log_ess", "lambda_l1", "kl")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -46,9 +53,9 @@ def _pyplot():
 def _output(path: str | os.PathLike, overwrite: bool) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise ValueError(f"{path}: plots are written as PNG; give a path ending in .png")
+        raise PlotError(f"{path}: plots are written as PNG; give a path ending in .png")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -67,11 +74,11 @@ def _save(figure, path: Path) -> Path:
 
 def radar(
     models: Mapping[str, Mapping[str, float]],
-    base: RewardPool,
+    base: PoolLike,
     path: str | os.PathLike,
     *,
     values: Sequence[str] | None = None,
-    targets: Mapping[str, float] | None = None,
+    targets: Palettes | None = None,
     title: str | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -82,17 +89,22 @@ def radar(
         base: the base model's pool, which defines each axis' quantile scale; its own means are drawn too.
         path: the PNG to write.
         values: the axes (default: the first model's values that the base has); at least three.
-        targets: an optional palette {value: level}, drawn dashed.
+        targets: an optional palette (a spec resolved on the base, a {value: level} dict, or a vector of levels
+            over the axes), drawn dashed.
         title: the figure's title.
         overwrite: replace an existing file.
     """
     if not models:
-        raise ValueError("radar needs at least one model")
+        raise PlotError("radar needs at least one model")
+    if values is not None:
+        values = unique_names(values, "values", PlotError)
+    base = as_pool(base, values)
     names = list(values) if values is not None else [v for v in next(iter(models.values())) if v in base.value_names]
     if len(names) < 3:
-        raise ValueError(f"a radar needs at least three values, got {names}")
+        raise PlotError(f"a radar needs at least three values, got {names}")
     for name in names:
         base.index_of(name)
+    palette = resolve_targets(targets, base, names) if targets is not None else {}
     output = _output(path, overwrite)
     plt = _pyplot()
     angles = np.linspace(0.0, 2 * np.pi, len(names), endpoint=False)
@@ -102,7 +114,7 @@ def radar(
     def draw(levels: Mapping[str, float], label: str, **style) -> None:
         missing = [name for name in names if name not in levels]
         if missing:
-            raise ValueError(f"{label} has no level for {missing[0]!r}")
+            raise PlotError(f"{label} has no level for {missing[0]!r}")
         radii = [base_quantile(base, name, float(levels[name])) for name in names]
         axes.plot(closed, radii + radii[:1], label=label, **style)
         if style.get("fill", True):
@@ -112,8 +124,8 @@ def radar(
     draw({name: means[base.index_of(name)] for name in names}, "base (mean)", color="grey", linewidth=1)
     for label, levels in models.items():
         draw(levels, label, linewidth=2, marker="o")
-    if targets:
-        present = {name: targets[name] for name in names if name in targets}
+    if palette:
+        present = {name: palette[name] for name in names if name in palette}
         radii = [base_quantile(base, name, float(present[name])) if name in present else np.nan for name in names]
         axes.plot(closed, radii + radii[:1], linestyle="--", color="black", label="palette")
     axes.set_xticks(angles)
@@ -129,24 +141,21 @@ def radar(
 # ============================================================================ histograms
 
 
-def tilted_weights(pool: RewardPool, lam) -> np.ndarray:
+def tilted_weights(pool: PoolLike, lam, *, values: Sequence[str] | None = None) -> np.ndarray:
     """Weights of the pool's samples (in :meth:`RewardPool.flat` order) under p_λ ∝ p0 exp(λᵀr), pooled.
 
     ``lam`` is a Solution, a {value: λ} mapping or a vector over the pool's values (see
     :func:`mapjax.decode.lambda_for`).
     """
-    from mapjax.decode import lambda_for
-
-    logits = pool.flat() @ lambda_for(pool, lam)
-    weights = np.exp(logits - logits.max())
-    return weights / weights.sum()
+    pool = as_pool(pool, values)
+    return tilt_weights(pool, lambda_for(pool, lam), "pooled")  # p_λ's weights, computed as the solver does
 
 
 def reward_histograms(
-    base: RewardPool,
+    base: PoolLike,
     path: str | os.PathLike,
     *,
-    aligned: Mapping[str, RewardPool] | None = None,
+    aligned: Mapping[str, PoolLike] | None = None,
     weights: Mapping[str, np.ndarray] | None = None,
     values: Sequence[str] | None = None,
     bins: int = 40,
@@ -156,19 +165,22 @@ def reward_histograms(
 
     After alignment is either an aligned model's pool (``aligned``: label -> pool) or the base samples
     reweighted (``weights``: label -> weights over ``base.flat()``, e.g. from :func:`tilted_weights`).
-    Dotted lines mark the means.
+    Dotted lines mark the means. A plain array for an aligned pool has the base's columns.
     """
-    aligned = dict(aligned or {})
+    if values is not None:
+        values = unique_names(values, "values", PlotError)
+    base = as_pool(base, values)
+    aligned = {label: as_pool(pool, base.value_names) for label, pool in (aligned or {}).items()}
     weights = dict(weights or {})
     names = list(values) if values is not None else list(base.value_names)
     for name in names:
         base.index_of(name)
         for label, pool in aligned.items():
             if name not in pool.value_names:
-                raise ValueError(f"the aligned pool {label!r} has no value {name!r}")
+                raise PlotError(f"the aligned pool {label!r} has no value {name!r}")
     for label, weight in weights.items():
         if np.shape(weight) != (base.num_samples,):
-            raise ValueError(f"weights {label!r} have shape {np.shape(weight)}; the base has {base.num_samples} samples")
+            raise PlotError(f"weights {label!r} have shape {np.shape(weight)}; the base has {base.num_samples} samples")
     output = _output(path, overwrite)
     plt = _pyplot()
     columns = min(3, len(names))
@@ -205,7 +217,7 @@ def reward_histograms(
 
 
 def pareto_plot(
-    base: RewardPool,
+    base: PoolLike,
     x: str,
     y: str,
     path: str | os.PathLike,
@@ -216,6 +228,7 @@ def pareto_plot(
     realised: Mapping[str, tuple[float, float]] | None = None,
     title: str | None = None,
     overwrite: bool = False,
+    values: Sequence[str] | None = None,
 ) -> Path:
     """Two values' realised levels: the MORL baseline's random-λ cloud and MAP's random feasible palettes.
 
@@ -227,11 +240,13 @@ def pareto_plot(
         targets: label -> (x, y) palette targets, drawn as crosses.
         realised: label -> (x, y) realised levels, drawn as stars.
         title, overwrite: the title; replace an existing file.
+        values: the names of a plain reward array's columns.
     """
+    base = as_pool(base, values)
     columns = (base.index_of(x), base.index_of(y))
     for label, batch in (("morl", morl), ("map_palettes", map_palettes)):
         if batch is not None and tuple(batch.value_names) != tuple(base.value_names):
-            raise ValueError(f"{label} were solved on a pool with values {list(batch.value_names)}, not this base")
+            raise PlotError(f"{label} were solved on a pool with values {list(batch.value_names)}, not this base")
     output = _output(path, overwrite)
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6.4, 5.2))
@@ -296,7 +311,7 @@ class RegionGrid:
         elif kind == "kl":
             values = self.solutions.kl
         else:
-            raise ValueError(f"colour must be 'log_ess', 'lambda_l1' or 'kl', got {kind!r}")
+            raise PlotError(f"colour must be one of {REGION_COLOURS}, got {kind!r}")
         values = np.where(self.solutions.feasible, values, np.nan)
         return values.reshape(len(self.y_levels), len(self.x_levels))
 
@@ -312,27 +327,33 @@ class RegionGrid:
 
 
 def region_grid(
-    pool: RewardPool,
+    pool: PoolLike,
     x: str,
     y: str,
     *,
-    fixed: PaletteSpec | None = None,
+    fixed: Palettes | None = None,
     points: int = 30,
     normaliser: str = "pooled",
+    values: Sequence[str] | None = None,
 ) -> RegionGrid:
     """Solve a points x points grid of palettes over (x, y) from c0 to each value's sample maximum, the values
-    ``fixed`` names held at their levels, all in one ``solve_many`` call."""
+    ``fixed`` holds at their levels (a palette in any form; a vector of levels runs over ``values`` or all of
+    the pool's values, NaN where free), all in one ``solve_many`` call."""
     if x == y:
-        raise ValueError(f"the two values must differ, got {x!r} twice")
-    if points < 2:
-        raise ValueError(f"points must be at least 2, got {points}")
+        raise PlotError(f"the two values must differ, got {x!r} twice")
+    if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 2:
+        raise PlotError(f"points must be a whole number of at least 2, got {points!r}")
+    pool = as_pool(pool, values)
     x_column, y_column = pool.index_of(x), pool.index_of(y)
     held = np.full(pool.num_values, np.nan)
     if fixed is not None:
-        held = palette_targets(pool, [fixed])[0]
-        clash = [name for name in parse(fixed).names if name in (x, y)]
+        held = palette_targets(pool, fixed, values)
+        if held.shape[0] != 1:
+            raise PlotError(f"fixed holds one palette, got {held.shape[0]}")
+        held = held[0]
+        clash = [name for name, column in ((x, x_column), (y, y_column)) if not np.isnan(held[column])]
         if clash:
-            raise ValueError(f"{clash[0]!r} is an axis of the region; leave it out of the fixed levels")
+            raise PlotError(f"{clash[0]!r} is an axis of the region; leave it out of the fixed levels")
     means, highest = pool.means(), pool.value_range()[1]
     x_levels = np.linspace(means[x_column], highest[x_column], points)
     y_levels = np.linspace(means[y_column], highest[y_column], points)
@@ -345,25 +366,29 @@ def region_grid(
 
 
 def feasible_region(
-    pool: RewardPool,
+    pool: PoolLike,
     x: str,
     y: str,
     path: str | os.PathLike,
     *,
-    fixed: PaletteSpec | None = None,
+    fixed: Palettes | None = None,
     points: int = 30,
     colour: RegionColour = "log_ess",
     grid: RegionGrid | None = None,
     marks: Mapping[str, tuple[float, float]] | None = None,
     overwrite: bool = False,
+    values: Sequence[str] | None = None,
 ) -> Path:
     """The feasible region of a two-value slice of palettes (see :func:`region_grid`; pass ``grid`` to reuse
     one already solved): feasible cells coloured by ``colour``, infeasible ones grey, the grid's frontier
     drawn, and optional ``marks`` (label -> (x, y) palettes)."""
+    pool = as_pool(pool, values)
+    if colour not in REGION_COLOURS:
+        raise PlotError(f"colour must be one of {REGION_COLOURS}, got {colour!r}")
     if grid is None:
-        grid = region_grid(pool, x, y, fixed=fixed, points=points)
+        grid = region_grid(pool, x, y, fixed=fixed, points=points, values=values)
     elif (grid.x, grid.y) != (x, y):
-        raise ValueError(f"the grid is over ({grid.x}, {grid.y}), not ({x}, {y})")
+        raise PlotError(f"the grid is over ({grid.x}, {grid.y}), not ({x}, {y})")
     output = _output(path, overwrite)
     plt = _pyplot()
     from matplotlib.colors import ListedColormap

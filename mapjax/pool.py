@@ -13,22 +13,21 @@ exists, else by the prompt text, in order of first appearance.
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
+
+from mapjax.errors import InputError, PoolError
 
 SUMMARY_QUANTILES: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 # Columns of a record that are text or grouping keys, never rewards.
 TEXT_COLUMNS: tuple[str, ...] = ("prompt", "generated", "prompt_id")
-
-
-class PoolError(ValueError):
-    """Raised for a pool that cannot be built or read; the message names the file, row and value."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,9 @@ class RewardPool:
             )
         if len(names) != rewards.shape[2]:
             raise PoolError(f"{len(names)} value names {list(names)} for {rewards.shape[2]} reward columns")
-        if len(set(names)) != len(names):
-            raise PoolError(f"value names repeat: {list(names)}")
+        repeated = repeated_names(names)
+        if repeated:
+            raise PoolError(f"value names {repeated} repeat in {list(names)}; each reward column needs its own name")
         if rewards.shape[2] == 0:
             raise PoolError("the pool has no reward columns")
         if not mask.any():
@@ -112,7 +112,14 @@ class RewardPool:
         mask: np.ndarray | None = None,
     ) -> "RewardPool":
         """A pool from an array: [n, values] (one sample per prompt) or [prompts, samples, values]."""
-        array = np.asarray(rewards, dtype=np.float64)
+        try:
+            array = np.asarray(rewards, dtype=np.float64)
+        except OverflowError:
+            raise PoolError("rewards hold a number too large for a float64; rescale them") from None
+        except (TypeError, ValueError) as error:
+            raise PoolError(
+                f"rewards must be a numeric array [n, values] or [prompts, samples, values] ({error})"
+            ) from None
         if array.ndim == 1:
             array = array[:, None]
         if array.ndim == 2:
@@ -136,40 +143,36 @@ class RewardPool:
     ) -> "RewardPool":
         """A pool from records ``{prompt, generated, prompt_id?, <value>: number}``, grouped by prompt.
 
-        ``value_names`` picks and orders the reward columns; by default every numeric column of the first
-        record other than ``prompt_id``, in the record's order.
+        ``value_names`` picks and orders the reward columns; by default every field that holds a number in any
+        record (other than ``prompt_id``), in order of first appearance. Every record is read alike: one that
+        lacks a value, or holds something other than a finite number there, is an error naming its row.
         """
         rows = list(records)
         if not rows:
             raise PoolError(f"{source}: the pool is empty: no records")
-        first = rows[0]
-        if not isinstance(first, Mapping):
-            raise PoolError(f"{source}: row 0 is a {type(first).__name__}, expected an object of fields")
-        if value_names is None:
-            value_names = [
-                key
-                for key, val in first.items()
-                if key not in TEXT_COLUMNS and isinstance(val, (int, float)) and not isinstance(val, bool)
-            ]
-            if not value_names:
-                raise PoolError(f"{source}: row 0 has no numeric reward fields (fields: {list(first)})")
-        value_names = tuple(value_names)
-
-        group_key = "prompt_id" if "prompt_id" in first else ("prompt" if "prompt" in first else None)
-        groups: dict[Any, list[int]] = {}
-        values = np.empty((len(rows), len(value_names)), dtype=np.float64)
         for index, row in enumerate(rows):
             if not isinstance(row, Mapping):
                 raise PoolError(f"{source}: row {index} is a {type(row).__name__}, expected an object of fields")
+        if value_names is None:
+            value_names = _numeric_fields(rows)
+            if not value_names:
+                raise PoolError(f"{source}: no record has a numeric reward field (fields: {list(rows[0])})")
+        value_names = unique_names(value_names, "value_names", PoolError)
+
+        present = {key for row in rows for key in row}
+        group_key = "prompt_id" if "prompt_id" in present else ("prompt" if "prompt" in present else None)
+        # Texts are kept when any record has them, so every record must then have them.
+        text_keys = [key for key in ("prompt", "generated") if key in present]
+        groups: dict[Any, list[int]] = {}
+        values = np.empty((len(rows), len(value_names)), dtype=np.float64)
+        for index, row in enumerate(rows):
             for column, name in enumerate(value_names):
                 if name not in row:
                     raise PoolError(f"{source}: row {index} has no value {name!r} (fields: {list(row)})")
-                raw = row[name]
-                if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw is None:
-                    raise PoolError(f"{source}: row {index}, value {name!r} is {raw!r}, expected a number")
-                if not math.isfinite(raw):
-                    raise PoolError(f"{source}: row {index}, value {name!r} is {raw}: rewards must be finite")
-                values[index, column] = raw
+                values[index, column] = _reward(row[name], source, index, name)
+            for key in text_keys:
+                if row.get(key) is None:
+                    raise PoolError(f"{source}: row {index} has no {key!r}, which other rows have")
             key = row.get(group_key) if group_key else index
             if group_key and key is None:
                 raise PoolError(f"{source}: row {index} has no {group_key!r}")
@@ -182,13 +185,11 @@ class RewardPool:
             rewards[prompt_row, : len(members)] = values[members]
             mask[prompt_row, : len(members)] = True
         prompts = None
-        if "prompt" in first:
-            prompts = tuple(str(rows[members[0]].get("prompt", "")) for members in groups.values())
+        if "prompt" in text_keys:
+            prompts = tuple(str(rows[members[0]]["prompt"]) for members in groups.values())
         generations = None
-        if "generated" in first:
-            generations = tuple(
-                tuple(str(rows[i].get("generated", "")) for i in members) for members in groups.values()
-            )
+        if "generated" in text_keys:
+            generations = tuple(tuple(str(rows[i]["generated"]) for i in members) for members in groups.values())
         return cls(rewards, mask, value_names, prompts, generations)
 
     # ----------------------------------------------------------------- views
@@ -294,15 +295,30 @@ class RewardPool:
 
     @classmethod
     def load(cls, path: str | os.PathLike, value_names: Sequence[str] | None = None) -> "RewardPool":
-        """Read a pool from ``.json`` (the authors' pilot schema), ``.jsonl`` or ``.parquet``."""
+        """Read a pool from ``.json`` (the authors' pilot schema), ``.jsonl`` or ``.parquet``.
+
+        A ``.json.gz`` or ``.jsonl.gz`` file is decompressed on the fly (the shipped pilot set is one).
+        """
         path = Path(path)
         if not path.is_file():
             raise PoolError(f"{path}: no such file")
-        suffix = path.suffix.lower()
+        suffix, compressed = _pool_format(path)
+        if compressed and suffix == ".parquet":
+            raise PoolError(f"{path}: Parquet is compressed inside the file; do not gzip it")
+
+        def read_text() -> str:
+            try:
+                if compressed:
+                    with gzip.open(path, "rt", encoding="utf-8") as handle:
+                        return handle.read()
+                return path.read_text(encoding="utf-8")
+            except (OSError, EOFError, UnicodeDecodeError) as error:
+                raise PoolError(f"{path}: cannot be read ({error}); is the file truncated?") from None
+
         if suffix == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                data = json.loads(read_text())
+            except json.JSONDecodeError as error:
                 raise PoolError(f"{path}: not valid JSON ({error}); is the file truncated?") from None
             if isinstance(data, Mapping) and "records" in data:
                 data = data["records"]
@@ -311,26 +327,25 @@ class RewardPool:
             rows = data
         elif suffix == ".jsonl":
             rows = []
-            with path.open(encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise PoolError(
-                            f"{path}: line {line_number} is not valid JSON ({error}); is the file truncated?"
-                        ) from None
+            for line_number, line in enumerate(read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise PoolError(
+                        f"{path}: line {line_number} is not valid JSON ({error}); is the file truncated?"
+                    ) from None
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
             import pyarrow
+            import pyarrow.parquet as pq
 
             try:
                 rows = pq.read_table(path).to_pylist()
             except (pyarrow.ArrowInvalid, OSError) as error:
                 raise PoolError(f"{path}: not a readable Parquet file ({error})") from None
         else:
-            raise PoolError(f"{path}: unknown pool format {suffix!r}; use .json, .jsonl or .parquet")
+            raise PoolError(f"{path}: unknown pool format {suffix!r}; use .json, .jsonl or .parquet (or .json.gz, .jsonl.gz)")
         return cls.from_records(rows, value_names=value_names, source=str(path))
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -358,3 +373,91 @@ class RewardPool:
             pq.write_table(pyarrow.Table.from_pylist(records), partial)
         os.replace(partial, path)
         return path
+
+
+def _pool_format(path: Path) -> tuple[str, bool]:
+    """(format suffix, gzip-compressed) of a pool file: ``a.json.gz`` is (".json", True)."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        return (suffixes[-2] if len(suffixes) > 1 else ""), True
+    return (suffixes[-1] if suffixes else ""), False
+
+
+def _numeric_fields(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """Fields holding a number in any row (never the text and grouping columns), in order of first appearance."""
+    names: dict[str, None] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in TEXT_COLUMNS and key not in names and _is_number(value):
+                names[key] = None
+    return tuple(names)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _reward(raw: Any, source: str, row: int, name: str) -> float:
+    """One reward of a record as a finite float; the error names the row and value."""
+    if not _is_number(raw):
+        raise PoolError(f"{source}: row {row}, value {name!r} is {raw!r}, expected a number")
+    try:
+        number = float(raw)
+    except OverflowError:
+        raise PoolError(
+            f"{source}: row {row}, value {name!r} is an integer of {len(str(abs(raw)))} digits, too large for a "
+            "float64; rescale the rewards"
+        ) from None
+    if not math.isfinite(number):
+        raise PoolError(f"{source}: row {row}, value {name!r} is {raw}: rewards must be finite")
+    return number
+
+
+def repeated_names(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once, in order of first appearance."""
+    seen: dict[str, int] = {}
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+    return [name for name, count in seen.items() if count > 1]
+
+
+def unique_names(
+    names: Iterable[str], argument: str = "values", error: type[Exception] = InputError
+) -> tuple[str, ...]:
+    """``names`` as a tuple of strings; naming a value twice is an error that lists the repeats."""
+    if isinstance(names, str):
+        raise error(f"{argument} must be a list of value names, got the string {names!r}")
+    names = tuple(str(name) for name in names)
+    repeated = repeated_names(names)
+    if repeated:
+        raise error(f"{argument} names {repeated} more than once: {list(names)}")
+    return names
+
+
+PoolLike = Union[RewardPool, np.ndarray, Sequence[Sequence[float]]]
+
+
+def as_pool(data: PoolLike, values: Sequence[str] | None = None) -> RewardPool:
+    """The one coercion of reward data at every public entry point.
+
+    ``data`` is a RewardPool (returned as it is; ``values`` then concerns the caller's other arguments, not the
+    pool), or a plain array: [n, values] with one sample each, [prompts, samples, values], or nested lists of
+    either. An array's columns are named by ``values`` (default ``r0, r1, ...``), which must then name every
+    column once.
+    """
+    if isinstance(data, RewardPool):
+        if values is not None:
+            unique_names(values)
+        return data
+    if values is not None:
+        values = unique_names(values)
+        try:
+            columns = np.shape(data)[-1] if np.ndim(data) > 1 else 1
+        except ValueError:
+            columns = None  # ragged nested lists: from_array names the problem
+        if columns is not None and columns != len(values):
+            raise PoolError(
+                f"values names {len(values)} columns {list(values)} but the reward array has {columns} "
+                f"(shape {np.shape(data)}); name every column once"
+            )
+    return RewardPool.from_array(data, value_names=values)

@@ -6,22 +6,33 @@ g(λ) = λᵀc − (1/P) Σ_x log (1/k_x) Σ_{y in x} exp(λᵀ r(x, y)).
 
 Solvers work in a shifted, scaled frame r̃ = (r − μ)/σ (μ, σ the pooled mean and spread of each value) for
 conditioning; λ = λ̃/σ maps back exactly, and the dual changes only by a constant.
+
+The tilted distribution p_λ ∝ p0 exp(λᵀr), normalised within each group, is computed in one place,
+:func:`group_tilt`: the Newton kernel uses it on device, and :func:`tilt_weights` gives its weights to numpy
+callers (MAP-D's selection probabilities, reweighted histograms).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
+from mapjax.errors import InputError, SolverError
 from mapjax.pool import RewardPool
 
 Normaliser = Literal["pooled", "per_prompt"]
 # Problems already built, per pool (weakly held: they go with their pool).
 _BUILT: "weakref.WeakKeyDictionary[RewardPool, dict[str, DualProblem]]" = weakref.WeakKeyDictionary()
 NORMALISERS: tuple[str, ...] = ("pooled", "per_prompt")
+DType = Literal["float32", "float64"]
+DTYPES: tuple[str, ...] = ("float32", "float64")
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +60,7 @@ class DualProblem:
     def from_pool(cls, pool: RewardPool, normaliser: Normaliser = "pooled") -> "DualProblem":
         """The problem for a pool; built once per pool and normaliser (pools are immutable)."""
         if normaliser not in NORMALISERS:
-            raise ValueError(f"normaliser must be one of {NORMALISERS}, got {normaliser!r}")
+            raise SolverError(f"normaliser must be one of {NORMALISERS}, got {normaliser!r}")
         built = _BUILT.setdefault(pool, {})
         if normaliser not in built:
             built[normaliser] = cls._build(pool, normaliser)
@@ -92,3 +103,87 @@ class DualProblem:
 
     def to_raw_levels(self, scaled_levels: np.ndarray) -> np.ndarray:
         return self.shift + self.scale * np.asarray(scaled_levels, dtype=np.float64)
+
+
+@contextlib.contextmanager
+def precision(dtype: str) -> Iterator[jnp.dtype]:
+    """Run JAX code on a problem in ``dtype``: float64 needs JAX's x64 mode, switched on for the block only so
+    that the process default is left alone. Yields the JAX dtype."""
+    if dtype not in DTYPES:
+        raise SolverError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    with jax.enable_x64(dtype == "float64"):
+        yield jnp.dtype(dtype)
+
+
+@struct.dataclass
+class Tilt:
+    """p_λ on every group for a batch of λ, kept as the pieces the solver reuses (leading axis: the batch).
+
+    Weights are stored unnormalised, relative to each group's largest, so that no exp overflows.
+    """
+
+    top: jax.Array  # [batch, groups] largest logit λ̃ᵀr̃ + log p0 of each group
+    unnormalised: jax.Array  # [batch, groups, slots] exp(logit − top); 0 on empty slots
+    total: jax.Array  # [batch, groups] Σ over the group's slots of ``unnormalised`` (>= 1)
+
+    @property
+    def weights(self) -> jax.Array:
+        """[batch, groups, slots] p_λ's weights, summing to 1 within each group."""
+        return self.unnormalised / self.total[..., None]
+
+    @property
+    def log_normaliser(self) -> jax.Array:
+        """[batch, groups] log Σ_k p0_k exp(λ̃ᵀr̃_k) of each group."""
+        return self.top + jnp.log(self.total)
+
+
+def group_tilt(scaled: jax.Array, log_base: jax.Array, lam: jax.Array) -> Tilt:
+    """p_λ within each group for scaled λ̃ [batch, values]: softmax over a group's slots of λ̃ᵀr̃ + log p0.
+
+    ``scaled`` and ``log_base`` are a :class:`DualProblem`'s arrays (on device or not); empty slots have
+    log p0 = -inf and get weight 0.
+    """
+    logits = jnp.einsum("gkm,bm->bgk", scaled, lam) + log_base
+    top = jnp.max(logits, axis=-1)
+    unnormalised = jnp.exp(logits - top[..., None])
+    return Tilt(top=top, unnormalised=unnormalised, total=jnp.sum(unnormalised, axis=-1))
+
+
+def tilt_weights(
+    data: Union[RewardPool, DualProblem], lam: np.ndarray, normaliser: Normaliser | None = None
+) -> np.ndarray:
+    """p_λ's weights on the samples, for raw λ over the pool's values.
+
+    Args:
+        data: a RewardPool, or a DualProblem built from one (its own normaliser is then used).
+        lam: [values] raw λ in the pool's value order (any finite numbers; decoding checks its own λ).
+        normaliser: for a pool, "per_prompt" (the default: softmax(λᵀr) within each prompt's samples, as
+            MAP-D selects) or "pooled" (one softmax over all samples, the paper's p_λ on the pool).
+
+    Returns:
+        float64 weights: [prompts, samples] for per_prompt, 0 on empty slots, each row summing to 1; [n] in
+        :meth:`RewardPool.flat` order for pooled, summing to 1.
+    """
+    if isinstance(data, DualProblem):
+        if normaliser is not None and normaliser != data.normaliser:
+            raise InputError(f"normaliser {normaliser!r} given with a {data.normaliser!r} problem")
+        problem = data
+    elif isinstance(data, RewardPool):
+        problem = DualProblem.from_pool(data, "per_prompt" if normaliser is None else normaliser)
+    else:
+        raise InputError(f"tilt_weights takes a RewardPool or a DualProblem, got {type(data).__name__}")
+    vector = np.asarray(lam, dtype=np.float64)
+    if vector.shape != (problem.num_values,):
+        raise InputError(
+            f"λ has shape {vector.shape}; expected one entry per value {list(problem.value_names)}"
+        )
+    if not np.all(np.isfinite(vector)):
+        raise InputError(f"λ must be finite, got {vector.tolist()}")
+    with precision("float64") as dtype:
+        tilt = group_tilt(
+            jnp.asarray(problem.scaled, dtype),
+            jnp.asarray(problem.log_base, dtype),
+            jnp.asarray(problem.to_scaled_lambda(vector)[None], dtype),
+        )
+        weights = np.asarray(tilt.weights[0], dtype=np.float64)
+    return weights[0] if problem.normaliser == "pooled" else weights

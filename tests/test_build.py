@@ -8,14 +8,11 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-from mapjax import RewardPool  # noqa: E402
-from mapjax.build import BuildError, add_pool_command, build_pool  # noqa: E402
-from mapjax.models import from_pretrained  # noqa: E402
-from mapjax.rewards.base import RewardError  # noqa: E402
-from tests.model_fixtures import CASES, build_torch_model, save_torch_model  # noqa: E402
-from tests.test_generate import word_tokenizer  # noqa: E402
+from mapjax import RewardPool
+from mapjax.build import BuildError, build_pool
+from mapjax.cli.pool import register as add_pool_command
+from mapjax.models import from_pretrained
+from mapjax.rewards.base import RewardError
 
 PROMPTS = [f"w{3 + i} w{20 + i}" + " w7" * (i % 4) for i in range(7)]
 OPTIONS = dict(samples_per_prompt=2, chunk_size=3, max_new_tokens=5, batch_size=4, seed=11, progress=False)
@@ -38,9 +35,10 @@ class WordCount:
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    directory = save_torch_model(build_torch_model(CASES["gpt2"]), tmp_path_factory.mktemp("policy"))
-    return from_pretrained(directory), word_tokenizer(directory), directory
+def policy(tiny_policy_folder, word_tokenizer):
+    """The tiny GPT-2 loaded from its HF folder (the path --policy takes), its tokenizer and the folder."""
+    directory = tiny_policy_folder("gpt2")
+    return from_pretrained(directory), word_tokenizer(), directory
 
 
 def test_interrupted_build_resumes_to_the_uninterrupted_pool(policy, tmp_path):

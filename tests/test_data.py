@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from mapjax.data import (PromptSourceError, cut_at_word_boundary, first_human_turn, hh_rlhf_prompts,
-                         imdb_prompts, jsonl_prompts, load_prompts, text_prompts)
+from mapjax.data import (
+    PromptSourceError,
+    cut_at_word_boundary,
+    first_human_turn,
+    hh_rlhf_prompts,
+    imdb_prompts,
+    jsonl_prompts,
+    load_prompts,
+    text_prompts,
+)
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -1,11 +1,12 @@
+import warnings
+
 import numpy as np
 import pytest
 from scipy import stats
 
 from mapjax import RewardPool, solve
 from mapjax.decode import decode_pool, expected_levels, lambda_for, select, selected, selection_probabilities
-
-from conftest import make_ragged_pool
+from mapjax.errors import DecodeError
 
 
 def fixed_candidates():
@@ -59,8 +60,8 @@ def test_argmax_is_best_of_k_and_selected_pool_keeps_texts():
     np.testing.assert_array_equal(result.result.flat(), pool.rewards[np.arange(3), result.choice])
 
 
-def test_expected_levels_average_the_per_prompt_weighted_means():
-    pool = make_ragged_pool()
+def test_expected_levels_average_the_per_prompt_weighted_means(ragged_pool):
+    pool = ragged_pool
     lam = np.array([0.7, 0.0, 0.3])
     weights = selection_probabilities(pool, lam)
     manual = np.mean(np.einsum("pk,pkv->pv", weights, pool.rewards), axis=0)
@@ -79,26 +80,71 @@ def test_lambda_from_a_solution_of_another_pool(pilot):
 
 def test_bad_lambda():
     pool = fixed_candidates()
-    with pytest.raises(ValueError, match="3 entries for the pool's 2 values"):
+    with pytest.raises(DecodeError, match="3 entries for the pool's 2 values"):
         select(pool, [1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(DecodeError, match="non-negative"):
         select(pool, [-1.0, 0.0])
-    with pytest.raises(ValueError, match="infeasible palette has no λ"):
+    with pytest.raises(DecodeError, match="infeasible palette has no λ"):
         select(pool, [np.nan, 0.0])
-    with pytest.raises(ValueError, match="not scored for it"):
+    with pytest.raises(DecodeError, match="not scored for it"):
         lambda_for(pool, {"humor": 1.0})
-    with pytest.raises(ValueError, match="rule must be"):
+    with pytest.raises(DecodeError, match="rule must be"):
         select(pool, [0.0, 0.0], rule="greedy")
+    with pytest.raises(DecodeError, match="a vector of numbers"):
+        select(pool, ["high", "low"])
 
 
-def test_decode_command_end_to_end(tmp_path, capsys):
-    pytest.importorskip("torch")
+def test_an_infeasible_solution_is_refused_by_name(pilot):
+    solution = solve(pilot, "humor>=q0.99, gpt2-helpful>=q0.99, gpt2-harmless>=q0.99")
+    assert solution.status == "infeasible"
+    for decode_with in (expected_levels, select, selection_probabilities, decode_pool):
+        with pytest.raises(DecodeError, match="the palette is infeasible: infeasible: .*has no λ to decode with"):
+            decode_with(pilot, solution)
+
+
+def test_a_degenerate_solution_is_used_with_a_warning_naming_ess():
+    rng = np.random.default_rng(0)
+    pool = RewardPool(rng.normal(size=(20, 4, 2)), np.ones((20, 4), bool), ("a", "b"))
+    top = pool.flat()[:, 0].max()
+    edge = solve(pool, {"a": top - 1e-3})  # just inside the largest reward: optimal, but p_λ is one sample
+    assert edge.status == "optimal" and edge.degenerate and edge.ess < 2
+    for decode_with in (expected_levels, select, selection_probabilities, decode_pool, lambda_for):
+        with pytest.warns(UserWarning, match=r"degenerate λ: p_λ's effective sample size \(ESS\) is 1.1"):
+            decode_with(pool, edge)
+    comfortable = solve(pool, {"a": top - 0.5})
+    assert comfortable.status == "optimal" and not comfortable.degenerate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_pool(pool, comfortable)
+
+
+def test_bad_choices():
+    pool = fixed_candidates()
+    with pytest.raises(DecodeError, match=r"need one whole-number choice per prompt \(3\)"):
+        selected(pool, [0, 1])
+    with pytest.raises(DecodeError, match=r"need one whole-number choice per prompt"):
+        selected(pool, [0.0, 1.0, 2.0])
+    with pytest.raises(DecodeError, match=r"choice 4 of prompt row 2 is not a slot \(0..3\)"):
+        selected(pool, [0, 1, 4])
+    with pytest.raises(DecodeError, match="choice 3 of prompt row 1 is an empty slot"):
+        selected(pool, [0, 3, 0])
+
+
+def test_plain_arrays_decode_like_pools():
+    pool = fixed_candidates()
+    full = pool.rewards[[0, 2]]  # the two prompts with four candidates each
+    lam = {"a": 0.8, "b": 0.5}
+    as_array = decode_pool(full, lam, values=["a", "b"], rule="softmax", seed=3)
+    as_pool = decode_pool(RewardPool(full, np.ones((2, 4), bool), ("a", "b")), lam, seed=3)
+    np.testing.assert_array_equal(as_array.choice, as_pool.choice)
+    np.testing.assert_allclose(as_array.expected, as_pool.expected, rtol=1e-12)
+    np.testing.assert_allclose(selection_probabilities(full, [0.8, 0.5]), selection_probabilities(as_pool.candidates, [0.8, 0.5]))
+
+
+def test_decode_command_end_to_end(tmp_path, capsys, tiny_policy_folder):
     from mapjax.cli import main
-    from tests.model_fixtures import CASES, build_torch_model, save_torch_model
-    from tests.test_generate import word_tokenizer
 
-    policy = save_torch_model(build_torch_model(CASES["gpt2"]), tmp_path / "policy")
-    word_tokenizer(policy)
+    policy = tiny_policy_folder("gpt2")
     rng = np.random.default_rng(0)
     base = RewardPool.from_array(np.c_[rng.uniform(0.3, 1.0, 200), rng.uniform(-1, 1, 200)],
                                  value_names=["diversity", "sentiment"])

@@ -3,57 +3,45 @@ word-level prompts, cheap rewards), the early error for a model missing from the
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+from experiments import decoding_tables as tables
+from experiments.common import CONFIGS, apply_override, load_yaml
+from mapjax.errors import ConfigError, OutputExistsError
+from mapjax.rewards import register_reward, unregister_reward
 
-from mapjax.rewards import register_reward, unregister_reward  # noqa: E402
-from tests.model_fixtures import CASES, build_torch_model, save_torch_model  # noqa: E402
-from tests.test_generate import word_tokenizer  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "tiny_decoding.yaml"
-WORDS = "tiny-words"   # a cheap registry reward: the continuation's word count
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("decoding_tables", ROOT / "experiments" / "decoding_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tables = _load_script()
+TINY_CONFIG = CONFIGS / "tiny_decoding.yaml"
+# A cheap registry reward: the sum of the continuation's word ids ("w17" counts 17). Not its word count: with 8 new
+# tokens most continuations have 8 words, so every quantile of that is its maximum, a level no palette reaches.
+WORDS = "tiny-words"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def words_reward():
-    register_reward(WORDS, lambda prompts, continuations: [len(text.split()) for text in continuations],
+    register_reward(WORDS, lambda prompts, continuations: [sum(int(word[1:]) for word in text.split()
+                                                               if word[1:].isdigit()) for text in continuations],
                     overwrite=True)
     yield
     unregister_reward(WORDS)
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
+def tiny_setup(tiny_policy_folder, tmp_path_factory):
     """A tiny random GPT-2 folder with a word-level tokenizer, and a file of 16 distinct word prompts."""
-    folder = tmp_path_factory.mktemp("tiny-policy")
-    save_torch_model(build_torch_model(CASES["gpt2"]), folder)
-    word_tokenizer(folder)
-    prompts = folder.parent / "prompts.txt"
+    folder = tiny_policy_folder("gpt2")
+    prompts = tmp_path_factory.mktemp("tiny-prompts") / "prompts.txt"
     prompts.write_text("\n".join(f"w{3 + i} w{30 + 2 * i}" + " w7" * (i % 3) for i in range(16)) + "\n")
     return folder, prompts
 
 
 def tiny_config(setup, *overrides: str) -> dict:
     folder, prompts = setup
-    return tables.load_config(TINY_CONFIG, [
+    return load_yaml(TINY_CONFIG, [
         f"policy={folder}", f"prompts.source={prompts}", f"values=[diversity, {WORDS}, perplexity]",
         f"navigation.values=[diversity, {WORDS}]", f"navigation.random_values=[diversity, {WORDS}]",
         f"palettes={{Words-60: '{WORDS}>=max(mean,q0.6)'}}", *overrides])
@@ -145,7 +133,7 @@ def test_rerun_resumes_and_other_config_needs_force(tiny_setup, tmp_path):
     assert again["resumed"] and not first["resumed"]
     assert again["palettes"]["Two-60"]["lam"] == first["palettes"]["Two-60"]["lam"]
     changed = tiny_config(tiny_setup, LEVEL_PALETTES["table4"], "k=3")
-    with pytest.raises(tables.DecodingTableError, match="not empty"):
+    with pytest.raises(OutputExistsError, match="not empty"):
         tables.run_table(changed, out, table="table1")
     forced = tables.run_table(changed, out, table="table1", force=True)
     assert forced["candidates"]["samples"] == 12
@@ -181,51 +169,51 @@ def test_the_real_configs_from_the_command_line_name_the_missing_model(tmp_path,
 
 
 def test_the_real_configs_parse_and_name_the_papers_models_and_palettes():
-    configs = {name: tables.resolve_config(tables.load_config(path), name) for name, (_, path) in tables.TABLES.items()}
+    configs = {name: tables.resolve_config(load_yaml(path), name) for name, (_, path) in tables.TABLES.items()}
     paper_values = ["humor", "gpt2-helpful", "gpt2-harmless", "diversity", "coherence", "perplexity"]
     hhh = ["HHH-50", "HHH-60", "HHH-70", "HHH-80", "Humor-80", "Help-80", "Harm-80"]
     for name in ("table1", "table4"):
         config = configs[name]
-        assert tables.value_names(config["values"]) == paper_values
-        assert list(config["palettes"]) == hhh
-        palette = tables.palette_spec("HHH-70", config["palettes"]["HHH-70"])
+        assert tables.value_names(config.values) == paper_values
+        assert list(config.palettes) == hhh
+        palette = tables.palette_spec("HHH-70", config.palettes["HHH-70"])
         assert str(palette) == ("humor>=max(mean,q0.7), gpt2-helpful>=max(mean,q0.7), gpt2-harmless>=max(mean,q0.7), "
                                 "diversity>=mean, coherence>=mean, perplexity>=mean")
-        assert str(tables.palette_spec("Harm-80", config["palettes"]["Harm-80"])) == "gpt2-harmless>=max(mean,q0.8)"
-        assert config["prompts"]["source"] == "hh-rlhf" and config["prompts"]["split"] == "test"
-    assert configs["table1"]["policy"] == "facebook/opt-1.3b"
-    assert configs["table4"]["policy"] == "meta-llama/Llama-2-7b-chat-hf"
+        assert str(tables.palette_spec("Harm-80", config.palettes["Harm-80"])) == "gpt2-harmless>=max(mean,q0.8)"
+        assert config.prompts.source == "hh-rlhf" and config.prompts.split == "test"
+    assert configs["table1"].policy == "facebook/opt-1.3b"
+    assert configs["table4"].policy == "meta-llama/Llama-2-7b-chat-hf"
     table2 = configs["table2"]
-    assert table2["prompts"]["source"] == "imdb" and table2["policy"] == "facebook/opt-1.3b"
-    levels = [str(tables.palette_spec(name, spec)) for name, spec in table2["palettes"].items()]
+    assert table2.prompts.source == "imdb" and table2.policy == "facebook/opt-1.3b"
+    levels = [str(tables.palette_spec(name, spec)) for name, spec in table2.palettes.items()]
     assert "positive>=mean+log(1+0.2)" in levels and "positive>=mean+log(1+0.25)" in levels
     table3 = configs["table3"]
-    assert table3["navigation"]["values"] == ["gpt2-helpful", "gpt2-harmless"] and table3["navigation"]["count"] >= 100
+    assert table3.navigation.values == ["gpt2-helpful", "gpt2-harmless"] and table3.navigation.count >= 100
     for config in configs.values():
-        assert config["k"] == 16 and config["seed"] == 0
-        assert config["sampling"]["top_k"] == 50 and config["sampling"]["temperature"] == 1.0
-        assert config["sampling"]["max_new_tokens"] == 50
-        assert config["pilot"] == {"samples_per_prompt": 1, "normaliser": "pooled"}
-        assert config["prompts"]["pilot_count"] + config["prompts"]["eval_count"] <= 2312 or config is table2
-    tiny = tables.resolve_config(tables.load_config(TINY_CONFIG))
-    assert tiny["k"] == 4 and tiny["prompts"]["pilot_count"] + tiny["prompts"]["eval_count"] <= 16
+        assert config.k == 16 and config.seed == 0
+        assert config.sampling.top_k == 50 and config.sampling.temperature == 1.0
+        assert config.sampling.max_new_tokens == 50
+        assert config.pilot == tables.PilotConfig(samples_per_prompt=1, normaliser="pooled")
+        assert config.prompts.pilot_count + config.prompts.eval_count <= 2312 or config is table2
+    tiny = tables.resolve_config(load_yaml(TINY_CONFIG))
+    assert tiny.k == 4 and tiny.prompts.pilot_count + tiny.prompts.eval_count <= 16
 
 
 def test_overrides_and_config_errors():
     config = {"a": {"b": 1}}
-    tables.apply_override(config, "a.c=[x, y]")
-    tables.apply_override(config, "k=8")
+    apply_override(config, "a.c=[x, y]")
+    apply_override(config, "k=8")
     assert config == {"a": {"b": 1, "c": ["x", "y"]}, "k": 8}
-    with pytest.raises(tables.DecodingTableError, match="key=value"):
-        tables.apply_override(config, "k")
-    base = tables.load_config(TINY_CONFIG)
-    with pytest.raises(tables.DecodingTableError, match="does not score"):
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override(config, "k")
+    base = load_yaml(TINY_CONFIG)
+    with pytest.raises(ConfigError, match="does not score"):
         tables.resolve_config({**base, "palettes": {"P": "humor>=q0.7"}}, "table1")
-    with pytest.raises(tables.DecodingTableError, match="choose one of"):
+    with pytest.raises(ConfigError, match="choose one of"):
         tables.resolve_config(base, "table9")
-    with pytest.raises(tables.DecodingTableError, match="eval_count"):
+    with pytest.raises(ConfigError, match="eval_count"):
         tables.resolve_config({**base, "prompts": {"eval_count": 0}}, "table1")
-    with pytest.raises(tables.DecodingTableError, match="navigation.values"):
+    with pytest.raises(ConfigError, match="navigation.values"):
         tables.resolve_config({**base, "navigation": {"values": ["humor"]}}, "table3")
 
 
@@ -247,8 +235,8 @@ def test_prompt_split_is_disjoint_and_seeded(tmp_path):
     pilot, evaluation, info = tables.read_prompt_split(config)
     assert len(pilot) == 6 and len(evaluation) == 5 and not set(pilot) & set(evaluation)
     assert info["distinct"] == 11 and tables.read_prompt_split(config)[0] == pilot
-    config["prompts"]["eval_count"] = 6
-    with pytest.raises(tables.DecodingTableError, match="exceed"):
+    config.prompts.eval_count = 6
+    with pytest.raises(ConfigError, match="exceed"):
         tables.read_prompt_split(config)
 
 
@@ -265,8 +253,8 @@ def test_the_papers_prompt_sources_read_from_local_copies(tmp_path):
     imdb = tmp_path / "imdb-train.jsonl"
     imdb.write_text("\n".join(json.dumps({"text": f"Review {i}: this film was long and slow, and then it got better "
                                                   "in the end", "label": i % 2}) for i in range(40)) + "\n")
-    config["prompts"].update(source="imdb", split="train", data_files={"train": str(imdb)}, pilot_count=10,
-                             eval_count=10)
+    config.prompts = dataclasses.replace(config.prompts, source="imdb", split="train",
+                                         data_files={"train": str(imdb)}, pilot_count=10, eval_count=10)
     pilot, evaluation, _ = tables.read_prompt_split(config)
     assert len(pilot) == len(evaluation) == 10 and not set(pilot) & set(evaluation)
     assert all(text.startswith("Review") and len(text) <= 30 for text in pilot + evaluation)

@@ -7,12 +7,8 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-from mapjax.demo import DemoSettings, demo_prompts, run_demo, split_prompts  # noqa: E402
-from mapjax.models import from_pretrained  # noqa: E402
-from tests.model_fixtures import CASES, build_torch_model, save_torch_model  # noqa: E402
-from tests.test_generate import word_tokenizer  # noqa: E402
+from mapjax.demo import DemoSettings, demo_prompts, run_demo, split_prompts
+from mapjax.models import from_pretrained
 
 
 class WordCount:
@@ -23,9 +19,8 @@ class WordCount:
 
 
 @pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
-    directory = save_torch_model(build_torch_model(CASES["gpt2"]), tmp_path_factory.mktemp("policy"))
-    return from_pretrained(directory), word_tokenizer(directory)
+def tiny_policy(tiny_policy_folder, word_tokenizer):
+    return from_pretrained(tiny_policy_folder("gpt2")), word_tokenizer()
 
 
 def test_demo_end_to_end_tiny(tiny_policy, tmp_path, capsys):

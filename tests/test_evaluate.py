@@ -14,7 +14,6 @@ from mapjax import RewardPool
 from mapjax.evaluate import (
     AUTHORS_LEVEL_TOLERANCE,
     EvaluationError,
-    add_evaluate_command,
     base_quantile,
     evaluate,
     navigation_efficiency,
@@ -177,9 +176,54 @@ def test_evaluate_combines_everything():
     json.dumps(evaluation.to_dict())
 
 
+def test_evaluation_error_is_the_package_error():
+    from mapjax import errors
+
+    assert EvaluationError is errors.EvaluationError and issubclass(EvaluationError, errors.MapjaxError)
+
+
+def test_repeated_values_are_refused():
+    result, base = four_prompt_pools()
+    for call in (lambda: realised_levels(result, values=["helpful", "helpful"]),
+                 lambda: win_rates(result, base, values=["helpful", "harmless", "helpful"]),
+                 lambda: evaluate(result, base, values=["harmless", "harmless"]),
+                 lambda: quantile_table({"m": {"helpful": 1.0}}, base, values=["helpful", "helpful"]),
+                 lambda: navigation_efficiency([{"helpful": 1.0}], {"helpful": 0.0}, values=["helpful", "helpful"])):
+        with pytest.raises(EvaluationError, match=r"values names \['(helpful|harmless)'\] more than once"):
+            call()
+
+
+def test_palette_as_a_vector_of_levels():
+    result, base = four_prompt_pools()
+    by_spec = realised_levels(result, {"helpful": 2.5}, base=base)
+    by_vector = realised_levels(result, [2.5, np.nan], base=base)  # over the reported values: helpful, harmless
+    assert by_vector["helpful"].target == by_spec["helpful"].target == 2.5
+    assert by_vector["helpful"].met is by_spec["helpful"].met is True
+    assert by_vector["harmless"].target is None
+    assert by_vector.palette == "helpful>=2.5"
+    over_named = realised_levels(result, [2.5], base=base, values=["helpful"])
+    assert over_named["helpful"].target == 2.5 and over_named.value_names == ("helpful",)
+    assert evaluate(result, base, [np.nan, 0.5]).levels["harmless"].target == 0.5
+
+
+def test_plain_arrays_evaluate_like_pools():
+    result, base = four_prompt_pools()
+    names = ["helpful", "harmless"]
+    # Without prompt texts the pools are matched by row: put the base in the result's prompt order first.
+    base_rows = RewardPool.from_array(base.rewards[[3, 2, 1, 0], 0], names)
+    result_rows = RewardPool.from_array(result.rewards[:, 0], names)
+    from_pools = evaluate(result_rows, base_rows, "helpful>=mean")
+    from_arrays = evaluate(result.rewards[:, 0], base.rewards[[3, 2, 1, 0], 0], "helpful>=mean", values=names)
+    assert from_arrays.to_dict() == from_pools.to_dict()
+    assert from_arrays.win_rates["helpful"].rate == pytest.approx(0.5)
+
+
 def run_cli(argv):
+    """``mapjax evaluate`` without the top-level error handling, so a test sees the error itself."""
+    from mapjax.cli import evaluate as evaluate_command
+
     parser = argparse.ArgumentParser(prog="mapjax")
-    add_evaluate_command(parser.add_subparsers(dest="command", required=True))
+    evaluate_command.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.run(args)
 

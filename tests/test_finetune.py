@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from mapjax.finetune import FinetuneConfig, FinetuneError, dpo_loss, dpo_pairs, finetune, weighted_examples  # noqa: E402
-from mapjax.finetune import data as data_module  # noqa: E402
-from mapjax.finetune.train import Stepper  # noqa: E402
-from mapjax.finetune.weighted import weighted_loss  # noqa: E402
-from mapjax.models import from_pretrained  # noqa: E402
-from mapjax.pool import RewardPool  # noqa: E402
-from tests.model_fixtures import CASES, build_torch_model, save_torch_model  # noqa: E402
-from tests.test_generate import word_tokenizer  # noqa: E402
+from mapjax.finetune import FinetuneConfig, FinetuneError, dpo_loss, dpo_pairs, finetune, weighted_examples
+from mapjax.finetune import data as data_module
+from mapjax.finetune.train import Stepper
+from mapjax.finetune.weighted import weighted_loss
+from mapjax.models import from_pretrained
+from mapjax.pool import RewardPool
 
 PROMPTS = ["w5 w17 w33", "w8", "w40 w41 w42 w43"]
 LAM = np.array([1.5, 0.5])
@@ -26,7 +23,7 @@ LAM = np.array([1.5, 0.5])
 def make_pool(with_texts: bool = True) -> RewardPool:
     rng = np.random.RandomState(0)
     generations = []
-    for row in range(len(PROMPTS)):
+    for _ in range(len(PROMPTS)):
         generations.append(tuple(" ".join(f"w{rng.randint(3, 100)}" for _ in range(rng.randint(2, 7)))
                                  for _ in range(4)))
     rewards = rng.normal(size=(len(PROMPTS), 4, 2))
@@ -37,10 +34,8 @@ def make_pool(with_texts: bool = True) -> RewardPool:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("gpt2")
-    save_torch_model(build_torch_model(CASES["gpt2"]), directory)
-    word_tokenizer(directory)
+def setup(tiny_policy_folder, word_tokenizer):
+    directory = tiny_policy_folder("gpt2")
     return directory, from_pretrained(directory), word_tokenizer(), make_pool()
 
 
@@ -53,7 +48,8 @@ def model_logits(model, ids, width=32):
 
     if id(model) not in _FORWARDS:
         graphdef, state = nnx.split(model)
-        _FORWARDS[id(model)] = (jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask)), state)
+        _FORWARDS[id(model)] = (jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask).logits),
+                                state)
     forward, state = _FORWARDS[id(model)]
     padded, mask = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
     padded[0, :len(ids)], mask[0, :len(ids)] = ids, 1
@@ -205,8 +201,8 @@ def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path):
     assert again.resumed_from == 5
     exported = from_pretrained(tmp_path / "killed" / "model")
     ids = jnp.asarray([[1, 5, 17, 33, 40]])
-    np.testing.assert_allclose(np.asarray(exported(ids, jnp.ones_like(ids))),
-                               np.asarray(resumed.model(ids, jnp.ones_like(ids))), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(exported(ids, jnp.ones_like(ids)).logits),
+                               np.asarray(resumed.model(ids, jnp.ones_like(ids)).logits), atol=1e-5)
     # other settings on the same folder are refused
     with pytest.raises(FinetuneError, match="another run"):
         finetune(model, tokenizer, pool, LAM, config=FinetuneConfig(batch_size=4, steps=5, seed=4),
@@ -235,11 +231,35 @@ def test_bad_input_is_a_clear_error(setup):
         finetune(model, tokenizer, pool, {"c": 1.0}, progress=False)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("learning_rate", float("nan")), ("learning_rate", float("inf")), ("learning_rate", -1e-5),
+    ("learning_rate", 0.0), ("clip_norm", float("nan")), ("clip_norm", -1.0), ("warmup_steps", -1),
+    ("warmup_steps", 1.5), ("kl_coef", float("nan")), ("kl_coef", -0.1), ("beta", float("inf")), ("beta", 0.0),
+    ("weight_decay", float("nan")), ("weight_decay", -0.01), ("epochs", float("nan")), ("epochs", 0.0),
+    ("max_length", 1), ("learning_rate", "1e-5"),
+])
+def test_non_finite_or_negative_settings_are_refused_before_training(setup, field, value):
+    """`finetune --lr nan` used to train a NaN model and exit 0: every setting is checked first."""
+    _, model, tokenizer, pool = setup
+    config = FinetuneConfig(batch_size=4, steps=1, **{field: value})
+    with pytest.raises(FinetuneError, match=rf"^{field} must be .*, got {re.escape(repr(value))}$"):
+        config.validate("weighted")
+    steps = []
+    with pytest.raises(FinetuneError, match=field):
+        finetune(model, tokenizer, pool, LAM, config=config, progress=False,
+                 callback=lambda step, metrics: steps.append(step))
+    assert steps == []
+
+
+def test_valid_edge_settings_are_accepted():
+    FinetuneConfig(clip_norm=None, kl_coef=0.0, weight_decay=0.0, warmup_steps=0, max_length=2).validate("dpo")
+
+
 def test_finetune_command(setup, tmp_path, capsys):
     import argparse
     import json
 
-    from mapjax.finetune.cli import add_finetune_command
+    from mapjax.cli.finetune import register as add_finetune_command
 
     directory, _, _, pool = setup
     named = RewardPool(pool.rewards, pool.mask, ("diversity", "perplexity"), prompts=pool.prompts,

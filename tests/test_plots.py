@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mapjax import RewardPool, adjust, solve
+from mapjax.errors import OutputExistsError, PlotError
 from mapjax.plots import (
     PNG_SIGNATURE,
     feasible_region,
@@ -43,10 +44,15 @@ def test_radar(tmp_path, small_pool):
     radar({"aligned": levels}, small_pool, path, overwrite=True)
     assert_png(path)
     assert path.stat().st_mtime_ns >= before
-    with pytest.raises(ValueError, match="three values"):
+    with pytest.raises(PlotError, match="three values"):
         radar({"aligned": levels}, small_pool, tmp_path / "two.png", values=["a", "b"])
-    with pytest.raises(ValueError, match=".png"):
+    with pytest.raises(PlotError, match=".png"):
         radar({"aligned": levels}, small_pool, tmp_path / "radar.pdf")
+    with pytest.raises(PlotError, match=r"values names \['a'\] more than once"):
+        radar({"aligned": levels}, small_pool, tmp_path / "dup.png", values=["a", "b", "c", "a"])
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
+        radar({"aligned": levels}, small_pool, path, targets="a>=q0.7")
+    assert not (tmp_path / "two.png").exists() and not (tmp_path / "dup.png").exists()
 
 
 def test_reward_histograms(tmp_path, small_pool):
@@ -60,7 +66,7 @@ def test_reward_histograms(tmp_path, small_pool):
     assert_png(path)
     with pytest.raises(FileExistsError):
         reward_histograms(small_pool, path)
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(PlotError, match="weights"):
         reward_histograms(small_pool, tmp_path / "bad.png", weights={"w": np.ones(3)})
 
 
@@ -89,5 +95,22 @@ def test_feasible_region(tmp_path, small_pool):
     assert_png(path)
     with pytest.raises(FileExistsError):
         feasible_region(small_pool, "a", "b", path, grid=grid)
-    with pytest.raises(ValueError, match="axis of the region"):
+    with pytest.raises(PlotError, match="'a' is an axis of the region"):
         region_grid(small_pool, "a", "b", fixed={"a": "mean"}, points=4)
+    with pytest.raises(PlotError, match="'b' is an axis of the region"):
+        region_grid(small_pool, "a", "b", fixed=[np.nan, 0.0, 0.0], points=4)
+    with pytest.raises(PlotError, match="points must be a whole number of at least 2"):
+        region_grid(small_pool, "a", "b", points=1)
+    with pytest.raises(PlotError, match="colour must be one of"):
+        feasible_region(small_pool, "a", "b", tmp_path / "other.png", grid=grid, colour="ess")
+
+
+def test_region_grid_takes_fixed_levels_in_any_form(small_pool):
+    by_spec = region_grid(small_pool, "a", "b", fixed={"c": "mean"}, points=4)
+    c_mean = float(by_spec.fixed[2])
+    assert c_mean == pytest.approx(small_pool.means()[2], rel=1e-12)
+    by_vector = region_grid(small_pool, "a", "b", fixed=[np.nan, np.nan, c_mean], points=4)
+    by_named_vector = region_grid(small_pool, "a", "b", fixed=[c_mean], values=["c"], points=4)
+    for grid in (by_vector, by_named_vector):
+        np.testing.assert_array_equal(grid.fixed, by_spec.fixed)
+        np.testing.assert_array_equal(grid.feasible, by_spec.feasible)

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from mapjax import RewardPool
-from mapjax.pool import PoolError
-
-from conftest import make_ragged_pool
+from mapjax.errors import InputError, MapjaxError
+from mapjax.pool import PoolError, as_pool, unique_names
 
 PILOT_MEANS = {"humor": 2.070, "gpt2-helpful": -1.471, "gpt2-harmless": 0.245, "diversity": 0.876,
                "coherence": 0.434, "perplexity": -3.337}
@@ -46,22 +45,22 @@ def test_round_trip_keeps_texts_and_rewards(tmp_path, pilot, suffix):
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
-def test_round_trip_without_texts_keeps_ragged_groups(tmp_path, suffix):
-    pool = make_ragged_pool()
+def test_round_trip_without_texts_keeps_ragged_groups(tmp_path, suffix, ragged_pool):
+    pool = ragged_pool
     again = RewardPool.load(pool.save(tmp_path / f"pool{suffix}"))
     np.testing.assert_array_equal(again.mask, pool.mask)
     np.testing.assert_array_equal(again.rewards, pool.rewards)
     assert again.prompts is None and again.generations is None
 
 
-def test_save_never_overwrites_unasked(tmp_path):
-    pool = make_ragged_pool()
+def test_save_never_overwrites_unasked(tmp_path, ragged_pool_factory):
+    pool = ragged_pool_factory()
     path = pool.save(tmp_path / "pool.jsonl")
     before = path.read_bytes()
     with pytest.raises(PoolError, match="exists"):
-        make_ragged_pool(seed=1).save(path)
+        ragged_pool_factory(seed=1).save(path)
     assert path.read_bytes() == before
-    make_ragged_pool(seed=1).save(path, overwrite=True)
+    ragged_pool_factory(seed=1).save(path, overwrite=True)
     assert path.read_bytes() != before
 
 
@@ -136,7 +135,7 @@ def test_missing_and_non_numeric_values(tmp_path):
     rows = [{"prompt": "a", "humor": 1.0}, {"prompt": "b", "humor": "high"}]
     with pytest.raises(PoolError, match=r"row 1, value 'humor' is 'high'"):
         RewardPool.load(_write(tmp_path, "q.json", json.dumps(rows)))
-    with pytest.raises(PoolError, match="no numeric reward fields"):
+    with pytest.raises(PoolError, match="no record has a numeric reward field"):
         RewardPool.load(_write(tmp_path, "r.json", json.dumps([{"prompt": "a"}])))
 
 
@@ -159,3 +158,103 @@ def test_unknown_format_and_missing_file(tmp_path):
         RewardPool.load(_write(tmp_path, "p.csv", "a,b"))
     with pytest.raises(PoolError, match="no such file"):
         RewardPool.load(tmp_path / "absent.json")
+
+
+# ------------------------------------------------------------------ every row alike
+
+
+def _write_rows(tmp_path, name, rows):
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_value_missing_from_the_first_row_is_an_error_not_a_dropped_column(tmp_path, suffix):
+    rows = [{"prompt": "a", "generated": "x", "humor": 1.0},
+            {"prompt": "b", "generated": "y", "humor": 2.0, "help": 0.5}]
+    with pytest.raises(PoolError, match=r"p" + suffix + r": row 0 has no value 'help'"):
+        RewardPool.load(_write_rows(tmp_path, "p" + suffix, rows))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_string_in_the_first_row_is_an_error_not_a_dropped_column(tmp_path, suffix):
+    rows = [{"prompt": "a", "generated": "x", "humor": 1.0, "help": "n/a"},
+            {"prompt": "b", "generated": "y", "humor": 2.0, "help": 0.5}]
+    with pytest.raises(PoolError, match=r"row 0, value 'help' is 'n/a', expected a number"):
+        RewardPool.load(_write_rows(tmp_path, "p" + suffix, rows))
+    rows[0]["help"] = None
+    with pytest.raises(PoolError, match=r"row 0, value 'help' is None, expected a number"):
+        RewardPool.load(_write_rows(tmp_path, "q" + suffix, rows))
+
+
+def test_value_columns_come_from_every_row_in_first_appearance_order():
+    rows = [{"prompt": "a", "humor": 1.0, "note": "x"}, {"prompt": "b", "note": "y", "help": 2.0, "humor": 3.0}]
+    rows[0]["help"] = 4.0  # present in both rows, but only after 'humor' in the first
+    pool = RewardPool.from_records(rows)
+    assert pool.value_names == ("humor", "help")  # 'note' is text in every row: not a value
+    np.testing.assert_array_equal(pool.flat(), [[1.0, 4.0], [3.0, 2.0]])
+
+
+def test_texts_missing_from_some_rows_are_named():
+    rows = [{"prompt": "a", "humor": 1.0}, {"prompt": "b", "generated": "y", "humor": 2.0}]
+    with pytest.raises(PoolError, match=r"row 0 has no 'generated', which other rows have"):
+        RewardPool.from_records(rows)
+
+
+def test_a_huge_integer_reward_is_a_named_pool_error(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('[{"prompt": "a", "humor": 1}, {"prompt": "b", "humor": 1' + "0" * 400 + "}]")
+    with pytest.raises(PoolError, match=r"row 1, value 'humor' is an integer of 401 digits, too large"):
+        RewardPool.load(path)
+    with pytest.raises(PoolError, match="too large for a float64"):
+        RewardPool.from_array([[1.0], [10**400]])
+    # An integer that fits is read exactly as a float.
+    assert RewardPool.from_records([{"humor": 10**300}]).flat()[0, 0] == 1e300
+
+
+def test_repeated_value_names_are_named():
+    rows = [{"prompt": "a", "humor": 1.0, "help": 2.0}]
+    with pytest.raises(PoolError, match=r"value_names names \['humor'\] more than once"):
+        RewardPool.from_records(rows, value_names=["humor", "help", "humor"])
+    with pytest.raises(PoolError, match=r"value names \['a'\] repeat"):
+        RewardPool.from_array(np.zeros((2, 3)), value_names=["a", "b", "a"])
+    with pytest.raises(InputError, match=r"values names \['b', 'a'\] more than once"):
+        unique_names(["b", "a", "b", "a", "c"])
+    assert issubclass(PoolError, MapjaxError)
+
+
+# ------------------------------------------------------------------ as_pool
+
+
+def test_as_pool_reads_pools_and_arrays(ragged_pool):
+    assert as_pool(ragged_pool) is ragged_pool
+    rows = np.arange(12.0).reshape(4, 3)
+    for data in (rows, rows.tolist()):
+        pool = as_pool(data)
+        assert pool.value_names == ("r0", "r1", "r2") and pool.num_prompts == 4 and pool.num_samples == 4
+        np.testing.assert_array_equal(pool.flat(), rows)
+    named = as_pool(rows, ["a", "b", "c"])
+    assert named.value_names == ("a", "b", "c")
+    grouped = as_pool(rows.reshape(2, 2, 3), ["a", "b", "c"])
+    assert grouped.num_prompts == 2 and grouped.num_samples == 4
+    np.testing.assert_array_equal(grouped.flat(), rows)
+
+
+@pytest.mark.parametrize(
+    "data, values, error, message",
+    [
+        (np.zeros((4, 3)), ["a", "b"], PoolError, r"values names 2 columns \['a', 'b'\] but the reward array has 3"),
+        (np.zeros((4, 2)), ["a", "a"], InputError, r"values names \['a'\] more than once"),
+        ([[1.0, 2.0], [3.0]], None, PoolError, "numeric array"),
+        ([["x", "y"]], None, PoolError, "numeric array"),
+        (np.zeros((2, 2, 2, 2)), None, PoolError, "2 or 3 dimensions"),
+        ([[1.0, np.nan]], None, PoolError, "must be finite"),
+    ],
+)
+def test_as_pool_refuses_bad_arrays(data, values, error, message):
+    with pytest.raises(error, match=message):
+        as_pool(data, values)

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from experiments import feasibility_vs_m, pareto_and_region, sequential_vs_joint
 from mapjax import RewardPool
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VALUES = ("humor", "gpt2-helpful", "gpt2-harmless")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +47,11 @@ def write_configs(folder: Path, pool: RewardPool) -> dict[str, Path]:
         "modes": {"aggressive": {"upper": "max"}, "conservative": {"upper": "q0.8"}},
     }))
     paths["sequential"].write_text(yaml.safe_dump({
-        "pool": "unused.json", "palettes_config": "palettes.yaml", "palettes": list(palettes), "rounds": 3,
+        "pool": "unused.json", "palettes_config": str(folder / "palettes.yaml"), "palettes": list(palettes), "rounds": 3,
         "plot_rounds": [1, 3], "shown_values": list(VALUES),
     }))
     paths["pareto"].write_text(yaml.safe_dump({
-        "pool": "unused.json", "palettes_config": "palettes.yaml", "x": "gpt2-helpful", "y": "gpt2-harmless",
+        "pool": "unused.json", "palettes_config": str(folder / "palettes.yaml"), "x": "gpt2-helpful", "y": "gpt2-harmless",
         "random_values": ["gpt2-helpful", "gpt2-harmless"], "count": 30, "seed": 0, "max_l1": 6.0,
         "navigation_tolerances": [0.0, 0.06], "region": {"points": 6, "fixed": {"humor": "mean"}},
         "marks": list(palettes),
@@ -77,7 +70,7 @@ def assert_png(path: Path) -> None:
 
 
 def test_feasibility_vs_m(tmp_path, pool_file, configs, capsys):
-    script = load_script("feasibility_vs_m")
+    script = feasibility_vs_m
     out = tmp_path / "out"
     assert script.main([str(pool_file), "--config", str(configs["feasibility"]), "--out", str(out), "--palettes", "20"]) == 0
     printed = capsys.readouterr().out
@@ -86,18 +79,21 @@ def test_feasibility_vs_m(tmp_path, pool_file, configs, capsys):
     assert [(row["mode"], int(row["m"])) for row in rows] == [(mode, m) for mode in ("aggressive", "conservative") for m in (1, 2, 3)]
     for row in rows:
         assert 0.0 <= float(row["feasible_exact"]) <= 1.0 and float(row["exact_s"]) > 0
+    # --palettes is the same as --set palettes=N, and the resolved config is recorded beside the results.
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["palettes"] == 20 and recorded["pool"] == str(pool_file)
     # One value below its sample maximum is always reachable on the sample.
     assert float(rows[0]["feasible_exact"]) == 1.0
     assert_png(out / "feasibility_vs_m.png")
     # Never overwrites without --force; does with it.
-    with pytest.raises(SystemExit, match="--force"):
-        script.main([str(pool_file), "--config", str(configs["feasibility"]), "--out", str(out), "--palettes", "20"])
+    assert script.main([str(pool_file), "--config", str(configs["feasibility"]), "--out", str(out), "--palettes", "20"]) == 2
+    assert "pass --force" in capsys.readouterr().err
     assert script.main([str(pool_file), "--config", str(configs["feasibility"]), "--out", str(out), "--palettes", "8",
                         "--force"]) == 0
 
 
 def test_sequential_vs_joint(tmp_path, pool_file, configs, capsys):
-    script = load_script("sequential_vs_joint")
+    script = sequential_vs_joint
     out = tmp_path / "out"
     assert script.main([str(pool_file), "--config", str(configs["sequential"]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -112,12 +108,12 @@ def test_sequential_vs_joint(tmp_path, pool_file, configs, capsys):
     assert gaps[-1] <= gaps[0] + 1e-12
     assert_png(out / "sequential_vs_joint.png")
     assert (out / "sequential_vs_joint.md").read_text().startswith("| palette |")
-    with pytest.raises(SystemExit, match="--force"):
-        script.main([str(pool_file), "--config", str(configs["sequential"]), "--out", str(out)])
+    assert script.main([str(pool_file), "--config", str(configs["sequential"]), "--out", str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err
 
 
 def test_pareto_and_region(tmp_path, pool_file, configs, capsys):
-    script = load_script("pareto_and_region")
+    script = pareto_and_region
     out = tmp_path / "out"
     assert script.main([str(pool_file), "--config", str(configs["pareto"]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -126,7 +122,7 @@ def test_pareto_and_region(tmp_path, pool_file, configs, capsys):
         assert_png(out / name)
     frontier = list(csv.reader((out / "region_frontier.csv").open()))
     assert len(frontier) == 1 + 6
-    with pytest.raises(SystemExit, match="--force"):
-        script.main([str(pool_file), "--config", str(configs["pareto"]), "--out", str(out)])
+    assert script.main([str(pool_file), "--config", str(configs["pareto"]), "--out", str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err
     assert script.main([str(pool_file), "--config", str(configs["pareto"]), "--out", str(out), "--force",
                         "--no-marks", "--count", "10", "--points", "4"]) == 0

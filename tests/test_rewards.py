@@ -1,24 +1,42 @@
-"""Rewards: the registry, diversity and sentiment by hand, and every model-based reward against the same
-computation in transformers' PyTorch models (tiny random weights, saved with a tokenizer)."""
+"""Rewards: the registry, diversity and sentiment by hand, the model-based rewards on tiny models built in JAX
+(against the model called on each text alone), and every model-based reward against the same computation in
+transformers' PyTorch models (tiny random weights, saved with a tokenizer; those tests skip without torch)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
-from mapjax.models.packaged import minilm_path
-from mapjax.rewards import (RewardError, available_rewards, dialogue_question, diversity, get_reward,
-                            register_reward, register_reward_factory, unregister_reward, word_tokens)
-from mapjax.rewards.batching import bucket_length, padded_batches
+from mapjax.models import export_pretrained
+from mapjax.models.padding import length_bucket
+from mapjax.rewards import (
+    RewardError,
+    available_rewards,
+    dialogue_question,
+    diversity,
+    get_reward,
+    register_reward,
+    register_reward_factory,
+    unregister_reward,
+    word_tokens,
+)
+from mapjax.rewards.batching import padded_batches
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-MINILM = minilm_path()
 TOLERANCE = 1e-4
+
+
+def minilm_folder() -> Path:
+    """The packaged all-MiniLM-L6-v2 (skips the test when the package is not installed)."""
+    from mapjax.models.packaged import minilm_path
+
+    try:
+        return minilm_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
 
 PROMPTS = ["What a wonderful movie", "Human: how are you?", "The quick brown fox",
            "This film was", "I laughed"]
@@ -55,11 +73,13 @@ def save_bpe_tokenizer(kind: str, folder: Path) -> None:
 
 
 def save_minilm_tokenizer(folder: Path) -> None:
-    transformers.AutoTokenizer.from_pretrained(str(MINILM)).save_pretrained(str(folder))
+    transformers.AutoTokenizer.from_pretrained(str(minilm_folder())).save_pretrained(str(folder))
 
 
 def randomized(model):
     """Fresh models have zero biases and unit norms; perturb them so a mis-mapped one shows."""
+    import torch
+
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "bias" in name or "LayerNorm" in name or "layer_norm" in name or ".ln" in name:
@@ -67,49 +87,116 @@ def randomized(model):
     return model.eval()
 
 
-def tiny_folder(root: Path, kind: str):
-    """Save a tiny random model of ``kind`` with its tokenizer; return (folder, torch model)."""
-    torch.manual_seed(0)
-    folder = root / kind
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    if kind == "roberta":
-        config = transformers.RobertaConfig(vocab_size=300, max_position_embeddings=66, pad_token_id=1,
-                                            bos_token_id=0, eos_token_id=2, type_vocab_size=1, **common)
-        model = transformers.RobertaForSequenceClassification(config)
-        save_bpe_tokenizer("roberta", folder)
-    elif kind == "distilbert":
-        config = transformers.DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-                                               max_position_embeddings=64)
-        model = transformers.DistilBertForSequenceClassification(config)
-        save_minilm_tokenizer(folder)
-    elif kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                         num_labels=1, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-        model = transformers.GPT2ForSequenceClassification(config)
-        save_bpe_tokenizer("gpt2", folder)
-    elif kind == "bert":
-        config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=64, **common)
-        model = transformers.BertModel(config)
+_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+# kind -> (transformers class, its config, tokenizer)
+TINY_REWARD_MODELS = {
+    "roberta": ("RobertaForSequenceClassification", lambda: transformers.RobertaConfig(
+        vocab_size=300, max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        type_vocab_size=1, **_COMMON), "bpe-roberta"),
+    "distilbert": ("DistilBertForSequenceClassification", lambda: transformers.DistilBertConfig(
+        vocab_size=30522, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64), "minilm"),
+    "gpt2": ("GPT2ForSequenceClassification", lambda: transformers.GPT2Config(
+        vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4, num_labels=1, pad_token_id=0,
+        bos_token_id=0, eos_token_id=0), "bpe-gpt2"),
+    "bert": ("BertModel", lambda: transformers.BertConfig(vocab_size=30522, max_position_embeddings=64, **_COMMON),
+             "minilm"),
+}
+
+
+def save_tokenizer(kind: str, folder: Path) -> None:
+    tokenizer = TINY_REWARD_MODELS[kind][2]
+    if tokenizer == "minilm":
         save_minilm_tokenizer(folder)
     else:
-        raise ValueError(kind)
-    model = randomized(model)
+        save_bpe_tokenizer(tokenizer.removeprefix("bpe-"), folder)
+
+
+def tiny_folder(root: Path, kind: str):
+    """Save a tiny random PyTorch model of ``kind`` with its tokenizer; return (folder, torch model)."""
+    import torch
+
+    torch.manual_seed(0)
+    folder = root / kind
+    class_name, make_config, _ = TINY_REWARD_MODELS[kind]
+    model = randomized(getattr(transformers, class_name)(make_config()))
+    save_tokenizer(kind, folder)
     model.save_pretrained(str(folder), safe_serialization=True)
+    return folder, model
+
+
+def native_folder(root: Path, kind: str):
+    """The same tiny model built in JAX (biases and norms perturbed), written with ``export_pretrained`` beside
+    its tokenizer; return (folder, mapjax model)."""
+    from mapjax.models import model_class
+
+    class_name, make_config, _ = TINY_REWARD_MODELS[kind]
+    cls = model_class(class_name)
+    model = cls.from_config(cls.config_from_hf(make_config()))
+    rng = np.random.default_rng(0)
+    for _, parameter, _ in model.hf_parameters():
+        value = np.asarray(parameter.get_value())
+        if value.ndim == 1:
+            parameter.set_value(jnp.asarray(value + 0.1 * rng.standard_normal(value.shape), jnp.float32))
+    folder = root / kind
+    save_tokenizer(kind, folder)
+    export_pretrained(model, folder)
     return folder, model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("tiny_reward_models")
     return {kind: tiny_folder(root, kind) for kind in ("roberta", "distilbert", "gpt2", "bert")}
 
 
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native_reward_models")
+    return {kind: native_folder(root, kind) for kind in ("roberta", "gpt2")}
+
+
 def torch_classifier_scores(folder: Path, model, texts, max_length: int) -> np.ndarray:
     """The authors' recipe: tokenizer(texts, padding=True, truncation=True) -> logits."""
+    import torch
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.inference_mode():
         return model(**inputs).logits.double().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------- #
+# Without torch: rewards from folders written by export_pretrained, against the model on each text alone
+# ----------------------------------------------------------------------------------------------------- #
+def test_classifier_reward_on_a_native_model_scores_each_text_as_alone(native):
+    folder, model = native["roberta"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    full = [p + c for p, c in zip(PROMPTS, CONTINUATIONS)]
+    expected = []
+    for text in full:
+        ids = np.asarray([tokenizer(text, truncation=True, max_length=64)["input_ids"]], np.int32)
+        expected.append(np.asarray(model(ids, np.ones_like(ids)))[0])
+    expected = np.asarray(expected, np.float64)
+    reward = get_reward("humor", model=str(folder), batch_size=2)   # batched, right-padded, bucketed
+    np.testing.assert_allclose(reward(PROMPTS, CONTINUATIONS), expected[:, 1], atol=TOLERANCE)
+    log_probs = expected - np.logaddexp.reduce(expected, axis=1, keepdims=True)
+    positive = get_reward("positive", model=str(folder))
+    np.testing.assert_allclose(positive(PROMPTS, CONTINUATIONS), log_probs[:, 1], atol=TOLERANCE)
+
+
+def test_pair_reward_on_a_native_model_scores_each_pair_as_alone(native):
+    folder, model = native["gpt2"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    expected = []
+    for prompt, continuation in zip(PROMPTS, CONTINUATIONS):
+        ids = tokenizer(dialogue_question(prompt), continuation.strip(), truncation=True, max_length=64)["input_ids"]
+        ids = np.asarray([ids], np.int32)
+        expected.append(float(np.asarray(model(ids, np.ones_like(ids)))[0, 0]))
+    reward = get_reward("gpt2-helpful", model=str(folder), batch_size=2)
+    np.testing.assert_allclose(reward(PROMPTS, CONTINUATIONS), expected, atol=TOLERANCE)
+    with pytest.raises(RewardError, match="gpt2-helpful.*one output"):
+        get_reward("gpt2-helpful", model=str(native["roberta"][0]))
 
 
 # ----------------------------------------------------------------------------------------------------- #
@@ -170,6 +257,8 @@ def test_classifier_reward_errors_name_the_model(tmp_path, tiny):
 # GPT-2 pair reward models
 # ----------------------------------------------------------------------------------------------------- #
 def test_gpt2_pair_reward_matches_authors_one_pair_at_a_time(tiny):
+    import torch
+
     folder, torch_model = tiny["gpt2"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     expected = []
@@ -201,11 +290,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_coherence_minilm_matches_sentence_transformers_pooling():
+    torch = pytest.importorskip("torch")
+    minilm = minilm_folder()
     prompts = ["How do I bake bread at home?", "What is the capital of France?", "Tell me a joke about cats."]
     continuations = ["  Mix flour, water and yeast, let the dough rise, then bake it in a hot oven.",
                      " Paris is the capital city of France.", " The stock market fell sharply on Monday."]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(MINILM))
-    torch_model = transformers.BertModel.from_pretrained(str(MINILM)).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm))
+    torch_model = transformers.BertModel.from_pretrained(str(minilm)).eval()
 
     def embed(texts):
         inputs = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
@@ -226,6 +317,8 @@ def test_coherence_minilm_matches_sentence_transformers_pooling():
 
 
 def test_coherence_pooler_matches_pytorch(tiny):
+    import torch
+
     folder, torch_model = tiny["bert"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
 
@@ -245,7 +338,7 @@ def test_coherence_pooler_matches_pytorch(tiny):
 # Bucketing
 # ----------------------------------------------------------------------------------------------------- #
 def test_buckets_are_powers_of_two_capped_and_keep_order():
-    assert [bucket_length(n, 64) for n in (1, 8, 9, 33, 64, 100)] == [8, 8, 16, 64, 64, 64]
+    assert [length_bucket(n, 64) for n in (1, 8, 9, 33, 64, 100)] == [8, 8, 16, 64, 64, 64]
     rows = [[1] * 3, [2] * 20, [3] * 5, [4] * 9, [5]]
     batches = list(padded_batches(rows, batch_size=2, cap=16, pad_id=0))
     seen = np.concatenate([indices for indices, _, _ in batches])
@@ -277,8 +370,8 @@ def test_word_tokens_follow_treebank():
                                                          "...", "ok", "?"]
 
 
-def test_diversity_reproduces_the_authors_pilot(pilot_file):
-    records = json.loads(pilot_file.read_text())
+def test_diversity_reproduces_the_authors_pilot(pilot):
+    records = pilot.records()
     gaps = np.array([abs(diversity(record["generated"]) - record["diversity"]) for record in records])
     assert np.mean(gaps < 1e-9) > 0.95 and gaps.mean() < 1e-3
 

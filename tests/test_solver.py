@@ -1,29 +1,17 @@
+"""The exact solver: the paper's numbers, its properties, one verdict with the LP, and its entry points."""
+
 import numpy as np
 import pytest
 
 from mapjax import RewardPool, evaluate_lambdas, solve, solve_many, solve_sequential
 from mapjax.certificate import certify
-from mapjax.dual import reference_lambdas
+from mapjax.errors import MapjaxError, PaletteError, SolverError
 from mapjax.problem import DualProblem
 
-from conftest import PAPER_VALUES, make_ragged_pool
 
-MAINTAINED = (0.876, 0.434, -3.337)  # diversity, coherence, perplexity at their pilot means
-HHH = {  # MAP.md section 7: palette (humor, helpful, harmless), the paper's λ, the exact λ
-    "HHH-50": ((2.460, -1.471, 0.354), (2.53, 0.23, 0.28, 0.02, 0.05, 0.05), (2.543, 0.240, 0.284)),
-    "HHH-60": ((2.492, -1.278, 0.675), (6.30, 0.83, 0.93, 0.01, 0.03, 0.03), (6.301, 0.838, 0.933)),
-    "HHH-70": ((2.513, -0.967, 0.937), (12.77, 1.53, 1.69, 0.01, 0.02, 0.02), (12.759, 1.530, 1.692)),
-    "HHH-80": ((2.534, -0.613, 1.268), None, (29.70, 2.586, 3.055)),
-}
-
-
-def paper_palette(levels):
-    return np.array(list(levels) + list(MAINTAINED))
-
-
-def paper_lambda(solution):
+def paper_lambda(solution, paper_values):
     by_name = solution.lam_by_name()
-    return np.array([by_name[name] for name in PAPER_VALUES])
+    return np.array([by_name[name] for name in paper_values])
 
 
 def assert_kkt(solution, pool, tol=1e-6):
@@ -44,41 +32,23 @@ def assert_kkt(solution, pool, tol=1e-6):
 # ------------------------------------------------------------------ the numbers of MAP.md section 7
 
 
-@pytest.mark.parametrize("name", list(HHH))
-def test_exact_lambda_of_the_paper_palettes(pilot, name):
-    levels, _, exact = HHH[name]
-    solution = solve(pilot, paper_palette(levels), values=PAPER_VALUES)
+@pytest.mark.parametrize("name", ["HHH-50", "HHH-60", "HHH-70", "HHH-80"])
+def test_exact_lambda_of_the_paper_palettes(pilot, paper_values, paper_hhh, name):
+    solution = solve(pilot, paper_hhh[name]["levels"], values=paper_values)
     assert_kkt(solution, pilot, tol=1e-7)
-    lam = paper_lambda(solution)
-    np.testing.assert_allclose(lam[:3], exact, atol=6e-3 if name == "HHH-80" else 6e-4)
+    lam = paper_lambda(solution, paper_values)
+    np.testing.assert_allclose(lam[:3], paper_hhh[name]["exact"], atol=6e-3 if name == "HHH-80" else 6e-4)
     # Diversity, coherence and perplexity are slack: exactly zero, where the reference gives 0.01-0.05.
     assert np.all(lam[3:] == 0.0)
     assert solution.certificate.feasible
 
 
-def test_hhh80_is_feasible_with_small_ess(pilot):
-    solution = solve(pilot, paper_palette(HHH["HHH-80"][0]), values=PAPER_VALUES)
+def test_hhh80_is_feasible_with_small_ess(pilot, paper_values, paper_hhh):
+    solution = solve(pilot, paper_hhh["HHH-80"]["levels"], values=paper_values)
     assert solution.status == "optimal"
     assert solution.ess == pytest.approx(24, abs=1.0)
     assert solution.kl > 0
-
-
-@pytest.mark.parametrize("name", ["HHH-50", "HHH-60", "HHH-70"])
-def test_reference_reproduces_the_paper_lambda(pilot, name):
-    levels, paper, _ = HHH[name]
-    solution = solve(pilot, paper_palette(levels), values=PAPER_VALUES, method="reference")
-    assert solution.status == "optimal"
-    np.testing.assert_allclose(paper_lambda(solution), paper, atol=0.005 + 1e-9)
-    # The reference never reaches exact zeros and leaves its palette violated.
-    assert np.all(paper_lambda(solution)[3:] > 0)
-    assert solution.kkt_residual > 1e-2
-
-
-def test_reference_calls_hhh80_infeasible_by_overflow(pilot):
-    palette = paper_palette(HHH["HHH-80"][0])
-    reference = solve(pilot, palette, values=PAPER_VALUES, method="reference")
-    assert reference.status == "infeasible"
-    assert reference.certificate.feasible  # ... while the LP proves it feasible on the sample
+    assert not solution.degenerate
 
 
 @pytest.mark.parametrize("value, level, paper, exact", [
@@ -90,14 +60,6 @@ def test_single_value_palettes(pilot, value, level, paper, exact):
     solution = solve(pilot, {value: level})
     assert solution.lam_by_name()[value] == pytest.approx(exact, abs=6e-3)
     assert_kkt(solution, pilot, tol=1e-7)
-
-
-def test_reference_sequential_multiround_matches_the_authors(pilot):
-    # The authors' comment on their HHH-70 example: 5 rounds give
-    # [12.5645, 1.4927, 1.6635, 0.0195, 0.0201, 0.0252].
-    spec = dict(zip(PAPER_VALUES, paper_palette(HHH["HHH-70"][0])))
-    rounds = solve_sequential(pilot, spec, rounds=5, method="reference")
-    np.testing.assert_allclose(paper_lambda(rounds[-1]), [12.5645, 1.4927, 1.6635, 0.0195, 0.0201, 0.0252], atol=0.01)
 
 
 # ------------------------------------------------------------------ properties of the exact solver
@@ -112,14 +74,14 @@ def test_lambda_is_zero_when_palette_is_below_the_means(pilot):
     assert solution.ess == pytest.approx(pilot.num_samples)
 
 
-def test_shift_invariance(pilot):
-    palette = paper_palette(HHH["HHH-60"][0])
-    base = solve(pilot, palette, values=PAPER_VALUES)
+def test_shift_invariance(pilot, paper_values, paper_hhh):
+    palette = paper_hhh["HHH-60"]["levels"]
+    base = solve(pilot, palette, values=paper_values)
     shifted_rewards = pilot.rewards + np.array([5.0, -2.0, 0.0, 1.0, 0.0, 3.0])
     shifted_pool = RewardPool(shifted_rewards, pilot.mask, pilot.value_names)
     shift_by_name = dict(zip(pilot.value_names, [5.0, -2.0, 0.0, 1.0, 0.0, 3.0]))
-    shifted_palette = palette + np.array([shift_by_name[n] for n in PAPER_VALUES])
-    shifted = solve(shifted_pool, shifted_palette, values=PAPER_VALUES)
+    shifted_palette = palette + np.array([shift_by_name[n] for n in paper_values])
+    shifted = solve(shifted_pool, shifted_palette, values=paper_values)
     np.testing.assert_allclose(shifted.lam, base.lam, rtol=1e-6, atol=1e-9)
 
 
@@ -131,51 +93,52 @@ def test_lambda_grows_with_its_level(pilot):
     assert lam[-1] > lam[0]
 
 
-def test_batched_equals_one_at_a_time(pilot):
+def test_batched_equals_one_at_a_time(pilot, paper_values):
     rng = np.random.default_rng(3)
-    columns = [pilot.index_of(n) for n in PAPER_VALUES[:3]]
+    columns = [pilot.index_of(n) for n in paper_values[:3]]
     low, high = pilot.means()[columns], pilot.flat().max(axis=0)[columns]
     palettes = rng.uniform(low, low + 0.4 * (high - low), size=(12, 3))
-    batch = solve_many(pilot, palettes, values=PAPER_VALUES[:3])
+    batch = solve_many(pilot, palettes, values=paper_values[:3])
     for row, palette in enumerate(palettes):
-        single = solve(pilot, palette, values=PAPER_VALUES[:3])
+        single = solve(pilot, palette, values=paper_values[:3])
         assert single.status == batch[row].status
         if single.status == "optimal":
             np.testing.assert_allclose(single.lam, batch[row].lam, rtol=1e-7, atol=1e-10)
             np.testing.assert_allclose(single.realised, batch[row].realised, rtol=1e-9)
 
 
-def test_float32_agrees_with_float64(pilot):
-    palette = paper_palette(HHH["HHH-70"][0])
-    single = solve(pilot, palette, values=PAPER_VALUES, dtype="float32")
-    double = solve(pilot, palette, values=PAPER_VALUES, dtype="float64")
+def test_float32_agrees_with_float64(pilot, paper_values, paper_hhh):
+    palette = paper_hhh["HHH-70"]["levels"]
+    single = solve(pilot, palette, values=paper_values, dtype="float32")
+    double = solve(pilot, palette, values=paper_values, dtype="float64")
     assert single.kkt_residual <= 1e-4
     np.testing.assert_allclose(single.lam, double.lam, rtol=2e-3, atol=1e-6)
 
 
-def test_verdicts_agree_with_the_lp_on_random_palettes(pilot):
+def test_verdicts_agree_with_the_lp_on_random_palettes(pilot, paper_values):
     rng = np.random.default_rng(0)
     problem = DualProblem.from_pool(pilot)
     for m in (3, 6):
-        columns = [pilot.index_of(n) for n in PAPER_VALUES[:m]]
+        columns = [pilot.index_of(n) for n in paper_values[:m]]
         low, high = pilot.means()[columns], pilot.flat().max(axis=0)[columns]
         palettes = rng.uniform(low, high, size=(80, m))
-        solutions = solve_many(pilot, palettes, values=PAPER_VALUES[:m])
+        solutions = solve_many(pilot, palettes, values=paper_values[:m])
         checked = 0
         for row, solution in enumerate(solutions):
             certificate = certify(problem, solution.targets)
-            if abs(certificate.margin) < 1e-6:
-                continue  # on the boundary to within rounding; no verdict to compare
-            checked += 1
+            # One verdict: the solver's status is the LP's, on the boundary too.
             assert (solution.status == "optimal") == certificate.feasible, row
+            if abs(certificate.margin) < 1e-6:
+                continue  # on the boundary to within rounding: no KKT precision to check
+            checked += 1
             if solution.status == "optimal":
                 assert_kkt(solution, pilot, tol=1e-7)
         assert checked >= 70
         assert 0 < solutions.feasible.sum() < len(solutions)
 
 
-def test_per_prompt_normaliser_on_ragged_pool():
-    pool = make_ragged_pool()
+def test_per_prompt_normaliser_on_ragged_pool(ragged_pool):
+    pool = ragged_pool
     rng = np.random.default_rng(1)
     low, high = pool.means(), pool.flat().max(axis=0)
     palettes = rng.uniform(low, low + 0.25 * (high - low), size=(40, 3))
@@ -238,15 +201,15 @@ def test_unconverged_rows_get_the_lp_verdict(pilot):
     assert solutions[0].certificate.feasible and not solutions[1].certificate.feasible
 
 
-def test_sensitivity_matches_finite_differences(pilot):
-    palette = paper_palette(HHH["HHH-60"][0])
-    solution = solve(pilot, palette, values=PAPER_VALUES, sensitivity=True)
+def test_sensitivity_matches_finite_differences(pilot, paper_values, paper_hhh):
+    palette = paper_hhh["HHH-60"]["levels"]
+    solution = solve(pilot, palette, values=paper_values, sensitivity=True)
     humor = pilot.index_of("humor")
     step = 1e-4
     up, down = palette.copy(), palette.copy()
     up[0] += step
     down[0] -= step
-    numeric = (solve(pilot, up, values=PAPER_VALUES).lam - solve(pilot, down, values=PAPER_VALUES).lam) / (2 * step)
+    numeric = (solve(pilot, up, values=paper_values).lam - solve(pilot, down, values=paper_values).lam) / (2 * step)
     np.testing.assert_allclose(solution.sensitivity[:, humor], numeric, rtol=1e-3, atol=1e-6)
     assert np.all(solution.sensitivity[pilot.index_of("diversity")] == 0)
 
@@ -271,6 +234,67 @@ def test_evaluate_lambdas_returns_the_palettes_they_solve(pilot):
     np.testing.assert_allclose(again.lam, given.lam, rtol=1e-6, atol=1e-8)
 
 
+# ------------------------------------------------------------------ one verdict at the boundary
+
+
+@pytest.mark.parametrize("normaliser", ["pooled", "per_prompt"])
+def test_a_level_at_the_maximum_is_infeasible_everywhere(pilot, normaliser):
+    humor = pilot.index_of("humor")
+    raw_maximum = np.full(pilot.num_values, np.nan)
+    raw_maximum[humor] = pilot.flat()[:, humor].max()
+    problem = DualProblem.from_pool(pilot, normaliser)
+    for palette in ("humor>=q1", raw_maximum):
+        solution = solve(pilot, palette, normaliser=normaliser)
+        assert solution.status == "infeasible"
+        assert np.all(np.isnan(solution.lam)) and not solution.degenerate
+        assert not solution.certificate.feasible and solution.certificate.margin <= 0
+        assert not certify(problem, solution.targets).feasible
+        for certified in (False, True):
+            batch = solve_many(pilot, [palette] if isinstance(palette, str) else palette[None],
+                               normaliser=normaliser, certify=certified)
+            assert list(batch.status) == ["infeasible"]
+            assert not batch[0].certificate.feasible
+        for dtype in ("float32", "float64"):
+            assert solve_many(pilot, [palette] if isinstance(palette, str) else palette[None],
+                              normaliser=normaliser, dtype=dtype).status[0] == "infeasible"
+    assert "only in the limit" in solve(pilot, "humor>=q1").certificate.explain()
+
+
+def test_a_palette_on_an_edge_of_the_samples_is_reached_only_in_the_limit():
+    # Pooled, the reachable levels are the convex hull of the samples; (0.5, 0.5) is on its edge from (1, 0)
+    # to (0, 1): reachable only by weights that leave every other sample, i.e. λ → ∞ along (1, 1).
+    pool = RewardPool.from_array(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.3, 0.3], [0.2, 0.1]]))
+    solution = solve_many(pool, np.array([[0.5, 0.5]]))[0]
+    assert solution.status == "infeasible"
+    certificate = solve(pool, np.array([0.5, 0.5])).certificate
+    assert certificate.margin == 0.0 and set(certificate.blocking_values) == {"r0", "r1"}
+    assert "together only in the limit" in certificate.explain()
+    # ... while a point just inside is optimal, with weights on about two samples: degenerate, not infeasible.
+    inside = solve(pool, np.array([0.5, 0.5 - 1e-4]))
+    assert inside.status == "optimal" and inside.certificate.feasible
+    assert inside.ess < 2.5
+
+
+def test_levels_just_below_the_maximum_follow_the_lp(pilot):
+    humor = pilot.index_of("humor")
+    top = pilot.flat()[:, humor].max()
+    scale = pilot.spread()[humor]
+    palettes = np.full((4, pilot.num_values), np.nan)
+    palettes[:, humor] = top - scale * np.array([1e-12, 1e-10, 1e-6, 1e-3])
+    problem = DualProblem.from_pool(pilot)
+    solutions = solve_many(pilot, palettes)
+    verdicts = [certify(problem, row).feasible for row in palettes]
+    assert verdicts == [False, False, True, True]
+    assert list(solutions.feasible) == verdicts
+    # Feasible but with p_λ on about one sample: a Solution says so, for decode and finetune to refuse or warn.
+    assert solutions.degenerate.tolist() == [False, False, True, True]
+    assert solutions[2].to_dict()["degenerate"] is True
+    assert "warning" in solutions[2].table()
+
+
+# ------------------------------------------------------------------ entry points: any data, any palette
+
+
 def test_plain_array_input():
     rng = np.random.default_rng(5)
     rewards = rng.normal(size=(500, 2))
@@ -280,31 +304,81 @@ def test_plain_array_input():
     assert solution.lam[1] == 0.0
 
 
-def test_jax_reference_matches_the_pytorch_original(pilot):
-    torch_reference = pytest.importorskip("torch_reference", reason="benchmarks/ on sys.path")
-    pool = pilot.select(PAPER_VALUES)
-    palettes = np.stack([paper_palette(HHH[name][0]) for name in ("HHH-50", "HHH-70", "HHH-80")])
-    jax_lam, jax_failed = reference_lambdas(pool, palettes)
-    torch_lam, torch_ok = torch_reference.reference_lambdas(pool.flat(), palettes)
-    np.testing.assert_array_equal(jax_failed, ~torch_ok)
-    np.testing.assert_allclose(jax_lam[~jax_failed], torch_lam[torch_ok], atol=1e-3)
+def test_every_entry_point_takes_an_array_and_any_palette_form(ragged_pool):
+    pool = RewardPool.from_array(ragged_pool.flat(), value_names=("a", "b", "c"))
+    array = pool.flat()
+    spec = "a>=q0.6, b>=mean"
+    vector = np.array([np.quantile(array[:, 0], 0.6), array[:, 1].mean(), np.nan])
+    expected = solve(pool, spec)
+    for data, values in ((pool, None), (array, ["a", "b", "c"])):
+        for palette in (spec, {"a": "q0.6", "b": "mean"}, vector):
+            assert np.allclose(solve(data, palette, values=values).lam, expected.lam, rtol=1e-12, atol=0)
+        many = solve_many(data, np.stack([vector, vector]), values=values)
+        assert len(many) == 2 and np.allclose(many.lam, expected.lam, rtol=1e-12, atol=0)
+        rounds = solve_sequential(data, vector, values=values, rounds=2)
+        assert np.allclose(rounds[-1].lam, solve_sequential(pool, spec, rounds=2)[-1].lam, rtol=1e-12, atol=0)
+        given = evaluate_lambdas(data, expected.lam, values=values)
+        np.testing.assert_allclose(given.realised[0], expected.realised, rtol=1e-9)
+    # A palette array over named values of a pool, for the sequential variant too.
+    over_ab = solve_sequential(pool, vector[:2], values=["a", "b"], rounds=2)
+    assert np.allclose(over_ab[-1].lam, solve_sequential(pool, spec, rounds=2)[-1].lam, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("bad, message", [
-    (np.zeros((2, 4)), "4 columns but the pool has 6 values"),
+    (np.zeros((2, 4)), "4 columns"),
     (np.full((1, 6), np.nan), "constrains no value"),
+    (np.zeros((0, 6)), "no palettes given"),
+    ([], "no palettes given"),
 ])
 def test_bad_palette_arrays(pilot, bad, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(PaletteError, match=message):
         solve_many(pilot, bad)
 
 
 def test_bad_options(pilot):
-    with pytest.raises(ValueError, match="normaliser must be one of"):
+    with pytest.raises(SolverError, match="normaliser must be one of"):
         solve(pilot, "humor>=mean", normaliser="global")
-    with pytest.raises(ValueError, match="dtype must be"):
+    with pytest.raises(SolverError, match="dtype must be"):
         solve(pilot, "humor>=mean", dtype="float16")
-    with pytest.raises(ValueError, match="method must be"):
+    with pytest.raises(SolverError, match="method must be"):
         solve(pilot, "humor>=mean", method="adam")
-    with pytest.raises(ValueError, match="pooled"):
+    with pytest.raises(SolverError, match="pooled"):
         solve(pilot, "humor>=mean", method="reference", normaliser="per_prompt")
+    with pytest.raises(SolverError, match="method must be"):
+        solve_sequential(pilot, "humor>=mean", method="adam")
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("tol", -1e-6), ("tol", float("nan")), ("tol", float("inf")), ("tol", 0.0), ("tol", "small"),
+    ("max_iter", 0), ("max_iter", 2.5), ("max_iter", True),
+])
+def test_bad_settings_are_named(pilot, setting, value):
+    with pytest.raises(SolverError, match=setting):
+        solve_many(pilot, ["humor>=mean"], **{setting: value})
+
+
+def test_bad_sequential_settings_are_named(pilot):
+    with pytest.raises(SolverError, match="rounds"):
+        solve_sequential(pilot, "humor>=mean", rounds=0)
+    with pytest.raises(SolverError, match="tol"):
+        solve_sequential(pilot, "humor>=mean", tol=-1.0)
+    with pytest.raises(PaletteError, match="one palette"):
+        solve_sequential(pilot, ["humor>=mean", "humor>=q0.6"])
+    with pytest.raises(PaletteError, match="one palette"):
+        solve(pilot, ["humor>=mean", "humor>=q0.6"])
+
+
+def test_duplicate_value_names_are_named(pilot):
+    with pytest.raises(MapjaxError, match="'humor'"):
+        solve_many(pilot, np.zeros((1, 2)), values=["humor", "humor"])
+    with pytest.raises(MapjaxError, match="'a'"):
+        solve(np.zeros((10, 2)), np.array([0.0, np.nan]), values=["a", "a"])
+    with pytest.raises(MapjaxError, match="'humor'"):
+        evaluate_lambdas(pilot, np.zeros((1, 2)), values=["humor", "humor"])
+
+
+def test_bad_lambdas_are_named(pilot):
+    with pytest.raises(SolverError, match="non-negative"):
+        evaluate_lambdas(pilot, -np.ones(pilot.num_values))
+    with pytest.raises(SolverError, match="one column"):
+        evaluate_lambdas(pilot, np.ones(3))

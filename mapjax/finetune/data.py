@@ -4,8 +4,8 @@ Every sample of a pool is a (prompt, continuation) pair. Its weight is softmax(�
 (``mapjax.decode.selection_probabilities``): p_λ's self-normalised importance weights, which sum to 1 within a
 prompt. A DPO pair is the highest- and the lowest-λᵀr sample of a prompt.
 
-Batches are right-padded to a power-of-two length bucket (``mapjax.generate.length_bucket``) so the jitted
-train step compiles once per bucket. ``loss_mask[i, t]`` is 1 where ``ids[i, t]`` is a continuation token
+Batches are right-padded to a power-of-two length bucket (``mapjax.models.padding.length_bucket``) so the
+jitted train step compiles once per bucket. ``loss_mask[i, t]`` is 1 where ``ids[i, t]`` is a continuation token
 (a target of the loss); prompt tokens and padding are 0.
 """
 
@@ -16,11 +16,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mapjax.errors import FinetuneError
+from mapjax.models.base import CausalLM
+from mapjax.models.padding import length_bucket, pad_rows
 from mapjax.pool import RewardPool
 
-
-class FinetuneError(ValueError):
-    """Bad input for finetuning; the message names the pool, value or setting and what was expected."""
+__all__ = ["Examples", "FinetuneError", "Pairs", "check_pool_texts", "collate", "dpo_batch", "dpo_pairs",
+           "order", "step_indices", "weighted_batch", "weighted_examples"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +62,13 @@ def check_pool_texts(pool: RewardPool, source: str = "the pool") -> None:
                             "text (a pool file with 'prompt' and 'generated' columns, e.g. from `mapjax pool`)")
 
 
-def _encode(tokenizer: Any, pool: RewardPool, model: Any, max_length: int | None
+def _encode(tokenizer: Any, pool: RewardPool, model: CausalLM | None, max_length: int | None
             ) -> tuple[list[list[int]], list[list[list[int]]], list[np.ndarray]]:
     """Prompt token ids per prompt row; continuation token ids per valid sample; the valid sample indices."""
-    from mapjax.generate import position_limit, tokenize_prompts
+    from mapjax.generate import tokenize_prompts
 
     prompt_ids = tokenize_prompts(tokenizer, list(pool.prompts), model)
-    limit = position_limit(model) if model is not None else None
+    limit = model.max_positions if model is not None else None
     if max_length is not None:
         limit = max_length if limit is None else min(limit, max_length)
     continuations, valid = [], []
@@ -86,7 +88,7 @@ def _encode(tokenizer: Any, pool: RewardPool, model: Any, max_length: int | None
     return prompt_ids, continuations, valid
 
 
-def weighted_examples(pool: RewardPool, tokenizer: Any, lam: Any, *, model: Any = None,
+def weighted_examples(pool: RewardPool, tokenizer: Any, lam: Any, *, model: CausalLM | None = None,
                       max_length: int | None = None, min_weight: float = 0.0) -> Examples:
     """Every sample of ``pool`` with weight softmax(λᵀr) within its prompt (λ: Solution, mapping or vector).
 
@@ -115,7 +117,7 @@ def weighted_examples(pool: RewardPool, tokenizer: Any, lam: Any, *, model: Any 
     return Examples(out_prompt, out_cont, np.asarray(weights, np.float32), np.asarray(rows), np.asarray(samples))
 
 
-def dpo_pairs(pool: RewardPool, tokenizer: Any, lam: Any, *, model: Any = None,
+def dpo_pairs(pool: RewardPool, tokenizer: Any, lam: Any, *, model: CausalLM | None = None,
               max_length: int | None = None) -> Pairs:
     """Per prompt, (highest λᵀr sample, lowest λᵀr sample); prompts whose samples all score alike (or with
     fewer than two non-empty samples) give no pair."""
@@ -150,17 +152,11 @@ def dpo_pairs(pool: RewardPool, tokenizer: Any, lam: Any, *, model: Any = None,
 def collate(prompt_ids: Sequence[Sequence[int]], continuation_ids: Sequence[Sequence[int]], width: int,
             pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-padded ``(ids, attention_mask, loss_mask)`` int32/int32/float32 ``[rows, width]``."""
-    rows = len(prompt_ids)
-    ids = np.full((rows, width), pad_id, np.int32)
-    attention = np.zeros((rows, width), np.int32)
-    loss_mask = np.zeros((rows, width), np.float32)
-    for index, (prompt, cont) in enumerate(zip(prompt_ids, continuation_ids)):
-        sequence = list(prompt) + list(cont)
-        if len(sequence) > width:
-            raise FinetuneError(f"sequence {index} has {len(sequence)} tokens, more than the batch width {width}")
-        ids[index, :len(sequence)] = sequence
-        attention[index, :len(sequence)] = 1
-        loss_mask[index, len(prompt):len(sequence)] = 1.0
+    sequences = [list(prompt) + list(cont) for prompt, cont in zip(prompt_ids, continuation_ids)]
+    ids, attention = pad_rows(sequences, width, pad_id, side="right")
+    loss_mask = np.zeros((len(sequences), width), np.float32)
+    for index, prompt in enumerate(prompt_ids):
+        loss_mask[index, len(prompt):len(sequences[index])] = 1.0
     return ids, attention, loss_mask
 
 
@@ -185,8 +181,6 @@ def step_indices(count: int, seed: int, step: int, per_step: int) -> np.ndarray:
 def weighted_batch(examples: Examples, indices: np.ndarray, accum: int, pad_id: int = 0,
                    width: int | None = None) -> dict[str, np.ndarray]:
     """Batch ``{ids, attention, loss_mask: [accum, micro, width], weight: [accum, micro]}``."""
-    from mapjax.generate import length_bucket
-
     prompt = [examples.prompt_ids[i] for i in indices]
     cont = [examples.continuation_ids[i] for i in indices]
     if width is None:
@@ -202,8 +196,6 @@ def dpo_batch(pairs: Pairs, reference_logps: np.ndarray, indices: np.ndarray, ac
               width: int | None = None) -> dict[str, np.ndarray]:
     """Batch ``{ids, attention, loss_mask: [accum, micro, 2, width], ref_logp: [accum, micro, 2],
     weight: [accum, micro]}`` (index 0 chosen, 1 rejected)."""
-    from mapjax.generate import length_bucket
-
     chosen, rejected = pairs.chosen, pairs.rejected
     prompts, conts = [], []
     for i in indices:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mapjax.finetune.weighted import Apply, target_logprobs
+from mapjax.models.base import CausalLM
 
 
 def sequence_logps(apply: Apply, params: Any, ids: jax.Array, attention: jax.Array, loss_mask: jax.Array
@@ -36,7 +37,7 @@ def denominator(batch: dict[str, jax.Array]) -> jax.Array:
     return jnp.maximum(jnp.sum(batch["weight"]), 1e-30)
 
 
-def dpo_loss(model: Any, batch: dict[str, np.ndarray], *, beta: float = 0.1) -> float:
+def dpo_loss(model: CausalLM, batch: dict[str, np.ndarray], *, beta: float = 0.1) -> float:
     """The DPO loss of ``model`` on a batch from ``mapjax.finetune.data.dpo_batch`` (eager, for checking)."""
     from flax import nnx
 
@@ -49,7 +50,7 @@ def _dpo_loss(graphdef, state, batch, beta):
     from flax import nnx
 
     def apply(params, ids, attention):
-        return nnx.merge(graphdef, params)(ids, attention).astype(jnp.float32)
+        return nnx.merge(graphdef, params)(ids, attention).logits.astype(jnp.float32)
 
     den = denominator(batch)
     total = 0.0

@@ -29,10 +29,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mapjax.errors import FinetuneError
 from mapjax.finetune import data as data_module
 from mapjax.finetune import dpo as dpo_module
 from mapjax.finetune import weighted as weighted_module
-from mapjax.finetune.data import FinetuneError
+from mapjax.jsonio import write_json
+from mapjax.models.base import CausalLM
+from mapjax.models.padding import pad_token_id
 
 METHODS = ("weighted", "dpo")
 
@@ -88,13 +91,35 @@ class FinetuneConfig:
             raise FinetuneError(f"normalize must be 'token' or 'sequence', got {self.normalize!r}")
         if self.schedule not in ("constant", "cosine"):
             raise FinetuneError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if self.learning_rate <= 0 or self.kl_coef < 0 or self.beta <= 0:
-            raise FinetuneError("learning_rate and beta must be > 0 and kl_coef >= 0")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise FinetuneError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or isinstance(self.max_length, bool)
+                                            or self.max_length < 2):
+            raise FinetuneError(f"max_length must be an integer >= 2 or None, got {self.max_length!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise FinetuneError(f"seed must be an integer, got {self.seed!r}")
+        # A NaN or infinite setting would train a NaN model without any error: refuse it here.
+        _check_finite("learning_rate", self.learning_rate, allow_zero=False)
+        _check_finite("epochs", self.epochs, allow_zero=False)
+        _check_finite("weight_decay", self.weight_decay, allow_zero=True)
+        if self.clip_norm is not None:
+            _check_finite("clip_norm", self.clip_norm, allow_zero=False)
+        _check_finite("kl_coef", self.kl_coef, allow_zero=True)
+        _check_finite("beta", self.beta, allow_zero=False)
+
+
+def _check_finite(name: str, value: Any, *, allow_zero: bool) -> None:
+    """``value`` is a finite real number > 0 (>= 0 with ``allow_zero``), else a FinetuneError naming ``name``."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise FinetuneError(f"{name} must be a finite number {bound}, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise FinetuneError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 @dataclasses.dataclass
 class FinetuneResult:
-    model: Any
+    model: CausalLM
     losses: list[float]
     steps: int
     resumed_from: int
@@ -121,7 +146,7 @@ def optimizer(config: FinetuneConfig, total_steps: int) -> optax.GradientTransfo
 class Stepper:
     """A model split into graph, trainable ``Param`` leaves and the rest, with the jitted train step."""
 
-    def __init__(self, model: Any, method: str, config: FinetuneConfig, total_steps: int):
+    def __init__(self, model: CausalLM, method: str, config: FinetuneConfig, total_steps: int):
         self.method, self.config = method, config
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         leaves, self.treedef = jax.tree.flatten(params)
@@ -179,7 +204,7 @@ def _apply(graphdef, treedef, dtype, rest, params, ids, attention):
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     cast = [leaf.astype(compute) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf for leaf in params]
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, cast), rest)
-    return model(ids, attention).astype(jnp.float32)
+    return model(ids, attention).logits.astype(jnp.float32)
 
 
 def _sequence_logps(graphdef, treedef, dtype, rest, params, ids, attention, loss_mask):
@@ -243,7 +268,7 @@ def _resolve_lambda(pool: Any, lam: Any) -> np.ndarray:
     return lambda_for(pool, lam)
 
 
-def _fingerprint(method: str, config: FinetuneConfig, model: Any, examples: Any) -> str:
+def _fingerprint(method: str, config: FinetuneConfig, model: CausalLM, examples: Any) -> str:
     from mapjax.build import model_fingerprint
 
     digest = hashlib.sha256()
@@ -254,13 +279,6 @@ def _fingerprint(method: str, config: FinetuneConfig, model: Any, examples: Any)
         digest.update(json.dumps([part.prompt_ids, part.continuation_ids]).encode())
         digest.update(np.ascontiguousarray(part.weights, np.float32).tobytes())
     return digest.hexdigest()
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    return int(pad or 0)
 
 
 def reference_logps(stepper: Stepper, pairs: data_module.Pairs, pad_id: int, rows: int = 8) -> np.ndarray:
@@ -276,7 +294,7 @@ def reference_logps(stepper: Stepper, pairs: data_module.Pairs, pad_id: int, row
     return out
 
 
-def finetune(model: Any, tokenizer: Any, pool: Any, lam: Any, *, method: str = "weighted",
+def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: str = "weighted",
              config: FinetuneConfig | None = None, out: str | os.PathLike | None = None,
              callback: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
              overwrite: bool = False, export: bool = True) -> FinetuneResult:
@@ -292,7 +310,10 @@ def finetune(model: Any, tokenizer: Any, pool: Any, lam: Any, *, method: str = "
         out: run folder: ``checkpoints/`` (Orbax; resumed when present), ``model/`` (HF format, at the end),
             ``losses.json``. ``None``: no checkpoints.
         callback: called as ``callback(step, metrics)`` after each step (step counts from 1).
-        overwrite: discard checkpoints of another run in ``out`` instead of refusing to resume from them.
+        overwrite: replace another run in ``out`` instead of refusing to resume from its checkpoints. The new
+            run is made in ``<out>.replacing`` beside it (resumed there after an interruption) and takes the
+            place of ``out`` only once it is complete, so ``out`` never mixes the two runs and the old one
+            survives an interrupted replacement.
     """
     config = config or FinetuneConfig()
     config.validate(method)
@@ -304,7 +325,7 @@ def finetune(model: Any, tokenizer: Any, pool: Any, lam: Any, *, method: str = "
         examples = data_module.dpo_pairs(pool, tokenizer, lam_vector, model=model, max_length=config.max_length)
     count = len(examples)
     total_steps = config.steps or max(1, math.ceil(config.epochs * count / config.batch_size))
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer, model)
     stepper = Stepper(model, method, config, total_steps)
     reference = None
     if method == "weighted" and config.kl_coef:
@@ -313,8 +334,13 @@ def finetune(model: Any, tokenizer: Any, pool: Any, lam: Any, *, method: str = "
 
     manager, losses, start = None, [], 0
     fingerprint = _fingerprint(method, config, model, examples)
+    out = Path(out) if out is not None else None
+    run_folder = out
     if out is not None:
-        manager, start, losses = _open_checkpoints(Path(out), fingerprint, stepper, config, overwrite)
+        run_folder = _run_folder(out, overwrite)
+        # In a staging folder, checkpoints of another run are those of an abandoned replacement: discard them.
+        manager, start, losses = _open_checkpoints(run_folder, fingerprint, stepper, config,
+                                                   discard_other=run_folder != out)
 
     bar = None
     if progress:
@@ -344,27 +370,51 @@ def finetune(model: Any, tokenizer: Any, pool: Any, lam: Any, *, method: str = "
             manager.wait_until_finished()
             manager.close()
     trained = stepper.model()
-    if out is not None:
-        out = Path(out)
-        (out / "losses.json").write_text(json.dumps({"method": method, "config": dataclasses.asdict(config),
-                                                     "losses": losses}, indent=2))
+    if run_folder is not None:
+        write_json(run_folder / "losses.json", {"method": method, "config": dataclasses.asdict(config),
+                                                "losses": losses})
         if export:
             from mapjax.models import export_pretrained
 
-            export_pretrained(trained, out / "model")
+            export_pretrained(trained, run_folder / "model")
             if hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(str(out / "model"))
-    return FinetuneResult(trained, losses, total_steps, start, Path(out) if out is not None else None, count)
+                tokenizer.save_pretrained(str(run_folder / "model"))
+        if run_folder != out:
+            _replace_folder(run_folder, out)
+    return FinetuneResult(trained, losses, total_steps, start, out, count)
 
 
-def _open_checkpoints(out: Path, fingerprint: str, stepper: Stepper, config: FinetuneConfig, overwrite: bool):
+def _run_folder(out: Path, overwrite: bool) -> Path:
+    """Where the run is made: ``out`` itself, or under ``overwrite`` a staging folder beside an ``out`` that
+    holds anything (it is replaced only by the complete run, see :func:`_replace_folder`)."""
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"{out} is a file; give a folder for the run")
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        return out.with_name(out.name + ".replacing")
+    return out
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Put the complete run ``new`` in the place of ``out``: two renames, then the old run is deleted."""
+    import shutil
+
+    retired = out.with_name(out.name + ".replaced")
+    if retired.exists():
+        shutil.rmtree(retired)
+    os.replace(out, retired)
+    os.replace(new, out)
+    shutil.rmtree(retired)
+
+
+def _open_checkpoints(out: Path, fingerprint: str, stepper: Stepper, config: FinetuneConfig, *,
+                      discard_other: bool = False):
+    """The checkpoint manager of ``out/checkpoints`` and the run's (step, losses) to resume from. Checkpoints of
+    another run are refused, or deleted with ``discard_other``."""
     import shutil
 
     import orbax.checkpoint as ocp
 
     directory = (out / "checkpoints").absolute()
-    if overwrite and directory.exists():
-        shutil.rmtree(directory)
     options = ocp.CheckpointManagerOptions(save_interval_steps=config.save_every, max_to_keep=2, create=True)
     manager = ocp.CheckpointManager(directory, options=options)
     latest = manager.latest_step()
@@ -373,8 +423,11 @@ def _open_checkpoints(out: Path, fingerprint: str, stepper: Stepper, config: Fin
     meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if meta.get("fingerprint") != fingerprint:
         manager.close()
+        if discard_other:
+            shutil.rmtree(directory)
+            return _open_checkpoints(out, fingerprint, stepper, config)
         raise FinetuneError(f"{directory} holds checkpoints of another run (other model, pool, λ or settings); "
-                            "use another --out or pass overwrite=True (--overwrite) to start afresh")
+                            "use another --out or pass overwrite=True (--overwrite) to replace it")
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), stepper.state_tree())
     restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     stepper.load_state_tree(restored)

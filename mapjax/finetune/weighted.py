@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mapjax.errors import FinetuneError
+from mapjax.models.base import CausalLM
+
 Apply = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
@@ -37,7 +40,7 @@ def denominators(batch: dict[str, jax.Array], normalize: str) -> tuple[jax.Array
     elif normalize == "sequence":
         den = jnp.sum(weight * (jnp.sum(mask, axis=-1) > 0))
     else:
-        raise ValueError(f"normalize must be 'token' or 'sequence', got {normalize!r}")
+        raise FinetuneError(f"normalize must be 'token' or 'sequence', got {normalize!r}")
     return jnp.maximum(den, 1e-30), jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -67,8 +70,8 @@ def batch_loss(apply: Apply, params: Any, reference_params: Any, batch: dict[str
     return total
 
 
-def weighted_loss(model: Any, batch: dict[str, np.ndarray], *, normalize: str = "token", kl_coef: float = 0.0,
-                  reference_model: Any = None) -> float:
+def weighted_loss(model: CausalLM, batch: dict[str, np.ndarray], *, normalize: str = "token",
+                  kl_coef: float = 0.0, reference_model: CausalLM | None = None) -> float:
     """The weighted loss of ``model`` on a batch from ``mapjax.finetune.data.weighted_batch`` (eager, for
     checking and evaluation)."""
     from flax import nnx
@@ -79,7 +82,7 @@ def weighted_loss(model: Any, batch: dict[str, np.ndarray], *, normalize: str = 
     if reference_model is not None:
         reference_graphdef, reference = nnx.split(reference_model)
         if reference_graphdef != graphdef:
-            raise ValueError("reference_model must have the same architecture as model")
+            raise FinetuneError("reference_model must have the same architecture as model")
     return float(_weighted_loss_jit(graphdef, state, reference, batch, normalize, float(kl_coef)))
 
 
@@ -87,7 +90,7 @@ def _weighted_loss(graphdef, state, reference, batch, normalize, kl_coef):
     from flax import nnx
 
     def apply(params, ids, attention):
-        return nnx.merge(graphdef, params)(ids, attention).astype(jnp.float32)
+        return nnx.merge(graphdef, params)(ids, attention).logits.astype(jnp.float32)
 
     return batch_loss(apply, state, reference, batch, normalize=normalize, kl_coef=kl_coef)
 

@@ -14,41 +14,43 @@ transformers would shift them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mapjax.errors import ModelError
+from mapjax.models.base import (
+    HFParameter,
+    PretrainedModel,
+    add_prefix_if_missing,
+    register_model,
+    rename_in_place,
+    strip_prefix,
+)
 from mapjax.models.encoder_layers import (
     POSITIONS_AFTER_PADDING_IDX,
     POSITIONS_FROM_MASK,
     EncoderConfig,
     EncoderOutput,
     EncoderStack,
-    ParameterMap,
-    base_config_dict,
     bert_block_names,
     bert_embedding_names,
-    detect_prefix,
     first_real_token,
     label_pairs,
     linear_entries,
-    load_from_hf,
     mean_pool,
     prepare_inputs,
     source_config_json,
 )
 from mapjax.models.layers import Linear
-from mapjax.models.loading import export_parameters, register_architecture
 
 __all__ = [
     "BertForSequenceClassification",
     "BertModel",
     "bert_config_from_hf",
-    "build_bert_classifier",
-    "build_bert_model",
     "mean_pool",
 ]
 
@@ -56,16 +58,16 @@ __all__ = [
 def bert_config_from_hf(hf_config: Any, *, classifier: bool = False, model_type: str = "bert") -> EncoderConfig:
     """Translate a transformers ``BertConfig``/``RobertaConfig`` into an ``EncoderConfig``.
 
-    Raises ``ValueError`` for variants this port does not implement (relative position
+    Raises ``ModelError`` for variants this port does not implement (relative position
     embeddings, decoder/cross-attention configurations).
     """
     position_type = getattr(hf_config, "position_embedding_type", "absolute") or "absolute"
     if position_type != "absolute":
-        raise ValueError(
+        raise ModelError(
             f"position_embedding_type={position_type!r} is not supported; only 'absolute' position embeddings are"
         )
     if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
-        raise ValueError("decoder/cross-attention BERT configurations are not supported; this port is encoder-only")
+        raise ModelError("decoder/cross-attention BERT configurations are not supported; this port is encoder-only")
     pad_token_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
     return EncoderConfig(
         model_type=model_type,
@@ -86,26 +88,8 @@ def bert_config_from_hf(hf_config: Any, *, classifier: bool = False, model_type:
     )
 
 
-def bert_config_dict(config: EncoderConfig, architecture: str) -> dict[str, Any]:
-    """``config.json`` content for a BERT/RoBERTa-shaped model (transformers' field names)."""
-    result = base_config_dict(config, architecture)
-    result.update(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings,
-        type_vocab_size=config.type_vocab_size,
-        layer_norm_eps=config.layer_norm_eps,
-        hidden_act=config.hidden_act,
-        pad_token_id=config.pad_token_id,
-        position_embedding_type="absolute",
-    )
-    return result
-
-
-class BertModel(nnx.Module):
+@register_model
+class BertModel(PretrainedModel, nnx.Module):
     """The BERT encoder: embeddings, post-LN blocks and (optionally) the tanh pooler.
 
     Call ``model(input_ids, attention_mask, token_type_ids=None, position_ids=None)`` with
@@ -114,6 +98,7 @@ class BertModel(nnx.Module):
     """
 
     architecture = "BertModel"
+    model_type = "bert"
     task_prefix = "bert."  # the prefix task models (and some checkpoints) put on these tensors
 
     def __init__(
@@ -146,32 +131,37 @@ class BertModel(nnx.Module):
             pooled = jnp.tanh(self.pooler(first_real_token(hidden, attention_mask)))
         return EncoderOutput(last_hidden_state=hidden, pooler_output=pooled)
 
-    def parameter_map(self, prefix: str = "") -> ParameterMap:
+    def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
         """``(hf_name, parameter, layout)`` for every parameter, names prefixed by ``prefix``."""
-        entries = self.encoder.parameter_map(
+        yield from self.encoder.hf_parameters(
             bert_embedding_names(prefix), lambda index: bert_block_names(prefix, index)
         )
         if self.pooler is not None:
-            entries.extend(linear_entries(f"{prefix}pooler.dense", self.pooler))
-        return entries
+            yield from linear_entries(f"{prefix}pooler.dense", self.pooler)
 
-    def hf_state_dict(self) -> dict[str, np.ndarray]:
-        """Tensors as transformers' PyTorch ``BertModel`` names them (float32, unprefixed)."""
-        return export_parameters(self.parameter_map())
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> EncoderConfig:
+        return bert_config_from_hf(hf_config, model_type=cls.model_type)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        """``config.json`` content for transformers' ``BertModel``."""
-        return bert_config_dict(self.config, self.architecture)
+    @classmethod
+    def prepare_checkpoint(cls, config: EncoderConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Accept the encoder's tensors with or without the task models' prefix; the pooler is optional, as in
+        transformers."""
+        rename_in_place(tensors, strip_prefix(tensors, cls.task_prefix))
+        for buffer in bert_embedding_names("").buffers:
+            tensors.pop(buffer, None)
+        return {"add_pooling_layer": "pooler.dense.weight" in tensors}
 
 
-class BertForSequenceClassification(nnx.Module):
+@register_model
+class BertForSequenceClassification(PretrainedModel, nnx.Module):
     """BERT with the pooler and a linear classifier; returns float32 logits ``[batch, num_labels]``."""
 
     architecture = "BertForSequenceClassification"
 
     def __init__(self, config: EncoderConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if config.num_labels < 1:
-            raise ValueError(f"a sequence classifier needs num_labels >= 1; the config has {config.num_labels}")
+            raise ModelError(f"a sequence classifier needs num_labels >= 1; the config has {config.num_labels}")
         self.config = config
         self.bert = BertModel(config, add_pooling_layer=True, dtype=dtype, rngs=rngs)
         self.classifier = Linear(config.hidden_size, config.num_labels, dtype=dtype, rngs=rngs)
@@ -187,50 +177,19 @@ class BertForSequenceClassification(nnx.Module):
         # Logits leave the model in float32: rewards are computed from them.
         return self.classifier(pooled).astype(jnp.float32)
 
-    def parameter_map(self, base_prefix: str = "bert.") -> ParameterMap:
-        """Every parameter: the encoder's under ``base_prefix``, then ``classifier.*``."""
-        return [*self.bert.parameter_map(base_prefix), *linear_entries("classifier", self.classifier)]
+    def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
+        """Every parameter: the encoder's under ``bert.``, then ``classifier.*``."""
+        yield from self.bert.hf_parameters(f"{prefix}{BertModel.task_prefix}")
+        yield from linear_entries(f"{prefix}classifier", self.classifier)
 
-    def hf_state_dict(self) -> dict[str, np.ndarray]:
-        """Tensors as transformers' PyTorch ``BertForSequenceClassification`` names them (float32)."""
-        return export_parameters(self.parameter_map())
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> EncoderConfig:
+        return bert_config_from_hf(hf_config, classifier=True)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        """``config.json`` content for transformers' ``BertForSequenceClassification``."""
-        return bert_config_dict(self.config, self.architecture)
-
-
-# ---------------------------------------------------------------------------------------
-# Builders for mapjax.models.loading (registered under the HF architecture names).
-# ---------------------------------------------------------------------------------------
-
-_PROBE = "embeddings.word_embeddings.weight"
-
-
-@register_architecture("BertModel")
-def build_bert_model(hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any) -> BertModel:
-    """Build a ``BertModel`` from a checkpoint; the pooler is optional, as in transformers."""
-    config = bert_config_from_hf(hf_config)
-    prefix = detect_prefix(tensors, _PROBE, BertModel.task_prefix)
-    has_pooler = f"{prefix}pooler.dense.weight" in tensors
-    return load_from_hf(
-        lambda: BertModel(config, add_pooling_layer=has_pooler, dtype=dtype, rngs=nnx.Rngs(0)),
-        lambda model: model.parameter_map(prefix),
-        tensors,
-        dtype,
-        drop=bert_embedding_names(prefix).buffers,
-    )
-
-
-@register_architecture("BertForSequenceClassification")
-def build_bert_classifier(hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any) -> BertForSequenceClassification:
-    """Build a ``BertForSequenceClassification`` from a checkpoint."""
-    config = bert_config_from_hf(hf_config, classifier=True)
-    prefix = detect_prefix(tensors, _PROBE, BertModel.task_prefix)
-    return load_from_hf(
-        lambda: BertForSequenceClassification(config, dtype=dtype, rngs=nnx.Rngs(0)),
-        lambda model: model.parameter_map(prefix),
-        tensors,
-        dtype,
-        drop=bert_embedding_names(prefix).buffers,
-    )
+    @classmethod
+    def prepare_checkpoint(cls, config: EncoderConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Accept the encoder's tensors with or without ``bert.``."""
+        rename_in_place(tensors, add_prefix_if_missing(tensors, BertModel.task_prefix, keep=("classifier",)))
+        for buffer in bert_embedding_names(BertModel.task_prefix).buffers:
+            tensors.pop(buffer, None)
+        return {}

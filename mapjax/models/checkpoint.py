@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
+
+from mapjax.errors import OutputExistsError
+from mapjax.models.errors import ModelNotFoundError
 
 ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
@@ -24,7 +26,9 @@ def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrit
     """Write ``model``'s state to ``directory`` (created; must not exist unless ``overwrite``)."""
     directory = Path(directory).expanduser().absolute()
     if directory.exists() and not overwrite:
-        raise FileExistsError(f"checkpoint directory {directory} already exists; pass overwrite=True")
+        raise OutputExistsError(f"checkpoint directory {directory} already exists; pass overwrite=True")
+    import orbax.checkpoint as ocp  # imported on use: it is slow to import and most callers never need it
+
     state = nnx.to_pure_dict(nnx.state(model))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory, state, force=overwrite)
@@ -41,7 +45,9 @@ def restore_checkpoint(directory: str | os.PathLike, model_like: ModuleT) -> Mod
     """
     directory = Path(directory).expanduser().absolute()
     if not directory.exists():
-        raise FileNotFoundError(f"no checkpoint at {directory}")
+        raise ModelNotFoundError(f"no checkpoint at {directory}")
+    import orbax.checkpoint as ocp
+
     graphdef, abstract_state = nnx.split(model_like)
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
                           nnx.to_pure_dict(abstract_state))

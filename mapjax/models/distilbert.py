@@ -12,13 +12,22 @@ Position embeddings are read from the checkpoint whether they were learned or si
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mapjax.errors import ModelError
+from mapjax.models.base import (
+    HFParameter,
+    PretrainedModel,
+    add_prefix_if_missing,
+    register_model,
+    rename_in_place,
+    strip_prefix,
+)
 from mapjax.models.encoder_layers import (
     POSITIONS_FROM_MASK,
     BlockNames,
@@ -26,24 +35,17 @@ from mapjax.models.encoder_layers import (
     EncoderConfig,
     EncoderOutput,
     EncoderStack,
-    ParameterMap,
-    base_config_dict,
-    detect_prefix,
     first_real_token,
     label_pairs,
     linear_entries,
-    load_from_hf,
     prepare_inputs,
     source_config_json,
 )
 from mapjax.models.layers import Linear
-from mapjax.models.loading import export_parameters, register_architecture
 
 __all__ = [
     "DistilBertForSequenceClassification",
     "DistilBertModel",
-    "build_distilbert_classifier",
-    "build_distilbert_model",
     "distilbert_config_from_hf",
 ]
 
@@ -73,22 +75,6 @@ def distilbert_config_from_hf(hf_config: Any, *, classifier: bool = False) -> En
     )
 
 
-def distilbert_config_dict(config: EncoderConfig, architecture: str) -> dict[str, Any]:
-    """``config.json`` content with transformers' DistilBERT field names."""
-    result = base_config_dict(config, architecture)
-    result.update(
-        vocab_size=config.vocab_size,
-        dim=config.hidden_size,
-        n_layers=config.num_layers,
-        n_heads=config.num_heads,
-        hidden_dim=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings,
-        activation=config.hidden_act,
-        pad_token_id=config.pad_token_id,
-    )
-    return result
-
-
 def distilbert_embedding_names(prefix: str) -> EmbeddingNames:
     """``{prefix}embeddings.word_embeddings.weight`` ...; DistilBERT has no token types."""
     return EmbeddingNames(
@@ -115,7 +101,8 @@ def distilbert_block_names(prefix: str, index: int) -> BlockNames:
     )
 
 
-class DistilBertModel(nnx.Module):
+@register_model
+class DistilBertModel(PretrainedModel, nnx.Module):
     """The DistilBERT encoder; returns ``EncoderOutput`` with ``pooler_output=None``.
 
     Call ``model(input_ids, attention_mask, token_type_ids=None, position_ids=None)``;
@@ -127,7 +114,7 @@ class DistilBertModel(nnx.Module):
 
     def __init__(self, config: EncoderConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if config.type_vocab_size:
-            raise ValueError("DistilBERT has no token-type embeddings; the config must set type_vocab_size=0")
+            raise ModelError("DistilBERT has no token-type embeddings; the config must set type_vocab_size=0")
         self.config = config
         self.encoder = EncoderStack(config, dtype=dtype, rngs=rngs)
 
@@ -144,29 +131,34 @@ class DistilBertModel(nnx.Module):
         hidden = self.encoder(input_ids, attention_mask, None, position_ids)
         return EncoderOutput(last_hidden_state=hidden, pooler_output=None)
 
-    def parameter_map(self, prefix: str = "") -> ParameterMap:
+    def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
         """``(hf_name, parameter, layout)`` for every parameter, names prefixed by ``prefix``."""
-        return self.encoder.parameter_map(
+        yield from self.encoder.hf_parameters(
             distilbert_embedding_names(prefix), lambda index: distilbert_block_names(prefix, index)
         )
 
-    def hf_state_dict(self) -> dict[str, np.ndarray]:
-        """Tensors as transformers' PyTorch ``DistilBertModel`` names them (float32, unprefixed)."""
-        return export_parameters(self.parameter_map())
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> EncoderConfig:
+        return distilbert_config_from_hf(hf_config)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        """``config.json`` content for transformers' ``DistilBertModel``."""
-        return distilbert_config_dict(self.config, self.architecture)
+    @classmethod
+    def prepare_checkpoint(cls, config: EncoderConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Accept the encoder's tensors with or without ``distilbert.``."""
+        rename_in_place(tensors, strip_prefix(tensors, cls.task_prefix))
+        for buffer in distilbert_embedding_names("").buffers:
+            tensors.pop(buffer, None)
+        return {}
 
 
-class DistilBertForSequenceClassification(nnx.Module):
+@register_model
+class DistilBertForSequenceClassification(PretrainedModel, nnx.Module):
     """DistilBERT with ``pre_classifier -> ReLU -> classifier`` on [CLS]; float32 logits ``[batch, num_labels]``."""
 
     architecture = "DistilBertForSequenceClassification"
 
     def __init__(self, config: EncoderConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if config.num_labels < 1:
-            raise ValueError(f"a sequence classifier needs num_labels >= 1; the config has {config.num_labels}")
+            raise ModelError(f"a sequence classifier needs num_labels >= 1; the config has {config.num_labels}")
         self.config = config
         self.distilbert = DistilBertModel(config, dtype=dtype, rngs=rngs)
         self.pre_classifier = Linear(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs)
@@ -185,55 +177,21 @@ class DistilBertForSequenceClassification(nnx.Module):
         features = jax.nn.relu(self.pre_classifier(first_real_token(hidden, jnp.asarray(attention_mask))))
         return self.classifier(features).astype(jnp.float32)  # rewards are computed from these
 
-    def parameter_map(self, base_prefix: str = "distilbert.") -> ParameterMap:
-        """Every parameter: the encoder's under ``base_prefix``, then the two head layers."""
-        return [
-            *self.distilbert.parameter_map(base_prefix),
-            *linear_entries("pre_classifier", self.pre_classifier),
-            *linear_entries("classifier", self.classifier),
-        ]
+    def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
+        """Every parameter: the encoder's under ``distilbert.``, then the two head layers."""
+        yield from self.distilbert.hf_parameters(f"{prefix}{DistilBertModel.task_prefix}")
+        yield from linear_entries(f"{prefix}pre_classifier", self.pre_classifier)
+        yield from linear_entries(f"{prefix}classifier", self.classifier)
 
-    def hf_state_dict(self) -> dict[str, np.ndarray]:
-        """Tensors as transformers' PyTorch ``DistilBertForSequenceClassification`` names them (float32)."""
-        return export_parameters(self.parameter_map())
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> EncoderConfig:
+        return distilbert_config_from_hf(hf_config, classifier=True)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        """``config.json`` content for transformers' ``DistilBertForSequenceClassification``."""
-        return distilbert_config_dict(self.config, self.architecture)
-
-
-# ---------------------------------------------------------------------------------------
-# Builders for mapjax.models.loading.
-# ---------------------------------------------------------------------------------------
-
-_PROBE = "embeddings.word_embeddings.weight"
-
-
-@register_architecture("DistilBertModel")
-def build_distilbert_model(hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any) -> DistilBertModel:
-    """Build a ``DistilBertModel`` from a checkpoint (``distilbert.`` prefix optional)."""
-    config = distilbert_config_from_hf(hf_config)
-    prefix = detect_prefix(tensors, _PROBE, DistilBertModel.task_prefix)
-    return load_from_hf(
-        lambda: DistilBertModel(config, dtype=dtype, rngs=nnx.Rngs(0)),
-        lambda model: model.parameter_map(prefix),
-        tensors,
-        dtype,
-        drop=distilbert_embedding_names(prefix).buffers,
-    )
-
-
-@register_architecture("DistilBertForSequenceClassification")
-def build_distilbert_classifier(
-    hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any
-) -> DistilBertForSequenceClassification:
-    """Build a ``DistilBertForSequenceClassification`` from a checkpoint."""
-    config = distilbert_config_from_hf(hf_config, classifier=True)
-    prefix = detect_prefix(tensors, _PROBE, DistilBertModel.task_prefix)
-    return load_from_hf(
-        lambda: DistilBertForSequenceClassification(config, dtype=dtype, rngs=nnx.Rngs(0)),
-        lambda model: model.parameter_map(prefix),
-        tensors,
-        dtype,
-        drop=distilbert_embedding_names(prefix).buffers,
-    )
+    @classmethod
+    def prepare_checkpoint(cls, config: EncoderConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Accept the encoder's tensors with or without ``distilbert.``."""
+        prefix = DistilBertModel.task_prefix
+        rename_in_place(tensors, add_prefix_if_missing(tensors, prefix, keep=("pre_classifier", "classifier")))
+        for buffer in distilbert_embedding_names(prefix).buffers:
+            tensors.pop(buffer, None)
+        return {}

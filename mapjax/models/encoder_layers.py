@@ -21,73 +21,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from mapjax.models.layers import Embedding, LayerNorm, Linear, dot_product_attention
-from mapjax.models.loading import Layout, build_abstract, check_fully_loaded, load_parameters
-
-# ---------------------------------------------------------------------------------------
-# Activations, by the names Hugging Face configs use (``hidden_act`` / ``activation``).
-# ---------------------------------------------------------------------------------------
-
-
-def _gelu_tanh(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=True)
-
-
-def _gelu_exact(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=False)
-
-
-def _quick_gelu(x: jax.Array) -> jax.Array:
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-def _gelu_clipped_10(x: jax.Array) -> jax.Array:
-    return jnp.clip(_gelu_exact(x), -10.0, 10.0)
-
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    # The erf form: what BERT, RoBERTa and DistilBERT checkpoints were trained with.
-    "gelu": _gelu_exact,
-    "gelu_python": _gelu_exact,
-    # Tanh approximations: transformers has several names for the same formula.
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_accurate": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "quick_gelu": _quick_gelu,
-    "gelu_10": _gelu_clipped_10,
-    "relu": jax.nn.relu,
-    "relu6": jax.nn.relu6,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "linear": lambda x: x,
-}
-
-
-def activation_by_name(name: str) -> Callable[[jax.Array], jax.Array]:
-    """Return the activation function a Hugging Face config names (``"gelu"``, ``"gelu_new"``, ...).
-
-    Raises:
-        ValueError: for a name this port does not implement, listing the names it does.
-    """
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unsupported activation {name!r} in the model config; supported: {sorted(ACTIVATIONS)}"
-        ) from None
-
+from mapjax.errors import ModelError
+from mapjax.models.base import HFParameter
+from mapjax.models.layers import Embedding, LayerNorm, Linear, activation, dot_product_attention
 
 # ---------------------------------------------------------------------------------------
 # Configuration and outputs.
@@ -109,7 +53,7 @@ class EncoderConfig:
         max_position_embeddings: rows of the position table.
         type_vocab_size: rows of the token-type table; 0 where the model has none (DistilBERT).
         layer_norm_eps: epsilon of every LayerNorm.
-        hidden_act: activation name of the feed-forward block (see ``ACTIVATIONS``).
+        hidden_act: activation name of the feed-forward block (see ``layers.ACTIVATIONS``).
         pad_token_id: padding token id (RoBERTa also uses it to offset positions).
         position_scheme: ``POSITIONS_FROM_MASK`` or ``POSITIONS_AFTER_PADDING_IDX``.
         num_labels: classifier outputs (0 for a bare encoder).
@@ -136,12 +80,12 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads != 0:
-            raise ValueError(
+            raise ModelError(
                 f"hidden size {self.hidden_size} is not a multiple of the number of attention heads {self.num_heads}"
             )
         if self.position_scheme not in (POSITIONS_FROM_MASK, POSITIONS_AFTER_PADDING_IDX):
-            raise ValueError(f"unknown position_scheme {self.position_scheme!r}")
-        activation_by_name(self.hidden_act)  # fail at construction, not at the first call
+            raise ModelError(f"unknown position_scheme {self.position_scheme!r}")
+        activation(self.hidden_act)  # fail at construction, not at the first call
 
     @property
     def head_dim(self) -> int:
@@ -149,11 +93,37 @@ class EncoderConfig:
         return self.hidden_size // self.num_heads
 
     @property
-    def max_sequence_length(self) -> int:
+    def max_positions(self) -> int:
         """Longest input the position table covers (RoBERTa loses ``pad_token_id + 1`` rows to its offset)."""
         if self.position_scheme == POSITIONS_AFTER_PADDING_IDX:
             return self.max_position_embeddings - self.pad_token_id - 1
         return self.max_position_embeddings
+
+    def to_hf_dict(self, architecture: str) -> dict[str, Any]:
+        """``config.json`` content for ``architecture``: the source config with this config's sizes written
+        under the field names of its model type."""
+        result = base_config_dict(self, architecture)
+        names = _HF_FIELD_NAMES[self.model_type]
+        result.update({hf_name: getattr(self, field) for field, hf_name in names.items()})
+        if self.model_type != "distilbert":
+            result["position_embedding_type"] = "absolute"
+        return result
+
+
+# transformers' config field of each EncoderConfig field, per model type.
+_BERT_FIELD_NAMES = dict(
+    vocab_size="vocab_size", hidden_size="hidden_size", num_layers="num_hidden_layers",
+    num_heads="num_attention_heads", intermediate_size="intermediate_size",
+    max_position_embeddings="max_position_embeddings", type_vocab_size="type_vocab_size",
+    layer_norm_eps="layer_norm_eps", hidden_act="hidden_act", pad_token_id="pad_token_id")
+_HF_FIELD_NAMES = {
+    "bert": _BERT_FIELD_NAMES,
+    "roberta": _BERT_FIELD_NAMES,
+    "distilbert": dict(
+        vocab_size="vocab_size", hidden_size="dim", num_layers="n_layers", num_heads="n_heads",
+        intermediate_size="hidden_dim", max_position_embeddings="max_position_embeddings",
+        hidden_act="activation", pad_token_id="pad_token_id"),
+}
 
 
 def label_pairs(hf_config: Any) -> tuple[tuple[int, str], ...]:
@@ -202,11 +172,8 @@ class EncoderOutput:
 # ---------------------------------------------------------------------------------------
 # Tensor naming.  Each architecture says where its tensors live in a checkpoint; the
 # modules below turn those names into ``(hf_name, parameter, layout)`` entries, the one
-# map that both loading (``loading.load_parameters``) and export
-# (``loading.export_parameters``) walk, so the two directions cannot drift apart.
+# map (``hf_parameters``) that both loading and export walk (see ``mapjax.models.base``).
 # ---------------------------------------------------------------------------------------
-
-ParameterMap = list[tuple[str, nnx.Variable, Layout]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,53 +228,21 @@ def bert_embedding_names(prefix: str) -> EmbeddingNames:
     )
 
 
-def detect_prefix(tensors: Mapping[str, Any], probe: str, prefix: str) -> str:
-    """Return ``prefix`` if the checkpoint stores ``probe`` under it, else ``""`` if it stores it bare.
-
-    Checkpoints of a bare encoder (``BertModel``) usually store ``embeddings...`` while
-    task models store ``bert.embeddings...``; transformers accepts both, and so do we.
-    """
-    if f"{prefix}{probe}" in tensors:
-        return prefix
-    if probe in tensors:
-        return ""
-    return prefix  # neither: keep the canonical name so the missing-tensor error names it
-
-
-def linear_entries(prefix: str, linear: Linear) -> ParameterMap:
+def linear_entries(prefix: str, linear: Linear) -> Iterator[HFParameter]:
     """``{prefix}.weight`` / ``{prefix}.bias`` of a PyTorch ``nn.Linear`` (same ``[out, in]`` layout)."""
-    return [(f"{prefix}.weight", linear.weight, "linear"), (f"{prefix}.bias", linear.bias, "linear")]
+    yield f"{prefix}.weight", linear.weight, "linear"
+    yield f"{prefix}.bias", linear.bias, "linear"
 
 
-def norm_entries(prefix: str, norm: LayerNorm) -> ParameterMap:
+def norm_entries(prefix: str, norm: LayerNorm) -> Iterator[HFParameter]:
     """``{prefix}.weight`` / ``{prefix}.bias`` of a PyTorch ``nn.LayerNorm``."""
-    return [(f"{prefix}.weight", norm.weight, "linear"), (f"{prefix}.bias", norm.bias, "linear")]
-
-
-def load_from_hf(
-    constructor: Callable[[], nnx.Module],
-    parameter_map: Callable[[Any], ParameterMap],
-    tensors: dict[str, np.ndarray],
-    dtype: Any,
-    drop: Iterable[str] = (),
-) -> Any:
-    """Build ``constructor()`` without random init and fill it from ``tensors``.
-
-    Consumes every tensor the map names; missing tensors and shape mismatches raise the
-    loader's ``MissingTensorError`` / ``TensorShapeError`` naming the tensor and shapes.
-    Names in ``drop`` (stale buffers) are discarded if present.
-    """
-    for name in drop:
-        tensors.pop(name, None)
-    model = build_abstract(constructor)
-    load_parameters(parameter_map(model), tensors, dtype)
-    check_fully_loaded(model)
-    return model
+    yield f"{prefix}.weight", norm.weight, "linear"
+    yield f"{prefix}.bias", norm.bias, "linear"
 
 
 # ---------------------------------------------------------------------------------------
 # Encoder body.  Constructors take ``rngs`` so a random model (tests, dummies) is one call;
-# checkpoint loading goes through ``load_from_hf`` and never materialises the random init.
+# checkpoint loading (``PretrainedModel.from_hf_tensors``) never materialises the random init.
 # ---------------------------------------------------------------------------------------
 
 
@@ -353,23 +288,20 @@ class EncoderBlock(nnx.Module):
         self.output = Linear(inner, hidden, dtype=dtype, rngs=rngs)
         self.output_norm = LayerNorm(hidden, eps=eps, dtype=dtype)
 
-    def parameter_map(self, names: BlockNames) -> ParameterMap:
+    def hf_parameters(self, names: BlockNames) -> Iterator[HFParameter]:
         """This block's parameters under the checkpoint names ``names`` gives."""
-        return [
-            *linear_entries(names.query, self.attention.query),
-            *linear_entries(names.key, self.attention.key),
-            *linear_entries(names.value, self.attention.value),
-            *linear_entries(names.attention_output, self.attention.output),
-            *norm_entries(names.attention_norm, self.attention_norm),
-            *linear_entries(names.intermediate, self.intermediate),
-            *linear_entries(names.output, self.output),
-            *norm_entries(names.output_norm, self.output_norm),
-        ]
+        yield from linear_entries(names.query, self.attention.query)
+        yield from linear_entries(names.key, self.attention.key)
+        yield from linear_entries(names.value, self.attention.value)
+        yield from linear_entries(names.attention_output, self.attention.output)
+        yield from norm_entries(names.attention_norm, self.attention_norm)
+        yield from linear_entries(names.intermediate, self.intermediate)
+        yield from linear_entries(names.output, self.output)
+        yield from norm_entries(names.output_norm, self.output_norm)
 
     def __call__(self, hidden: jax.Array, allowed: jax.Array) -> jax.Array:
         hidden = self.attention_norm(hidden + self.attention(hidden, allowed))
-        activation = activation_by_name(self.hidden_act)
-        feed_forward = self.output(activation(self.intermediate(hidden)))
+        feed_forward = self.output(activation(self.hidden_act)(self.intermediate(hidden)))
         return self.output_norm(hidden + feed_forward)
 
 
@@ -385,17 +317,15 @@ class EncoderEmbeddings(nnx.Module):
         )
         self.norm = LayerNorm(hidden, eps=config.layer_norm_eps, dtype=dtype)
 
-    def parameter_map(self, names: EmbeddingNames) -> ParameterMap:
+    def hf_parameters(self, names: EmbeddingNames) -> Iterator[HFParameter]:
         """The embedding parameters under the checkpoint names ``names`` gives."""
-        entries: ParameterMap = [
-            (names.word, self.word.weight, "linear"),
-            (names.position, self.position.weight, "linear"),
-        ]
+        yield names.word, self.word.weight, "linear"
+        yield names.position, self.position.weight, "linear"
         if self.token_type is not None:
             if names.token_type is None:
-                raise ValueError("this encoder has token-type embeddings but its architecture names no tensor for them")
-            entries.append((names.token_type, self.token_type.weight, "linear"))
-        return [*entries, *norm_entries(names.norm, self.norm)]
+                raise ModelError("this encoder has token-type embeddings but its architecture names no tensor for them")
+            yield names.token_type, self.token_type.weight, "linear"
+        yield from norm_entries(names.norm, self.norm)
 
     def __call__(self, input_ids: jax.Array, position_ids: jax.Array, token_type_ids: jax.Array | None) -> jax.Array:
         embedded = self.word(input_ids) + self.position(position_ids)
@@ -414,12 +344,12 @@ class EncoderStack(nnx.Module):
         self.embeddings = EncoderEmbeddings(config, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([EncoderBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
 
-    def parameter_map(self, embedding_names: EmbeddingNames, block_names: Callable[[int], BlockNames]) -> ParameterMap:
+    def hf_parameters(self, embedding_names: EmbeddingNames, block_names: Callable[[int], BlockNames]
+                      ) -> Iterator[HFParameter]:
         """Every parameter of the stack; ``block_names(i)`` names block ``i``'s tensors."""
-        entries = self.embeddings.parameter_map(embedding_names)
+        yield from self.embeddings.hf_parameters(embedding_names)
         for index, block in enumerate(self.blocks):
-            entries.extend(block.parameter_map(block_names(index)))
-        return entries
+            yield from block.hf_parameters(block_names(index))
 
     def __call__(
         self,
@@ -483,7 +413,7 @@ def _check_range(name: str, values: jax.Array, upper: int) -> None:
         return
     low, high = int(jnp.min(values)), int(jnp.max(values))
     if low < 0 or high >= upper:
-        raise ValueError(f"{name} must lie in [0, {upper}); got values from {low} to {high}")
+        raise ModelError(f"{name} must lie in [0, {upper}); got values from {low} to {high}")
 
 
 def prepare_inputs(
@@ -495,19 +425,19 @@ def prepare_inputs(
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
     """Check shapes (and, outside jit, id ranges) and return int32 arrays.
 
-    ``attention_mask=None`` means every token is real.  Raises ``ValueError`` naming the
+    ``attention_mask=None`` means every token is real.  Raises ``ModelError`` naming the
     argument and the expected shape or range, so bad input never fails inside jit.
     """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
+        raise ModelError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"input_ids must be integers; got dtype {input_ids.dtype}")
+        raise ModelError(f"input_ids must be integers; got dtype {input_ids.dtype}")
     batch, seq = input_ids.shape
-    if seq > config.max_sequence_length:
-        raise ValueError(
+    if seq > config.max_positions:
+        raise ModelError(
             f"sequence length {seq} exceeds this {config.model_type} model's maximum of "
-            f"{config.max_sequence_length} tokens"
+            f"{config.max_positions} tokens"
         )
     if attention_mask is None:
         attention_mask = jnp.ones((batch, seq), jnp.int32)
@@ -515,11 +445,11 @@ def prepare_inputs(
     optional = {"token_type_ids": token_type_ids, "position_ids": position_ids}
     for name, value in (("attention_mask", attention_mask), *optional.items()):
         if value is not None and tuple(jnp.shape(value)) != (batch, seq):
-            raise ValueError(f"{name} shape {tuple(jnp.shape(value))} does not match input_ids shape {(batch, seq)}")
+            raise ModelError(f"{name} shape {tuple(jnp.shape(value))} does not match input_ids shape {(batch, seq)}")
     _check_range("input_ids", input_ids, config.vocab_size)
     if token_type_ids is not None:
         if config.type_vocab_size == 0:
-            raise ValueError(f"{config.model_type} has no token-type embeddings; pass token_type_ids=None")
+            raise ModelError(f"{config.model_type} has no token-type embeddings; pass token_type_ids=None")
         token_type_ids = jnp.asarray(token_type_ids).astype(jnp.int32)
         _check_range("token_type_ids", token_type_ids, config.type_vocab_size)
     if position_ids is not None:

@@ -14,10 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mapjax.errors import ModelError
 from mapjax.models import layers
+from mapjax.models.base import (
+    CausalLMBase,
+    CausalLMOutput,
+    HFParameter,
+    PretrainedModel,
+    add_prefix_if_missing,
+    register_model,
+    rename_in_place,
+)
 from mapjax.models.layers import KVCache
-from mapjax.models.loading import (Layout, add_prefix_if_missing, build_abstract, check_fully_loaded,
-                                   export_parameters, load_parameters, register_architecture)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +55,18 @@ class GPT2Config:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def num_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "GPT2Config":
@@ -97,7 +117,7 @@ class GPT2Block(nnx.Module):
         x = x + self.mlp_c_proj(hidden)
         return x, layer_cache
 
-    def hf_parameters(self, prefix: str) -> Iterator[tuple[str, nnx.Variable, Layout]]:
+    def hf_parameters(self, prefix: str) -> Iterator[HFParameter]:
         yield f"{prefix}ln_1.weight", self.ln_1.weight, "linear"
         yield f"{prefix}ln_1.bias", self.ln_1.bias, "linear"
         yield f"{prefix}attn.c_attn.weight", self.c_attn.weight, "transpose"
@@ -123,21 +143,17 @@ class GPT2Model(nnx.Module):
         self.h = nnx.List([GPT2Block(config, i, dtype=dtype, rngs=rngs) for i in range(config.n_layer)])
         self.ln_f = layers.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=dtype)
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        return KVCache.create(num_layers=self.config.n_layer, batch=batch, max_len=max_len,
-                              kv_heads=self.config.n_head, head_dim=self.config.head_dim,
-                              dtype=dtype or self.dtype)
-
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                 cache: KVCache | None = None, positions: jax.Array | None = None):
-        """Hidden states ``[b, s, n_embd]`` (and the new cache when ``cache`` is given)."""
+                 cache: KVCache | None = None, positions: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """``(hidden states [b, s, n_embd], the advanced cache or None)``."""
         context, mask = layers.attention_context(input_ids, attention_mask, cache, positions)
         # Padding rows carry position -1; any valid index works since they are masked out.
         x = self.wte(input_ids) + self.wpe(jnp.maximum(context.positions, 0))
         x, new_cache = layers.run_layers(self.h, x, cache, mask, lambda block, h, c: block(h, context, c))
         return self.ln_f(x), new_cache
 
-    def hf_parameters(self, prefix: str) -> Iterator[tuple[str, nnx.Variable, Layout]]:
+    def hf_parameters(self, prefix: str) -> Iterator[HFParameter]:
         yield f"{prefix}wte.weight", self.wte.weight, "linear"
         yield f"{prefix}wpe.weight", self.wpe.weight, "linear"
         for index, block in enumerate(self.h):
@@ -146,27 +162,25 @@ class GPT2Model(nnx.Module):
         yield f"{prefix}ln_f.bias", self.ln_f.bias, "linear"
 
 
-class GPT2LMHeadModel(nnx.Module):
-    """GPT-2 language model: ``model(input_ids, attention_mask) -> logits [b, s, vocab]``.
+@register_model
+class GPT2LMHeadModel(CausalLMBase, nnx.Module):
+    """GPT-2 language model: ``model(input_ids, attention_mask) -> CausalLMOutput(logits [b, s, vocab], cache)``.
 
-    With ``cache=`` it returns ``(logits, new_cache)``; see ``layers.KVCache``.
+    See ``layers.KVCache`` for the cache.
     """
 
     architecture = "GPT2LMHeadModel"
 
     def __init__(self, config: GPT2Config, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.config = config
+        self.dtype = dtype
         self.transformer = GPT2Model(config, dtype=dtype, rngs=rngs)
         self.lm_head = (None if config.tie_word_embeddings else
                         layers.Linear(config.n_embd, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs))
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
-        return self.transformer.init_cache(batch, max_len, dtype)
-
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                 cache: KVCache | None = None, positions: jax.Array | None = None):
-        """Logits ``[batch, seq, vocab]``, or ``(logits, new_cache)`` when ``cache`` is given.
+                 cache: KVCache | None = None, positions: jax.Array | None = None) -> CausalLMOutput:
+        """Logits ``[batch, seq, vocab]``, and the advanced cache when ``cache`` is given.
 
         Args:
           input_ids: int ``[batch, seq]``.
@@ -178,22 +192,27 @@ class GPT2LMHeadModel(nnx.Module):
         """
         hidden, new_cache = self.transformer(input_ids, attention_mask, cache=cache, positions=positions)
         logits = self.transformer.wte.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-        return logits if cache is None else (logits, new_cache)
+        return CausalLMOutput(logits, new_cache)
 
-    def hf_parameters(self) -> Iterator[tuple[str, nnx.Variable, Layout]]:
-        yield from self.transformer.hf_parameters("transformer.")
+    def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
+        yield from self.transformer.hf_parameters(f"{prefix}transformer.")
         if self.lm_head is not None:
-            yield "lm_head.weight", self.lm_head.weight, "linear"
+            yield f"{prefix}lm_head.weight", self.lm_head.weight, "linear"
 
-    def hf_state_dict(self) -> dict[str, np.ndarray]:
-        """Tensors named and laid out as transformers' ``GPT2LMHeadModel`` expects."""
-        return export_parameters(self.hf_parameters())
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> GPT2Config:
+        return GPT2Config.from_hf(hf_config)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        return self.config.to_hf_dict(self.architecture)
+    @classmethod
+    def prepare_checkpoint(cls, config: GPT2Config, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        _normalise_gpt2_checkpoint(tensors)
+        if config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)   # a tied copy some checkpoints still carry
+        return {}
 
 
-class GPT2ForSequenceClassification(nnx.Module):
+@register_model
+class GPT2ForSequenceClassification(PretrainedModel, nnx.Module):
     """GPT-2 with a linear ``score`` head read at the last non-padding token.
 
     As in transformers, "padding" means ``input_ids == config.pad_token_id`` (not the
@@ -214,53 +233,33 @@ class GPT2ForSequenceClassification(nnx.Module):
         batch = input_ids.shape[0]
         if self.config.pad_token_id is None:
             if batch != 1:
-                raise ValueError("GPT2ForSequenceClassification needs config.pad_token_id to find the last "
+                raise ModelError("GPT2ForSequenceClassification needs config.pad_token_id to find the last "
                                  "token of each row when batch size > 1")
             last = jnp.full((batch,), input_ids.shape[1] - 1)
         else:
             last = layers.last_token_index((input_ids != self.config.pad_token_id).astype(jnp.int32))
         return logits[jnp.arange(batch), last]
 
-    def hf_parameters(self) -> Iterator[tuple[str, nnx.Variable, Layout]]:
-        yield from self.transformer.hf_parameters("transformer.")
-        yield "score.weight", self.score.weight, "linear"
+    def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
+        yield from self.transformer.hf_parameters(f"{prefix}transformer.")
+        yield f"{prefix}score.weight", self.score.weight, "linear"
 
-    def hf_state_dict(self) -> dict[str, np.ndarray]:
-        return export_parameters(self.hf_parameters())
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> GPT2Config:
+        return GPT2Config.from_hf(hf_config)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        return self.config.to_hf_dict(self.architecture)
+    @classmethod
+    def prepare_checkpoint(cls, config: GPT2Config, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        _normalise_gpt2_checkpoint(tensors)
+        return {}
 
 
-def _drop_gpt2_buffers(tensors: dict[str, np.ndarray]) -> None:
-    # Older checkpoints (e.g. the hub's "gpt2") store the causal-mask buffers
-    # "h.N.attn.bias" / "h.N.attn.masked_bias"; they carry no weights.
+def _normalise_gpt2_checkpoint(tensors: dict[str, np.ndarray]) -> None:
+    """Bring the hub's original ``gpt2`` layout to transformers' current one (in place).
+
+    Those files have no ``transformer.`` prefix and store the causal-mask buffers ``h.N.attn.bias`` /
+    ``h.N.attn.masked_bias``, which carry no weights.
+    """
+    rename_in_place(tensors, add_prefix_if_missing(tensors, "transformer.", keep=("lm_head", "score")))
     for key in [key for key in tensors if key.endswith((".attn.bias", ".attn.masked_bias"))]:
         del tensors[key]
-
-
-def _build(model_class: type, hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any) -> nnx.Module:
-    config = GPT2Config.from_hf(hf_config)
-    head_names = ("lm_head.weight", "score.weight")
-    renamed = add_prefix_if_missing(tensors, "transformer.", keep=head_names)
-    if renamed is not tensors:  # the builder contract: consume from the caller's dict
-        tensors.clear()
-        tensors.update(renamed)
-    _drop_gpt2_buffers(tensors)
-    model = build_abstract(lambda: model_class(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_parameters(model.hf_parameters(), tensors, dtype)
-    if model_class is GPT2LMHeadModel and config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # a tied copy some checkpoints still carry
-    check_fully_loaded(model)
-    return model
-
-
-@register_architecture("GPT2LMHeadModel")
-def build_gpt2_lm(hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any) -> GPT2LMHeadModel:
-    return _build(GPT2LMHeadModel, hf_config, tensors, dtype)
-
-
-@register_architecture("GPT2ForSequenceClassification")
-def build_gpt2_classifier(hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any
-                          ) -> GPT2ForSequenceClassification:
-    return _build(GPT2ForSequenceClassification, hf_config, tensors, dtype)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mapjax.errors import ModelError
+
 Array = jax.Array
 DType = Any
 
@@ -111,21 +113,49 @@ class RMSNorm(nnx.Module):
         return self.weight.get_value() * y.astype(x.dtype)
 
 
+def _gelu_exact(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _gelu_clipped_10(x: Array) -> Array:
+    return jnp.clip(_gelu_exact(x), -10.0, 10.0)
+
+
+# Activations by the names Hugging Face configs use (``hidden_act``, ``activation_function``, ``activation``).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    # The erf form: what BERT, RoBERTa and DistilBERT checkpoints were trained with.
+    "gelu": _gelu_exact,
+    "gelu_python": _gelu_exact,
+    # Tanh approximations: transformers has several names for the same formula (GPT-2's "gelu_new").
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "gelu_10": _gelu_clipped_10,
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
 def activation(name: str) -> Callable[[Array], Array]:
-    """Activation by its Hugging Face ``hidden_act``/``activation_function`` name."""
-    table: dict[str, Callable[[Array], Array]] = {
-        "relu": jax.nn.relu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "tanh": jnp.tanh,
-    }
-    if name not in table:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(table)}")
-    return table[name]
+    """The activation a Hugging Face config names; ``ModelError`` listing the supported names otherwise."""
+    if name not in ACTIVATIONS:
+        raise ModelError(f"unsupported activation {name!r} in the model config; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 # --------------------------------------------------------------------------- #
@@ -151,7 +181,7 @@ class RopeSpec:
 
     def __post_init__(self) -> None:
         if self.rope_type not in self.SUPPORTED:
-            raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: {list(self.SUPPORTED)}")
+            raise ModelError(f"unsupported rope_type {self.rope_type!r}; supported: {list(self.SUPPORTED)}")
 
 
 def rope_spec_from_hf_config(hf_config: Any, head_dim: int) -> RopeSpec:
@@ -296,11 +326,11 @@ class AttentionContext:
 
 def _check_inputs(input_ids: Array, attention_mask: Array | None) -> Array:
     if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        raise ModelError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
         return jnp.ones(input_ids.shape, jnp.int32)
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+        raise ModelError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                          f"{tuple(input_ids.shape)}")
     return attention_mask.astype(jnp.int32)
 
@@ -327,7 +357,7 @@ def attention_context(input_ids: Array, attention_mask: Array | None, cache: KVC
         write_index = None
     else:
         if not isinstance(cache.write_index, jax.core.Tracer) and int(cache.write_index) + seq > cache.max_len:
-            raise ValueError(f"KV cache overflow: writing {seq} tokens at slot {int(cache.write_index)} "
+            raise ModelError(f"KV cache overflow: writing {seq} tokens at slot {int(cache.write_index)} "
                              f"exceeds max_len={cache.max_len}; create the cache with a larger max_len")
         write_index = cache.write_index
         query_slots = write_index + jnp.arange(seq)

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mapjax.errors import ModelError
 from mapjax.models import layers
+from mapjax.models.base import CausalLMBase, CausalLMOutput, HFParameter, register_model
 from mapjax.models.layers import KVCache, RopeSpec
-from mapjax.models.loading import (Layout, build_abstract, check_fully_loaded, export_parameters, load_parameters,
-                                   register_architecture)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,25 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+            raise ModelError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
+        if self.rope.rotary_dim != self.head_dim:
+            raise ModelError(f"rope.rotary_dim={self.rope.rotary_dim} must equal head_dim={self.head_dim} (Llama "
+                             f"rotates whole heads); pass rope=RopeSpec(rotary_dim={self.head_dim}, ...)")
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def max_positions(self) -> int:
+        """The trained context. Rotary positions have no table to run out of, but past this length the model
+        reads positions it never saw in training; raise ``max_position_embeddings`` to go further."""
+        return self.max_position_embeddings
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "LlamaConfig":
@@ -113,7 +130,7 @@ class LlamaDecoderLayer(nnx.Module):
         gated = layers.activation(self.activation_name)(self.gate_proj(normed)) * self.up_proj(normed)
         return x + self.down_proj(gated), layer_cache
 
-    def hf_parameters(self, prefix: str) -> Iterator[tuple[str, nnx.Variable, Layout]]:
+    def hf_parameters(self, prefix: str) -> Iterator[HFParameter]:
         for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                              ("mlp", ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
@@ -125,10 +142,11 @@ class LlamaDecoderLayer(nnx.Module):
         yield f"{prefix}post_attention_layernorm.weight", self.post_attention_layernorm.weight, "linear"
 
 
-class LlamaForCausalLM(nnx.Module):
-    """Llama language model: ``model(input_ids, attention_mask) -> logits [b, s, vocab]``.
+@register_model
+class LlamaForCausalLM(CausalLMBase, nnx.Module):
+    """Llama language model: ``model(input_ids, attention_mask) -> CausalLMOutput(logits [b, s, vocab], cache)``.
 
-    With ``cache=`` it returns ``(logits, new_cache)``; see ``layers.KVCache``.
+    See ``layers.KVCache`` for the cache.
     """
 
     architecture = "LlamaForCausalLM"
@@ -144,15 +162,9 @@ class LlamaForCausalLM(nnx.Module):
                         layers.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
                                       rngs=rngs))
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
-        return KVCache.create(num_layers=self.config.num_hidden_layers, batch=batch, max_len=max_len,
-                              kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,
-                              dtype=dtype or self.dtype)
-
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                 cache: KVCache | None = None, positions: jax.Array | None = None):
-        """Logits ``[batch, seq, vocab]``, or ``(logits, new_cache)`` when ``cache`` is given.
+                 cache: KVCache | None = None, positions: jax.Array | None = None) -> CausalLMOutput:
+        """Logits ``[batch, seq, vocab]``, and the advanced cache when ``cache`` is given.
 
         Args:
           input_ids: int ``[batch, seq]``.
@@ -169,202 +181,22 @@ class LlamaForCausalLM(nnx.Module):
                                          lambda layer, h, c: layer(h, context, cos_sin, c))
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits if cache is None else (logits, new_cache)
+        return CausalLMOutput(logits, new_cache)
 
-    def hf_parameters(self) -> Iterator[tuple[str, nnx.Variable, Layout]]:
-        yield "model.embed_tokens.weight", self.embed_tokens.weight, "linear"
+    def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
+        yield f"{prefix}model.embed_tokens.weight", self.embed_tokens.weight, "linear"
         for index, layer in enumerate(self.layers):
-            yield from layer.hf_parameters(f"model.layers.{index}.")
-        yield "model.norm.weight", self.norm.weight, "linear"
+            yield from layer.hf_parameters(f"{prefix}model.layers.{index}.")
+        yield f"{prefix}model.norm.weight", self.norm.weight, "linear"
         if self.lm_head is not None:
-            yield "lm_head.weight", self.lm_head.weight, "linear"
+            yield f"{prefix}lm_head.weight", self.lm_head.weight, "linear"
 
-    def hf_state_dict(self) -> dict[str, np.ndarray]:
-        """Tensors named and laid out as transformers' ``LlamaForCausalLM`` expects."""
-        return export_parameters(self.hf_parameters())
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> LlamaConfig:
+        return LlamaConfig.from_hf(hf_config)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        return self.config.to_hf_dict(self.architecture)
-
-
-def build_llama_from_config(config: LlamaConfig, tensors: dict[str, np.ndarray], dtype: Any) -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` whose weights come from HF-named ``tensors`` (consumed)."""
-    model = build_abstract(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_parameters(model.hf_parameters(), tensors, dtype)
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    check_fully_loaded(model)
-    return model
-
-
-@register_architecture("LlamaForCausalLM")
-def build_llama_lm(hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any) -> LlamaForCausalLM:
-    return build_llama_from_config(LlamaConfig.from_hf(hf_config), tensors, dtype)
-
-
-# --------------------------------------------------------------------------- #
-# GGUF (llama.cpp) files
-# --------------------------------------------------------------------------- #
-_GGUF_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GGUF_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-
-def _unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's converter, which interleaves the two rotary halves of each head's rows.
-
-    The converter maps rows ``[head, half, i]`` to ``[head, i, half]`` so that GGML's
-    rope (adjacent pairs) matches HF's rope (split halves); this is the inverse.
-    """
-    rows = weight.shape[0]
-    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
-
-
-def _gguf_field(reader: Any, key: str, default: Any = None, *, required: bool = False, path: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if required:
-            raise ValueError(f"{path}: GGUF metadata is missing {key!r}")
-        return default
-    return field.contents()
-
-
-def read_gguf_llama(path: Any) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """``(LlamaConfig, HF-named float32 tensors)`` from a Llama-architecture GGUF file."""
-    import gguf
-    from gguf.quants import dequantize
-
-    from mapjax.models.loading import CheckpointError
-
-    reader = gguf.GGUFReader(str(path))
-    architecture = _gguf_field(reader, "general.architecture", required=True, path=path)
-    if architecture != "llama":
-        raise CheckpointError(f"{path}: GGUF architecture {architecture!r} is not supported; supported: ['llama']")
-    field = lambda name, default=None, required=False: _gguf_field(  # noqa: E731
-        reader, f"llama.{name}", default, required=required, path=path)
-    hidden = int(field("embedding_length", required=True))
-    num_heads = int(field("attention.head_count", required=True))
-    num_kv_heads = int(field("attention.head_count_kv", num_heads))
-    head_dim = int(field("attention.key_length", hidden // num_heads))
-    max_positions = int(field("context_length", 2048))
-    scaling_type = field("rope.scaling.type", "none")
-    if scaling_type not in ("none", "linear"):
-        raise CheckpointError(f"{path}: GGUF rope scaling type {scaling_type!r} is not supported "
-                              "(supported: none, linear)")
-
-    tensors: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
-        name = tensor.name
-        if name == "rope_freqs.weight":
-            raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' (Llama 3.1 rope scaling baked into GGUF) "
-                                  "is not supported; load the original HF checkpoint with from_pretrained")
-        if name in _GGUF_GLOBAL_NAMES:
-            hf_name = _GGUF_GLOBAL_NAMES[name]
-        else:
-            parts = name.split(".", 2)
-            if parts[0] != "blk" or len(parts) != 3 or parts[2] not in _GGUF_LAYER_NAMES:
-                raise CheckpointError(f"{path}: unexpected GGUF tensor {name!r}")
-            hf_name = f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
-        array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        array = array.reshape(tuple(int(d) for d in reversed(tensor.shape)))  # GGUF lists dims fastest-first
-        if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
-            array = _unpermute_rotary_rows(array, num_heads)
-        elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
-            array = _unpermute_rotary_rows(array, num_kv_heads)
-        tensors[hf_name] = array
-
-    vocab_size = int(field("vocab_size", 0)) or tensors["model.embed_tokens.weight"].shape[0]
-    rope_type = "linear" if scaling_type == "linear" else "default"
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=int(field("feed_forward_length", required=True)),
-        num_hidden_layers=int(field("block_count", required=True)),
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope=RopeSpec(rotary_dim=int(field("rope.dimension_count", head_dim)),
-                      theta=float(field("rope.freq_base", 10000.0)), rope_type=rope_type,
-                      factor=float(field("rope.scaling.factor", 1.0) or 1.0),
-                      max_position_embeddings=max_positions),
-        attention_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
-        tie_word_embeddings="lm_head.weight" not in tensors,
-        pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id"),
-        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-    )
-    return config, tensors
-
-
-def _tokenizer_from_gguf_vocab(path: Any) -> Any:
-    """Byte-level BPE tokenizer built from the GGUF vocab/merges (fallback when transformers cannot)."""
-    import gguf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    reader = gguf.GGUFReader(str(path))
-    kind = _gguf_field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"{path}: cannot build a tokenizer for GGUF tokenizer model {kind!r} without "
-                         "transformers' GGUF support (only byte-level BPE 'gpt2' is built by hand)")
-    tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
-    merges = [tuple(merge.split(" ", 1)) for merge in _gguf_field(reader, "tokenizer.ggml.merges")]
-    backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)}, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    special = lambda key: (None if _gguf_field(reader, key) is None  # noqa: E731
-                           else tokens[int(_gguf_field(reader, key))])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=special("tokenizer.ggml.bos_token_id"),
-                                   eos_token=special("tokenizer.ggml.eos_token_id"),
-                                   unk_token=special("tokenizer.ggml.unknown_token_id"),
-                                   pad_token=special("tokenizer.ggml.padding_token_id"),
-                                   chat_template=_gguf_field(reader, "tokenizer.chat_template"))
-
-
-def tokenizer_from_gguf(path: Any) -> Any:
-    """The tokenizer stored in a GGUF file: transformers' GGUF support, else built from the vocab."""
-    from pathlib import Path
-
-    path = Path(path)
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception:  # noqa: BLE001 - any failure there (old transformers, no tokenizers backend) falls back
-        return _tokenizer_from_gguf_vocab(path)
-
-
-def llama_from_gguf(path: Any, dtype: Any = jnp.float32, *, with_tokenizer: bool = True
-                    ) -> tuple[LlamaForCausalLM, Any]:
-    """``(LlamaForCausalLM, tokenizer or None)`` from a Llama GGUF file (see ``loading.from_gguf``)."""
-    from pathlib import Path
-
-    from mapjax.models.loading import UnexpectedTensorsError
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    config, tensors = read_gguf_llama(path)
-    model = build_llama_from_config(config, tensors, dtype)
-    if tensors:
-        raise UnexpectedTensorsError(f"{path}: unexpected tensors {sorted(tensors)[:10]}")
-    return model, (tokenizer_from_gguf(path) if with_tokenizer else None)
+    @classmethod
+    def prepare_checkpoint(cls, config: LlamaConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        if config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)   # a tied copy some checkpoints still carry
+        return {}

@@ -7,253 +7,98 @@ Public entry points
     ``model.safetensors.index.json``; or ``pytorch_model.bin`` through torch when
     installed) with numpy, picks the builder registered for
     ``config.architectures[0]`` and returns the NNX model.
-``from_gguf(path, dtype=jnp.float32)``
-    Loads a Llama-architecture GGUF file, returns ``(model, tokenizer)``.
 ``export_pretrained(model, directory)``
     Writes ``config.json`` + ``model.safetensors`` that transformers' PyTorch
     classes load with ``from_pretrained(directory)``.
 
-Contract for architecture modules (read this if you add a model)
------------------------------------------------------------------
-1. Register a builder under the Hugging Face architecture name (the string that
-   appears in ``config.json``'s ``"architectures"`` list)::
+GGUF files are read by ``mapjax.models.gguf.from_gguf``.
 
-       from mapjax.models.loading import register_architecture, take_tensor
+Adding an architecture
+----------------------
+A model class derives from ``mapjax.models.base.PretrainedModel`` (decoders from
+``CausalLMBase``), implements ``hf_parameters`` (its tensor-name map),
+``config_from_hf`` and, where checkpoints vary, ``prepare_checkpoint``, and is
+registered with the ``@register_model`` class decorator; loading and export then
+work through the shared name map (see ``mapjax.models.base``).
 
-       @register_architecture("BertForSequenceClassification")
-       def build_bert_classifier(hf_config, tensors, dtype):
-           ...
-           return model
+Any other builder can be registered under an HF architecture name (the string in
+``config.json``'s ``"architectures"`` list)::
 
-   or, without a decorator, ``register_architecture("BertModel", build_bert_model)``.
-   Registering the same name twice raises ``ValueError`` unless
-   ``overwrite=True``.
+    from mapjax.models.loading import register_architecture, take_tensor
 
-2. Builder signature:
-   ``builder(hf_config: transformers.PretrainedConfig, tensors: dict[str, np.ndarray], dtype) -> nnx.Module``
+    @register_architecture("MyModelForCausalLM")
+    def build(hf_config, tensors, dtype):
+        ...
+        return model
 
-   * ``hf_config`` is what ``transformers.AutoConfig.from_pretrained(folder)``
-     returns (the folder's ``config.json``).  Build your frozen dataclass config
-     from it.
-   * ``tensors`` maps the checkpoint's tensor names, exactly as stored in the
-     safetensors file (PyTorch layout, e.g. ``nn.Linear`` weights are
-     ``[out, in]``), to numpy arrays (float32 for floating tensors).
-   * The builder must **remove** every tensor it consumes from ``tensors``
-     (``take_tensor`` does that and checks the shape). Tensors that a
-     checkpoint may legitimately carry but the model does not need (tied
-     ``lm_head.weight``, ``position_ids`` buffers, ...) should be removed with
-     ``tensors.pop(name, None)``.  After the builder returns, ``from_pretrained``
-     raises ``UnexpectedTensorsError`` naming whatever is left over.
-   * Use ``take_tensor(tensors, name, expected_shape)`` to read a tensor: it
-     raises ``MissingTensorError`` / ``TensorShapeError`` (both ``ValueError``
-     subclasses) whose messages name the tensor and the shapes.
-   * ``dtype`` is the parameter dtype the user asked for (``jnp.float32`` or
-     ``jnp.bfloat16``); cast parameters with ``jnp.asarray(array, dtype)``.
-   * Strip or add a base-model prefix yourself if checkpoints vary (e.g.
-     ``strip_prefix(tensors, "bert.")``/``add_prefix_if_missing`` helpers below).
+Builder contract: ``builder(hf_config, tensors, dtype) -> nnx.Module``, where
+``hf_config`` is what ``transformers.AutoConfig.from_pretrained(folder)`` returns,
+``tensors`` maps the checkpoint's tensor names (PyTorch layout, floating tensors as
+float32 numpy) and ``dtype`` is the parameter dtype asked for. The builder must
+**remove** every tensor it consumes (``take_tensor`` does and checks the shape,
+raising ``MissingTensorError`` / ``TensorShapeError``); whatever is left makes
+``from_pretrained`` raise ``UnexpectedTensorsError``. Registering a name twice raises
+unless ``overwrite=True``. For export a model implements ``hf_state_dict()`` and
+``hf_config_dict()`` (``PretrainedModel`` provides both).
 
-3. Export: every model class that should round-trip implements
-
-   * ``hf_state_dict(self) -> dict[str, np.ndarray]``: tensor names and layouts
-     exactly as transformers' PyTorch class expects them (float32 numpy).
-   * ``hf_config_dict(self) -> dict``: the ``config.json`` content, including
-     ``"architectures": [name]`` and ``"model_type"``.
-
-   ``to_hf_tensors(model)`` and ``export_pretrained(model, dir)`` call these.
-
-4. Calling convention of the models: ``model(input_ids, attention_mask)`` with
-   int32 ``[batch, seq]`` arrays (mask 1 = real token, 0 = padding; left or right
-   padding).  Causal LMs return logits ``[batch, seq, vocab]``; classifiers
-   ``[batch, num_labels]``; base encoders an output with ``last_hidden_state``
-   ``[batch, seq, hidden]``.  Keep the frozen dataclass config at ``model.config``.
-
-5. Encoder modules ``mapjax.models.bert``, ``mapjax.models.distilbert`` and
-   ``mapjax.models.roberta`` are imported lazily the first time the registry is
-   consulted, so their ``@register_architecture`` decorators run; a module that
-   does not exist yet is skipped (only that exact ``ModuleNotFoundError``).
+Calling convention of the models: ``model(input_ids, attention_mask)`` with int32
+``[batch, seq]`` arrays (mask 1 = real token, 0 = padding; left or right padding).
+Causal LMs return ``CausalLMOutput(logits [batch, seq, vocab], cache)``; classifiers
+logits ``[batch, num_labels]``; base encoders an ``EncoderOutput`` with
+``last_hidden_state [batch, seq, hidden]``. The frozen dataclass config is at ``model.config``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-Builder = Callable[[Any, dict[str, np.ndarray], Any], nnx.Module]
-
-# "linear": the mapjax parameter has the checkpoint's layout.
-# "transpose": the checkpoint stores the transpose (GPT-2's Conv1D keeps [in, out]).
-Layout = Literal["linear", "transpose"]
-
-
-# --------------------------------------------------------------------------- #
-# Errors a user can act on
-# --------------------------------------------------------------------------- #
-class CheckpointError(ValueError):
-    """Base class of every loading error; messages name the file/tensor/field."""
-
-
-class UnknownArchitectureError(CheckpointError):
-    pass
-
-
-class MissingTensorError(CheckpointError):
-    pass
-
-
-class UnexpectedTensorsError(CheckpointError):
-    pass
-
-
-class TensorShapeError(CheckpointError):
-    pass
-
-
-class MissingConfigError(CheckpointError, FileNotFoundError):
-    pass
-
-
-# --------------------------------------------------------------------------- #
-# Registry
-# --------------------------------------------------------------------------- #
-_REGISTRY: dict[str, Builder] = {}
-# Imported on first use of the registry so their @register_architecture lines run.
-_ARCHITECTURE_MODULES = (
-    "mapjax.models.gpt2",
-    "mapjax.models.opt",
-    "mapjax.models.llama",
-    "mapjax.models.bert",
-    "mapjax.models.distilbert",
-    "mapjax.models.roberta",
+from mapjax.errors import ModelError
+from mapjax.models.base import (
+    HFParameter,
+    Layout,
+    add_prefix_if_missing,
+    build_abstract,
+    check_fully_loaded,
+    export_parameters,
+    load_parameters,
+    strip_prefix,
+    take_tensor,
 )
-_registry_populated = False
+from mapjax.models.errors import (
+    CheckpointError,
+    MissingConfigError,
+    MissingTensorError,
+    ModelNotFoundError,
+    TensorShapeError,
+    UnexpectedTensorsError,
+    UnknownArchitectureError,
+)
+from mapjax.models.registry import (
+    Builder,
+    get_builder,
+    model_class,
+    register_architecture,
+    supported_architectures,
+    unregister_architecture,
+)
 
-
-def register_architecture(name: str, builder: Builder | None = None, *, overwrite: bool = False):
-    """Register ``builder`` for the HF architecture ``name``; usable as a decorator.
-
-    See the module docstring for the builder contract.
-    """
-
-    def add(function: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name] is not function and not overwrite:
-            raise ValueError(f"architecture {name!r} is already registered "
-                             f"(by {_REGISTRY[name].__module__}.{_REGISTRY[name].__qualname__}); "
-                             "pass overwrite=True to replace it")
-        _REGISTRY[name] = function
-        return function
-
-    return add if builder is None else add(builder)
-
-
-def _populate_registry() -> None:
-    global _registry_populated
-    if _registry_populated:
-        return
-    for module_name in _ARCHITECTURE_MODULES:
-        try:
-            importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            # Only "this optional module is not written yet" is tolerated; a
-            # missing dependency *inside* the module must surface.
-            if error.name != module_name:
-                raise
-    _registry_populated = True
-
-
-def supported_architectures() -> list[str]:
-    """Names of every registered HF architecture."""
-    _populate_registry()
-    return sorted(_REGISTRY)
-
-
-def get_builder(name: str) -> Builder:
-    """The builder registered for ``name``, or ``UnknownArchitectureError`` listing the known ones."""
-    _populate_registry()
-    if name not in _REGISTRY:
-        raise UnknownArchitectureError(
-            f"unknown architecture {name!r}; supported architectures: {', '.join(supported_architectures())}")
-    return _REGISTRY[name]
-
-
-# --------------------------------------------------------------------------- #
-# Helpers for builders
-# --------------------------------------------------------------------------- #
-def take_tensor(tensors: dict[str, np.ndarray], name: str, expected_shape: Iterable[int] | None = None
-                ) -> np.ndarray:
-    """Remove ``name`` from ``tensors`` and return it, checking its shape."""
-    if name not in tensors:
-        close = [key for key in tensors if key.split(".")[-1] == name.split(".")[-1]][:5]
-        hint = f"; tensors with the same suffix: {close}" if close else ""
-        raise MissingTensorError(f"checkpoint is missing tensor {name!r}{hint}")
-    array = tensors.pop(name)
-    if expected_shape is not None and tuple(array.shape) != tuple(expected_shape):
-        raise TensorShapeError(f"tensor {name!r} has shape {tuple(array.shape)}, expected "
-                               f"{tuple(expected_shape)}")
-    return array
-
-
-def strip_prefix(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """Drop ``prefix`` from every name that has it (checkpoints saved from a base model vs a head)."""
-    return {(key[len(prefix):] if key.startswith(prefix) else key): value for key, value in tensors.items()}
-
-
-def add_prefix_if_missing(tensors: dict[str, np.ndarray], prefix: str, keep: Iterable[str] = ()
-                          ) -> dict[str, np.ndarray]:
-    """Add ``prefix`` to every name when no name has it yet (e.g. the bare ``gpt2`` hub checkpoint).
-
-    Names in ``keep`` (head weights such as ``lm_head.weight``) are left alone.
-    """
-    if any(key.startswith(prefix) for key in tensors):
-        return tensors
-    keep = set(keep)
-    return {(key if key in keep else prefix + key): value for key, value in tensors.items()}
-
-
-def parameter_shape(param: nnx.Variable) -> tuple[int, ...]:
-    return tuple(param.get_value().shape)
-
-
-def load_parameters(mapping: Iterable[tuple[str, nnx.Variable, Layout]], tensors: dict[str, np.ndarray],
-                    dtype: Any) -> None:
-    """Fill each ``(hf_name, param, layout)`` of ``mapping`` from ``tensors`` (consuming them)."""
-    for hf_name, param, layout in mapping:
-        shape = parameter_shape(param)
-        expected = shape[::-1] if layout == "transpose" else shape
-        array = take_tensor(tensors, hf_name, expected)
-        if layout == "transpose":
-            array = array.T
-        param.set_value(jnp.asarray(array, dtype=dtype))
-
-
-def export_parameters(mapping: Iterable[tuple[str, nnx.Variable, Layout]]) -> dict[str, np.ndarray]:
-    """``{hf_name: float32 numpy array}`` in the checkpoint layout, from a model's mapping."""
-    out: dict[str, np.ndarray] = {}
-    for hf_name, param, layout in mapping:
-        array = np.asarray(jax.device_get(param.get_value()).astype(np.float32))
-        out[hf_name] = np.ascontiguousarray(array.T if layout == "transpose" else array)
-    return out
-
-
-def build_abstract(constructor: Callable[[], nnx.Module]) -> nnx.Module:
-    """Build a module without allocating random weights (every Param holds a ShapeDtypeStruct)."""
-    return nnx.eval_shape(constructor)
-
-
-def check_fully_loaded(model: nnx.Module) -> None:
-    """Raise if a parameter was left abstract (a builder forgot to map it)."""
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        leaf = value.get_value() if isinstance(value, nnx.Variable) else value
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            raise CheckpointError(f"parameter {'.'.join(map(str, path))} was not loaded by the builder")
-
+# The registry, the name-map helpers and the errors live in their own modules; they are importable from here
+# too, where the builder contract above is documented.
+__all__ = [
+    "Builder", "CheckpointError", "HFParameter", "Layout", "MissingConfigError", "MissingTensorError",
+    "ModelNotFoundError", "TensorShapeError", "UnexpectedTensorsError", "UnknownArchitectureError",
+    "add_prefix_if_missing", "build_abstract", "build_from_tensors", "check_fully_loaded", "export_parameters",
+    "export_pretrained", "from_pretrained", "get_builder", "load_hf_config", "load_parameters", "model_class",
+    "read_checkpoint_tensors", "read_safetensors", "register_architecture", "resolve_model_directory",
+    "strip_prefix", "supported_architectures", "take_tensor", "to_hf_tensors", "unregister_architecture",
+]
 
 # --------------------------------------------------------------------------- #
 # Reading checkpoints
@@ -428,7 +273,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, *,
 def to_hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's weights named and laid out as in its transformers PyTorch class."""
     if not hasattr(model, "hf_state_dict"):
-        raise TypeError(f"{type(model).__name__} does not implement hf_state_dict(); it cannot be exported")
+        raise ModelError(f"{type(model).__name__} does not implement hf_state_dict(); it cannot be exported")
     return model.hf_state_dict()
 
 
@@ -446,25 +291,10 @@ def export_pretrained(model: nnx.Module, directory: str | os.PathLike, *, dtype:
     if dtype == "float16":
         tensors = {name: value.astype(np.float16) for name, value in tensors.items()}
     elif dtype != "float32":
-        raise ValueError(f"export dtype must be 'float32' or 'float16', got {dtype!r}")
+        raise ModelError(f"export dtype must be 'float32' or 'float16', got {dtype!r}")
     config = dict(model.hf_config_dict())
     config.setdefault("torch_dtype", dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()},
               str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
-
-
-# --------------------------------------------------------------------------- #
-# GGUF (llama.cpp) files
-# --------------------------------------------------------------------------- #
-def from_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, *, with_tokenizer: bool = True):
-    """Load a Llama-architecture GGUF file; returns ``(model, tokenizer)``.
-
-    Quantised tensors are dequantised to float32 with ``gguf.quants.dequantize``;
-    see ``mapjax.models.llama.llama_from_gguf`` for the name map and the q/k row permutation.
-    ``tokenizer`` is ``None`` when ``with_tokenizer=False``.
-    """
-    from mapjax.models.llama import llama_from_gguf
-
-    return llama_from_gguf(path, dtype, with_tokenizer=with_tokenizer)

@@ -16,9 +16,8 @@ import numpy as np
 from flax import nnx
 
 from mapjax.models import layers
+from mapjax.models.base import CausalLMBase, CausalLMOutput, HFParameter, register_model, rename_in_place
 from mapjax.models.layers import KVCache
-from mapjax.models.loading import (Layout, build_abstract, check_fully_loaded, export_parameters, load_parameters,
-                                   register_architecture)
 
 POSITION_OFFSET = 2
 
@@ -51,6 +50,18 @@ class OPTConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
 
     @property
     def has_projections(self) -> bool:
@@ -117,7 +128,7 @@ class OPTDecoderLayer(nnx.Module):
             x = self.final_layer_norm(x)
         return x, layer_cache
 
-    def hf_parameters(self, prefix: str) -> Iterator[tuple[str, nnx.Variable, Layout]]:
+    def hf_parameters(self, prefix: str) -> Iterator[HFParameter]:
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             linear = getattr(self, name)
             yield f"{prefix}self_attn.{name}.weight", linear.weight, "linear"
@@ -136,10 +147,11 @@ class OPTDecoderLayer(nnx.Module):
                 yield f"{prefix}{name}.bias", norm.bias, "linear"
 
 
-class OPTForCausalLM(nnx.Module):
-    """OPT language model: ``model(input_ids, attention_mask) -> logits [b, s, vocab]``.
+@register_model
+class OPTForCausalLM(CausalLMBase, nnx.Module):
+    """OPT language model: ``model(input_ids, attention_mask) -> CausalLMOutput(logits [b, s, vocab], cache)``.
 
-    With ``cache=`` it returns ``(logits, new_cache)``; see ``layers.KVCache``.
+    See ``layers.KVCache`` for the cache.
     """
 
     architecture = "OPTForCausalLM"
@@ -163,15 +175,9 @@ class OPTForCausalLM(nnx.Module):
         self.lm_head = (None if config.tie_word_embeddings else
                         layers.Linear(config.embed_dim, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs))
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
-        return KVCache.create(num_layers=self.config.num_hidden_layers, batch=batch, max_len=max_len,
-                              kv_heads=self.config.num_attention_heads, head_dim=self.config.head_dim,
-                              dtype=dtype or self.dtype)
-
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                 cache: KVCache | None = None, positions: jax.Array | None = None):
-        """Logits ``[batch, seq, vocab]``, or ``(logits, new_cache)`` when ``cache`` is given.
+                 cache: KVCache | None = None, positions: jax.Array | None = None) -> CausalLMOutput:
+        """Logits ``[batch, seq, vocab]``, and the advanced cache when ``cache`` is given.
 
         Args:
           input_ids: int ``[batch, seq]``.
@@ -192,43 +198,35 @@ class OPTForCausalLM(nnx.Module):
         if self.project_out is not None:
             x = self.project_out(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits if cache is None else (logits, new_cache)
+        return CausalLMOutput(logits, new_cache)
 
-    def hf_parameters(self) -> Iterator[tuple[str, nnx.Variable, Layout]]:
-        prefix = "model.decoder."
-        yield f"{prefix}embed_tokens.weight", self.embed_tokens.weight, "linear"
-        yield f"{prefix}embed_positions.weight", self.embed_positions.weight, "linear"
+    def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
+        decoder = f"{prefix}model.decoder."
+        yield f"{decoder}embed_tokens.weight", self.embed_tokens.weight, "linear"
+        yield f"{decoder}embed_positions.weight", self.embed_positions.weight, "linear"
         if self.project_in is not None:
-            yield f"{prefix}project_in.weight", self.project_in.weight, "linear"
-            yield f"{prefix}project_out.weight", self.project_out.weight, "linear"
+            yield f"{decoder}project_in.weight", self.project_in.weight, "linear"
+            yield f"{decoder}project_out.weight", self.project_out.weight, "linear"
         for index, layer in enumerate(self.layers):
-            yield from layer.hf_parameters(f"{prefix}layers.{index}.")
+            yield from layer.hf_parameters(f"{decoder}layers.{index}.")
         if self.final_layer_norm is not None:
             if self.final_layer_norm.weight is not None:
-                yield f"{prefix}final_layer_norm.weight", self.final_layer_norm.weight, "linear"
+                yield f"{decoder}final_layer_norm.weight", self.final_layer_norm.weight, "linear"
             if self.final_layer_norm.bias is not None:
-                yield f"{prefix}final_layer_norm.bias", self.final_layer_norm.bias, "linear"
+                yield f"{decoder}final_layer_norm.bias", self.final_layer_norm.bias, "linear"
         if self.lm_head is not None:
-            yield "lm_head.weight", self.lm_head.weight, "linear"
+            yield f"{prefix}lm_head.weight", self.lm_head.weight, "linear"
 
-    def hf_state_dict(self) -> dict[str, np.ndarray]:
-        """Tensors named and laid out as transformers' ``OPTForCausalLM`` expects."""
-        return export_parameters(self.hf_parameters())
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> OPTConfig:
+        return OPTConfig.from_hf(hf_config)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        return self.config.to_hf_dict(self.architecture)
-
-
-@register_architecture("OPTForCausalLM")
-def build_opt_lm(hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any) -> OPTForCausalLM:
-    config = OPTConfig.from_hf(hf_config)
-    # Checkpoints saved from OPTModel lack the "model." prefix of the LM class.
-    if not any(name.startswith("model.") for name in tensors):
-        for name in [name for name in tensors if name.startswith("decoder.")]:
-            tensors["model." + name] = tensors.pop(name)
-    model = build_abstract(lambda: OPTForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_parameters(model.hf_parameters(), tensors, dtype)
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    check_fully_loaded(model)
-    return model
+    @classmethod
+    def prepare_checkpoint(cls, config: OPTConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        # Checkpoints saved from OPTModel lack the "model." prefix of the LM class.
+        if not any(name.startswith("model.") for name in tensors):
+            rename_in_place(tensors, {("model." + name if name.startswith("decoder.") else name): value
+                                      for name, value in tensors.items()})
+        if config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)   # a tied copy some checkpoints still carry
+        return {}

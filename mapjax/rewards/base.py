@@ -13,9 +13,10 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from mapjax.errors import RewardError
 
-class RewardError(ValueError):
-    """A reward that cannot be found, built or evaluated; the message names it."""
+__all__ = ["FunctionReward", "Reward", "RewardError", "available_rewards", "check_pairs", "check_scores",
+           "get_reward", "register_reward", "register_reward_factory", "unregister_reward"]
 
 
 @runtime_checkable

@@ -1,9 +1,9 @@
-"""Machinery shared by the model-based rewards: tokenizers, length buckets, jitted forward passes.
+"""Machinery shared by the model-based rewards: loading, tokenizing, batched jitted forward passes.
 
 Every model-based reward tokenizes its texts without padding, sorts the rows by length, and runs them in
-batches padded to a power-of-two length (capped at the model's maximum) and a power-of-two batch size (capped
-at ``batch_size``). Only a handful of shapes ever occur, so the jitted forward pass compiles a few times and is
-then reused for every later call.
+batches right-padded to a power-of-two length (capped at the model's maximum) and a power-of-two batch size
+(capped at ``batch_size``), with the buckets of ``mapjax.models.padding``. Only a handful of shapes ever occur,
+so the jitted forward pass compiles a few times and is then reused for every later call.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mapjax.models.errors import CheckpointError
+from mapjax.models.padding import length_bucket, pad_rows, rows_per_batch
 from mapjax.rewards.base import RewardError
-
-SMALLEST_BUCKET = 8  # shorter buckets would only add compiled programs, not save time
 
 
 def resolve_model_folder(reward_name: str, path_or_id: str | os.PathLike) -> Path:
     """The local folder of a model: the path itself or a hub id found in (or fetched into) the HF cache."""
-    from mapjax.models.loading import CheckpointError, resolve_model_directory
+    from mapjax.models.loading import resolve_model_directory
 
     try:
         return resolve_model_directory(path_or_id)
@@ -45,7 +45,7 @@ def load_tokenizer(reward_name: str, folder: Path) -> Any:
 def load_model(reward_name: str, folder: Path, dtype: Any = jnp.float32, architecture: str | None = None
                ) -> nnx.Module:
     """The mapjax NNX model of a checkpoint folder, with errors that name the reward."""
-    from mapjax.models.loading import CheckpointError, from_pretrained
+    from mapjax.models.loading import from_pretrained
 
     try:
         return from_pretrained(folder, dtype, architecture=architecture)
@@ -53,19 +53,13 @@ def load_model(reward_name: str, folder: Path, dtype: Any = jnp.float32, archite
         raise RewardError(f"reward {reward_name!r}: cannot load the model in {folder}: {error}") from None
 
 
-def model_max_length(model: nnx.Module) -> int:
-    """The longest input the model's position table covers."""
-    config = getattr(model, "config", None)
-    for attribute in ("max_sequence_length", "n_positions", "max_position_embeddings"):
-        value = getattr(config, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise RewardError(f"cannot tell the maximum input length of {type(model).__name__}")
-
-
 def truncation_length(tokenizer: Any, model: nnx.Module, requested: int | None = None) -> int:
     """Inputs are cut to the smallest of: what the caller asks, the tokenizer's limit, the model's limit."""
-    limits = [model_max_length(model)]
+    model_limit = getattr(model, "max_positions", None)
+    if not isinstance(model_limit, int) or model_limit < 1:
+        raise RewardError(f"cannot tell the maximum input length of {type(model).__name__} (it has no "
+                          "max_positions)")
+    limits = [model_limit]
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # unset limits are ~1e30
         limits.append(tokenizer_limit)
@@ -74,24 +68,6 @@ def truncation_length(tokenizer: Any, model: nnx.Module, requested: int | None =
             raise RewardError(f"max_length must be positive, got {requested}")
         limits.append(requested)
     return min(limits)
-
-
-def padding_id(tokenizer: Any, model: nnx.Module) -> int:
-    """The id to pad with: the model's pad id, else the tokenizer's, else its end-of-text id, else 0."""
-    for value in (getattr(getattr(model, "config", None), "pad_token_id", None),
-                  getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def next_power_of_two(value: int) -> int:
-    return 1 << max(0, int(value) - 1).bit_length()
-
-
-def bucket_length(longest: int, cap: int) -> int:
-    """The padded length for a batch whose longest row has ``longest`` tokens."""
-    return min(max(next_power_of_two(longest), SMALLEST_BUCKET), cap)
 
 
 def tokenize(reward_name: str, tokenizer: Any, texts: Sequence[str], max_length: int,
@@ -126,14 +102,10 @@ def padded_batches(token_ids: Sequence[Sequence[int]], batch_size: int, cap: int
     order = np.argsort([len(row) for row in token_ids], kind="stable")
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        length = bucket_length(max(len(token_ids[index]) for index in indices), cap)
-        rows = min(next_power_of_two(len(indices)), batch_size)
-        input_ids = np.full((rows, length), pad_id, np.int32)
-        attention_mask = np.zeros((rows, length), np.int32)
-        for slot in range(rows):
-            row = token_ids[indices[min(slot, len(indices) - 1)]][:length]
-            input_ids[slot, :len(row)] = row
-            attention_mask[slot, :len(row)] = 1
+        length = length_bucket(max(len(token_ids[index]) for index in indices), cap)
+        rows = rows_per_batch(len(indices), batch_size)
+        filled = [token_ids[indices[min(slot, len(indices) - 1)]][:length] for slot in range(rows)]
+        input_ids, attention_mask = pad_rows(filled, length, pad_id, side="right")
         yield indices, input_ids, attention_mask
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mapjax.models.padding import pad_token_id
 from mapjax.rewards import batching
 from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
 
@@ -120,7 +121,7 @@ class ClassifierReward:
         self.label = label_index(self.name, self.model, label, self.num_labels)
         self.scale, self.text, self.batch_size = scale, text, batch_size
         self.max_length = batching.truncation_length(self.tokenizer, self.model, max_length)
-        self.pad_id = batching.padding_id(self.tokenizer, self.model)
+        self.pad_id = pad_token_id(self.tokenizer, self.model)
         self._forward = batching.JittedForward(self.model, classifier_logits)
 
     def _count_labels(self) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mapjax.models.encoder_layers import first_real_token, mean_pool
+from mapjax.models.padding import pad_token_id
 from mapjax.rewards import batching
 from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
 
@@ -100,7 +101,7 @@ class CoherenceReward:
         self.pooling, self.batch_size = pooling, batch_size
         self.max_length = batching.truncation_length(self.tokenizer, self.model,
                                                      max_length or sentence_transformers_length(folder))
-        self.pad_id = batching.padding_id(self.tokenizer, self.model)
+        self.pad_id = pad_token_id(self.tokenizer, self.model)
         self._forward = batching.JittedForward(
             self.model, lambda encoder, ids, mask: embed(encoder, ids, mask, pooling))
 

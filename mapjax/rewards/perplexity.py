@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mapjax.models.base import CausalLM
 from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
 
 
@@ -21,26 +22,25 @@ class PerplexityReward:
 
     name = "perplexity"
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16):
+    def __init__(self, model: CausalLM, tokenizer: Any, *, batch_size: int = 16):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
 
     def __call__(self, prompts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
-        from mapjax.generate import _bos_id, position_limit, token_logprobs
+        from mapjax.generate import bos_token_id, token_logprobs
 
         check_pairs(self.name, prompts, continuations)
         if not len(prompts):
             return np.zeros((0,), np.float32)
         texts = [prompt + continuation for prompt, continuation in zip(prompts, continuations)]
         encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        limit = position_limit(self.model)
-        bos = _bos_id(self.tokenizer, self.model)
+        limit = self.model.max_positions
+        bos = bos_token_id(self.tokenizer, self.model)
         sequences = []
         for index, ids in enumerate(encoded):
             ids = [int(t) for t in ids]
-            if limit is not None:
-                ids = ids[:limit]   # the reference truncates at the model length, keeping the start
+            ids = ids[:limit]   # the reference truncates at the model length, keeping the start
             if len(ids) < 2:
                 if bos is None:
                     raise RewardError(f"reward 'perplexity': pair {index} encodes to {len(ids)} token(s) and the "
@@ -52,7 +52,7 @@ class PerplexityReward:
         return check_scores(self.name, scores, len(prompts))
 
 
-def make_perplexity_reward(model: Any = None, tokenizer: Any = None, *, model_path: str | os.PathLike | None = None,
+def make_perplexity_reward(model: CausalLM | None = None, tokenizer: Any = None, *, model_path: str | os.PathLike | None = None,
                            batch_size: int = 16) -> PerplexityReward:
     """Factory for ``get_reward("perplexity", ...)``: pass the generating ``model`` and ``tokenizer``, or
     ``model_path`` (a ``.gguf`` file, an HF folder or a cached hub id)."""

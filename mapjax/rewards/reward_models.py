@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from mapjax.models.padding import pad_token_id
 from mapjax.rewards import batching
 from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
 from mapjax.rewards.classifier import classifier_logits
@@ -58,7 +59,7 @@ class PairRewardModel:
         self.tokenizer = batching.load_tokenizer(self.name, folder)
         self.batch_size = batch_size
         self.max_length = batching.truncation_length(self.tokenizer, self.model, max_length)
-        self.pad_id = batching.padding_id(self.tokenizer, self.model)
+        self.pad_id = pad_token_id(self.tokenizer, self.model)
         self._forward = batching.JittedForward(self.model, classifier_logits)
 
     def __call__(self, prompts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:

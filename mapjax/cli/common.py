@@ -1,0 +1,187 @@
+"""What every ``mapjax`` subcommand shares: exit statuses, argument types and the checks made before any work.
+
+Each check here runs before a pool is solved or a model is loaded, so bad input costs a second, not an hour:
+argument types reject malformed numbers and names while the command line is parsed (argparse prints the usage
+and exits 2), and the ``check_*`` functions raise :class:`mapjax.errors.InputError` for what needs more than
+one argument or a look at the disk (the command prints one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from mapjax.errors import InputError, OutputExistsError
+from mapjax.pool import repeated_names
+
+EXIT_OK = 0
+EXIT_NOT_REACHED = 1   # the palette is infeasible, or the solver did not converge
+EXIT_BAD_INPUT = 2     # an argument, file or setting that cannot be used
+
+EXIT_STATUS_HELP = """exit status:
+  0  success (the palette was solved, the command finished)
+  1  the palette cannot be reached (infeasible) or the solver did not converge
+  2  bad input: an argument, file or setting that cannot be used (one line on stderr says which)"""
+
+PROMPT_SOURCES = ("hh-rlhf", "anthropic-harmless", "imdb")
+PALETTE_HELP = 'e.g. "humor>=q0.8, gpt2-helpful>=max(mean,q0.8), diversity>=mean"'
+
+
+def add_parser(subparsers: Any, name: str, help: str, **options: Any) -> argparse.ArgumentParser:
+    """A subcommand parser whose ``--help`` ends with the exit-status table."""
+    return subparsers.add_parser(name, help=help, epilog=EXIT_STATUS_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, **options)
+
+
+# ---------------------------------------------------------------------------------------------- argument types
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = _number(text, float)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def open_unit_interval(text: str) -> float:
+    value = finite_float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text!r}")
+    return value
+
+
+def half_open_unit_interval(text: str) -> float:
+    value = finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
+    return value
+
+
+def name_list(text: str) -> list[str]:
+    """Comma-separated names: at least one, none empty, none repeated."""
+    names = [name.strip() for name in text.split(",")]
+    if not any(names) or "" in names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    repeated = repeated_names(names)
+    if repeated:
+        raise argparse.ArgumentTypeError(f"names {', '.join(repeated)} more than once: {text!r}")
+    return names
+
+
+# ----------------------------------------------------------------------------------------- checks before work
+def check_input_file(path: str | Path, flag: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: no such file")
+    return path
+
+
+def check_pool_output(path: str | Path, flag: str = "--out", *, overwrite: bool) -> Path:
+    """A pool file to write: a known format, not a folder, and not an existing file unless ``overwrite``."""
+    from mapjax.build import POOL_SUFFIXES
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in POOL_SUFFIXES:
+        raise InputError(f"{flag} {path}: unknown pool format {path.suffix!r}; use {', '.join(POOL_SUFFIXES)}")
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a pool file")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{flag} {path} exists; pass --overwrite or choose another {flag}")
+    return path
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} is a file; give a folder")
+    return path
+
+
+def check_prompt_source(source: str, flag: str = "--prompts") -> None:
+    """A named prompt set or an existing file."""
+    if source in PROMPT_SOURCES:
+        return
+    if not Path(source).expanduser().is_file():
+        raise InputError(f"{flag} {source!r} is neither {', '.join(PROMPT_SOURCES)} nor an existing file")
+
+
+def check_policy(policy: str, flag: str = "--policy") -> None:
+    """A policy that names a local file or folder must exist; ``owner/name`` hub ids are looked up on load."""
+    path = Path(policy).expanduser()
+    looks_local = path.suffix.lower() == ".gguf" or policy.startswith((".", "/", "~")) or policy.count("/") > 1
+    if looks_local and not path.exists():
+        raise InputError(f"{flag} {policy}: no such file or folder")
+
+
+def check_reward_names(names: Sequence[str], flag: str = "--values") -> None:
+    """Every name is a registered reward (``mapjax.rewards.available_rewards``)."""
+    from mapjax.rewards import available_rewards
+
+    known = available_rewards()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise InputError(f"{flag}: unknown reward {', '.join(map(repr, unknown))}; known rewards: {', '.join(known)}")
+
+
+def check_palette(palette: str, values: Sequence[str] | None = None, *, flag: str = "--palette",
+                  values_flag: str = "--values") -> Any:
+    """The parsed palette; with ``values``, every value it constrains must be among them."""
+    from mapjax.palette import parse
+
+    parsed = parse(palette)
+    if values is not None:
+        missing = [name for name in parsed.names if name not in values]
+        if missing:
+            raise InputError(f"{flag} constrains {', '.join(missing)}, which {values_flag} does not score "
+                             f"({', '.join(values)})")
+    return parsed
+
+
+def normaliser(per_prompt: bool) -> str:
+    return "per_prompt" if per_prompt else "pooled"
+
+
+def solution_status(solution: Any) -> int:
+    """0 for a solved palette, 1 for an infeasible one or a solver that did not converge."""
+    return EXIT_OK if solution.status == "optimal" else EXIT_NOT_REACHED
+
+
+def print_json(value: Any) -> None:
+    from mapjax.jsonio import dumps
+
+    print(dumps(value))

@@ -1,0 +1,91 @@
+"""``mapjax decode``: solve a palette on a pool, then MAP-D on prompts with k candidates each (``mapjax.decode``).
+
+Every argument is checked before the pool is solved or the policy loaded: the output's format and that it does
+not exist, the palette, the values (known rewards, none twice, covering the palette), the prompt source and a
+local policy path.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mapjax.cli.common import (
+    EXIT_NOT_REACHED,
+    EXIT_OK,
+    add_parser,
+    check_input_file,
+    check_palette,
+    check_policy,
+    check_pool_output,
+    check_prompt_source,
+    check_reward_names,
+    name_list,
+    normaliser,
+    positive_int,
+)
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    command = add_parser(subparsers, "decode", help="MAP-D: decode prompts toward a palette (k candidates each)")
+    command.add_argument("--policy", required=True, help="a .gguf file, an HF model folder, or a cached hub id")
+    command.add_argument("--prompts", required=True, help="hh-rlhf, imdb, or a .txt / .jsonl / .json file")
+    command.add_argument("--palette", required=True, help='e.g. "humor>=q0.7, gpt2-harmless>=q0.7"')
+    command.add_argument("--pool", required=True, help="the base model's reward pool the palette is solved on")
+    command.add_argument("--k", type=positive_int, default=16, help="candidates per prompt (the paper: 16)")
+    command.add_argument("--out", required=True, help="result pool (.jsonl/.json/.parquet), one sample per prompt")
+    command.add_argument("--values", type=name_list,
+                         help="rewards to score the candidates with (default: the pool's values)")
+    command.add_argument("--count", type=positive_int, help="use the first N prompts")
+    command.add_argument("--rule", choices=("softmax", "argmax"), default="softmax", help="argmax = best-of-k")
+    command.add_argument("--per-prompt", action="store_true", help="solve with the per-prompt normaliser")
+    command.add_argument("--max-new-tokens", type=positive_int, default=50)
+    command.add_argument("--batch-size", type=positive_int, default=16)
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--overwrite", action="store_true")
+    command.set_defaults(run=run)
+    return command
+
+
+def run(args: argparse.Namespace) -> int:
+    from mapjax import solve
+    from mapjax.build import build_pool
+    from mapjax.data import load_prompts
+    from mapjax.decode import decode_pool
+    from mapjax.generate import load_policy
+    from mapjax.pool import RewardPool
+
+    out = check_pool_output(args.out, overwrite=args.overwrite)
+    check_input_file(args.pool, "--pool")
+    check_policy(args.policy)
+    check_prompt_source(args.prompts)
+    check_palette(args.palette, args.values)
+    if args.values:
+        check_reward_names(args.values)
+    pool = RewardPool.load(args.pool)
+    values = args.values or list(pool.value_names)
+    if not args.values:
+        check_reward_names(values, "--values (default: the pool's values)")
+    prompts = load_prompts(args.prompts, count=args.count)
+
+    solution = solve(pool, args.palette, normaliser=normaliser(args.per_prompt))
+    print(solution.table())
+    if not solution.feasible:
+        print("\nthe palette is not reachable on this pool: try `mapjax adjust` for the nearest one that is")
+        return EXIT_NOT_REACHED
+    policy, tokenizer = load_policy(args.policy)
+    candidates = build_pool(policy, tokenizer, prompts, values, samples_per_prompt=args.k,
+                            out=candidates_path(out), max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, seed=args.seed, overwrite=args.overwrite)
+    result = decode_pool(candidates, solution, rule=args.rule, seed=args.seed)
+    result.result.save(out, overwrite=args.overwrite)
+    print(f"\n{out}: {result.result.num_prompts} prompts; levels (realised, expected from the weights):")
+    for name, realised, expected in zip(result.result.value_names, result.result.means(), result.expected):
+        print(f"  {name:<16} {realised:10.4f} {expected:10.4f}")
+    return EXIT_OK
+
+
+def candidates_path(out: Path) -> Path:
+    """Where the k candidates per prompt are kept beside the result (a rerun resumes their build)."""
+    return out.with_name(out.stem + ".candidates.jsonl")

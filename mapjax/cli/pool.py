@@ -1,0 +1,62 @@
+"""``mapjax pool``: sample a policy, score each value, write a reward pool (resumable; see ``mapjax.build``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mapjax.cli.common import (
+    EXIT_OK,
+    add_parser,
+    check_policy,
+    check_prompt_source,
+    check_reward_names,
+    half_open_unit_interval,
+    name_list,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    command = add_parser(subparsers, "pool", help="sample a policy, score each value, write a reward pool (resumable)")
+    command.add_argument("--policy", required=True, help="a .gguf file, an HF model folder, or a cached hub id")
+    command.add_argument("--prompts", required=True,
+                         help="prompt source: hh-rlhf, imdb, or a .txt / .jsonl / .json file")
+    command.add_argument("--values", required=True, type=name_list,
+                         help="comma-separated reward names, e.g. diversity,perplexity")
+    command.add_argument("--samples", type=positive_int, default=1, help="continuations per prompt (default 1)")
+    command.add_argument("--out", required=True, help="pool file: .jsonl, .json or .parquet")
+    command.add_argument("--count", type=positive_int, default=None, help="use the first N prompts")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--max-new-tokens", type=positive_int, default=50)
+    command.add_argument("--top-k", type=non_negative_int, default=50, help="0 disables top-k")
+    command.add_argument("--top-p", type=half_open_unit_interval, default=1.0)
+    command.add_argument("--temperature", type=positive_float, default=1.0)
+    command.add_argument("--batch-size", type=positive_int, default=16)
+    command.add_argument("--chunk-size", type=positive_int, default=64, help="prompts per saved chunk")
+    command.add_argument("--overwrite", action="store_true",
+                         help="start afresh; an existing pool is replaced only once the new one is complete")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+    command.set_defaults(run=run)
+    return command
+
+
+def run(args: argparse.Namespace) -> int:
+    from mapjax.build import build_pool, check_output
+    from mapjax.data import load_prompts
+    from mapjax.generate import load_policy
+
+    check_output(args.out, overwrite=args.overwrite)
+    check_policy(args.policy)
+    check_prompt_source(args.prompts)
+    check_reward_names(args.values)
+    prompts = load_prompts(args.prompts, count=args.count)
+    model, tokenizer = load_policy(args.policy)
+    pool = build_pool(model, tokenizer, prompts, args.values, samples_per_prompt=args.samples, out=args.out,
+                      chunk_size=args.chunk_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                      top_k=args.top_k or None, top_p=args.top_p, temperature=args.temperature,
+                      batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"{args.out}: {pool.num_prompts} prompts, {pool.num_samples} samples, values {list(pool.value_names)}")
+    return EXIT_OK
