@@ -70,7 +70,7 @@ def _solution_lambda(solution: Solution) -> dict[str, float]:
             f"{DEGENERATE_ESS:g}, so it sits on about one sample per group and MAP-D will keep the best candidate "
             "almost always; the palette is at the edge of what the samples reach (mapjax.adjust backs it off)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=2,  # one location for every entry point, so the same λ is warned about once
         )
     return dict(zip(solution.value_names, solution.lam))
 
