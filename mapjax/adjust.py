@@ -21,7 +21,7 @@ import numpy as np
 
 from mapjax.certificate import certify, largest_step
 from mapjax.errors import InputError, SolverError
-from mapjax.palette import Palettes, is_spec, palette_targets, parse
+from mapjax.palette import Palettes, is_spec, one_palette_targets, parse
 from mapjax.pool import PoolLike, RewardPool, as_pool, unique_names
 from mapjax.problem import DualProblem, Normaliser
 from mapjax.solver import Solution, Solutions, concatenate, evaluate_lambdas, solve_many
@@ -31,7 +31,6 @@ from mapjax.solver import Solution, Solutions, concatenate, evaluate_lambdas, so
 # search at 0.05, in raw reward units, which ties the answer to the rewards' units.
 INTERPOLATION_TOLERANCE = 1e-3
 GREEDY_TOLERANCE = 1e-3
-REFERENCE_GREEDY_TOLERANCE = 0.05
 
 
 class TooFewPalettes(InputError, RuntimeError):
@@ -78,10 +77,7 @@ class Adjustment:
 
 def _one_palette(pool: RewardPool, palette: Palettes, values: Sequence[str] | None) -> np.ndarray:
     """The requested targets over the pool's values: an adjustment starts from exactly one palette."""
-    targets = palette_targets(pool, palette, values)
-    if targets.shape[0] != 1:
-        raise InputError(f"an adjustment starts from one palette, got {targets.shape[0]}")
-    return targets[0]
+    return one_palette_targets(pool, palette, values, refusal="an adjustment starts from", error=InputError)
 
 
 def _tolerance(tol: float) -> float:

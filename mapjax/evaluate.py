@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 from mapjax.errors import EvaluationError
-from mapjax.palette import Palettes, is_spec, palette_targets, parse
+from mapjax.palette import Palettes, is_spec, one_palette_targets, parse
 from mapjax.pool import PoolLike, RewardPool, as_pool, unique_names
 
 # The authors' navigation-efficiency slack (their plotting code): a model counts when each chosen level is at
@@ -233,13 +233,12 @@ def resolve_targets(palette: Palettes, base: PoolLike, values: Sequence[str] | N
     base's), in the order written (the base's value order for a vector of levels over ``values`` or all of its
     values). Levels outside the base's range are kept: an aligned model's level is checked against them."""
     base = as_pool(base, values)
-    targets = palette_targets(base, palette, values, check_range=False)
-    if targets.shape[0] != 1:
-        raise EvaluationError(f"an evaluation checks one palette, got {targets.shape[0]}")
+    targets = one_palette_targets(base, palette, values, check_range=False, refusal="an evaluation checks",
+                                  error=EvaluationError)
     names = parse(palette).names if is_spec(palette) else [
-        base.value_names[column] for column in np.flatnonzero(~np.isnan(targets[0]))
+        base.value_names[column] for column in np.flatnonzero(~np.isnan(targets))
     ]
-    return {name: float(targets[0, base.index_of(name)]) for name in names}
+    return {name: float(targets[base.index_of(name)]) for name in names}
 
 
 def _palette_text(palette: Palettes, targets: Mapping[str, float]) -> str:

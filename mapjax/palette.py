@@ -240,6 +240,23 @@ def palette_targets(
     return targets
 
 
+def one_palette_targets(
+    pool: RewardPool,
+    palette: Palettes,
+    values: Sequence[str] | None = None,
+    *,
+    check_range: bool = True,
+    refusal: str = "this takes",
+    error: type[Exception] = PaletteError,
+) -> np.ndarray:
+    """The target vector c [pool values] of exactly one palette (see :func:`palette_targets`); a batch is
+    ``error("<refusal> one palette, got N")``, so each caller says what takes only one."""
+    targets = palette_targets(pool, palette, values, check_range=check_range)
+    if targets.shape[0] != 1:
+        raise error(f"{refusal} one palette, got {targets.shape[0]}")
+    return targets[0]
+
+
 def _resolve(pool: RewardPool, palette: Palette) -> np.ndarray:
     """One parsed palette over the pool's values: each level resolved on its value's samples."""
     flat = pool.flat()

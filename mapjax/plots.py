@@ -30,7 +30,7 @@ import numpy as np
 from mapjax.decode import lambda_for
 from mapjax.errors import OutputExistsError, PlotError
 from mapjax.evaluate import base_quantile, resolve_targets
-from mapjax.palette import Palettes, palette_targets
+from mapjax.palette import Palettes, one_palette_targets
 from mapjax.pool import PoolLike, as_pool, unique_names
 from mapjax.problem import tilt_weights
 from mapjax.solver import Solutions, solve_many
@@ -347,10 +347,7 @@ def region_grid(
     x_column, y_column = pool.index_of(x), pool.index_of(y)
     held = np.full(pool.num_values, np.nan)
     if fixed is not None:
-        held = palette_targets(pool, fixed, values)
-        if held.shape[0] != 1:
-            raise PlotError(f"fixed holds one palette, got {held.shape[0]}")
-        held = held[0]
+        held = one_palette_targets(pool, fixed, values, refusal="fixed holds", error=PlotError)
         clash = [name for name, column in ((x, x_column), (y, y_column)) if not np.isnan(held[column])]
         if clash:
             raise PlotError(f"{clash[0]!r} is an axis of the region; leave it out of the fixed levels")

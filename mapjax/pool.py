@@ -445,12 +445,11 @@ def as_pool(data: PoolLike, values: Sequence[str] | None = None) -> RewardPool:
     either. An array's columns are named by ``values`` (default ``r0, r1, ...``), which must then name every
     column once.
     """
-    if isinstance(data, RewardPool):
-        if values is not None:
-            unique_names(values)
-        return data
     if values is not None:
         values = unique_names(values)
+    if isinstance(data, RewardPool):
+        return data
+    if values is not None:
         try:
             columns = np.shape(data)[-1] if np.ndim(data) > 1 else 1
         except ValueError:
