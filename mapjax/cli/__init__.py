@@ -59,6 +59,3 @@ def _refuse(command: str, message: str) -> int:
     print(f"mapjax {command}: error: {' '.join(message.split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,6 +29,17 @@ PROMPT_SOURCES = ("hh-rlhf", "anthropic-harmless", "imdb")
 PALETTE_HELP = 'e.g. "humor>=q0.8, gpt2-helpful>=max(mean,q0.8), diversity>=mean"'
 
 
+def add_policy_argument(command: argparse.ArgumentParser) -> None:
+    """``--policy``, read the same way by every command that samples a model."""
+    command.add_argument("--policy", required=True, help="a .gguf file, an HF model folder, or a cached hub id")
+
+
+def add_prompts_argument(command: argparse.ArgumentParser) -> None:
+    """``--prompts``, a prompt source as :func:`mapjax.data.load_prompts` reads it."""
+    command.add_argument("--prompts", required=True,
+                         help="prompt source: hh-rlhf, imdb, or a .txt / .jsonl / .json file")
+
+
 def add_parser(subparsers: Any, name: str, help: str, **options: Any) -> argparse.ArgumentParser:
     """A subcommand parser whose ``--help`` ends with the exit-status table."""
     return subparsers.add_parser(name, help=help, epilog=EXIT_STATUS_HELP,

@@ -15,6 +15,8 @@ from mapjax.cli.common import (
     EXIT_NOT_REACHED,
     EXIT_OK,
     add_parser,
+    add_policy_argument,
+    add_prompts_argument,
     check_input_file,
     check_palette,
     check_policy,
@@ -29,8 +31,8 @@ from mapjax.cli.common import (
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     command = add_parser(subparsers, "decode", help="MAP-D: decode prompts toward a palette (k candidates each)")
-    command.add_argument("--policy", required=True, help="a .gguf file, an HF model folder, or a cached hub id")
-    command.add_argument("--prompts", required=True, help="hh-rlhf, imdb, or a .txt / .jsonl / .json file")
+    add_policy_argument(command)
+    add_prompts_argument(command)
     command.add_argument("--palette", required=True, help='e.g. "humor>=q0.7, gpt2-harmless>=q0.7"')
     command.add_argument("--pool", required=True, help="the base model's reward pool the palette is solved on")
     command.add_argument("--k", type=positive_int, default=16, help="candidates per prompt (the paper: 16)")

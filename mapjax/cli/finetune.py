@@ -19,6 +19,7 @@ from mapjax.cli.common import (
     EXIT_NOT_REACHED,
     EXIT_OK,
     add_parser,
+    add_policy_argument,
     check_input_file,
     check_output_folder,
     check_palette,
@@ -33,7 +34,7 @@ from mapjax.cli.common import (
 def register(subparsers: Any) -> argparse.ArgumentParser:
     command = add_parser(subparsers, "finetune", help="MAP-F: finetune a policy towards a palette's p_λ "
                                                       "(reward-weighted likelihood or DPO; resumable)")
-    command.add_argument("--policy", required=True, help="a .gguf file, an HF model folder, or a cached hub id")
+    add_policy_argument(command)
     command.add_argument("--pool", required=True, help="reward pool with prompt and generated texts")
     command.add_argument("--palette", required=True, help='e.g. "humor>=q0.8, diversity>=mean"')
     command.add_argument("--method", choices=("weighted", "dpo"), default="weighted")

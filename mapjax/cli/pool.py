@@ -8,6 +8,8 @@ from typing import Any
 from mapjax.cli.common import (
     EXIT_OK,
     add_parser,
+    add_policy_argument,
+    add_prompts_argument,
     check_policy,
     check_prompt_source,
     check_reward_names,
@@ -21,9 +23,8 @@ from mapjax.cli.common import (
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     command = add_parser(subparsers, "pool", help="sample a policy, score each value, write a reward pool (resumable)")
-    command.add_argument("--policy", required=True, help="a .gguf file, an HF model folder, or a cached hub id")
-    command.add_argument("--prompts", required=True,
-                         help="prompt source: hh-rlhf, imdb, or a .txt / .jsonl / .json file")
+    add_policy_argument(command)
+    add_prompts_argument(command)
     command.add_argument("--values", required=True, type=name_list,
                          help="comma-separated reward names, e.g. diversity,perplexity")
     command.add_argument("--samples", type=positive_int, default=1, help="continuations per prompt (default 1)")
