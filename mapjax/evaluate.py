@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 from mapjax.errors import EvaluationError
+from mapjax.jsonio import jsonable
 from mapjax.palette import Palettes, is_spec, one_palette_targets, parse
 from mapjax.pool import PoolLike, RewardPool, as_pool, unique_names
 
@@ -163,8 +164,8 @@ class ValueLevel:
         return {
             "name": self.name,
             "mean": self.mean,
-            "standard_error": _finite_or_none(self.standard_error),
-            "interval": [_finite_or_none(self.lower), _finite_or_none(self.upper)],
+            "standard_error": jsonable(self.standard_error),
+            "interval": [jsonable(self.lower), jsonable(self.upper)],
             "confidence": self.confidence,
             "target": self.target,
             "met": self.met,
@@ -307,7 +308,7 @@ class WinRate:
     standard_error: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "win_rate": self.rate, "standard_error": _finite_or_none(self.standard_error)}
+        return {"name": self.name, "win_rate": self.rate, "standard_error": jsonable(self.standard_error)}
 
 
 @dataclass(frozen=True)
@@ -628,10 +629,6 @@ def evaluate(
 
 
 # ============================================================================ helpers
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
 
 
 def _cell(value: float, width: int, digits: int) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 
 from mapjax.certificate import Certificate
 from mapjax.errors import SolverError
+from mapjax.jsonio import jsonable
 
 STATUSES: tuple[str, ...] = ("optimal", "infeasible", "not_converged")
 # Status codes, the indices of STATUSES: the kernel and the driver carry these.
@@ -95,9 +96,9 @@ class Solution:
                 }
                 for name, target, realised, lam in zip(self.value_names, self.targets, self.realised, self.lam)
             ],
-            "kkt_residual": _json_float(self.kkt_residual),
-            "kl": _json_float(self.kl),
-            "ess": _json_float(self.ess),
+            "kkt_residual": jsonable(self.kkt_residual),
+            "kl": jsonable(self.kl),
+            "ess": jsonable(self.ess),
             "iterations": int(self.iterations),
             "degenerate": self.degenerate,
         }
@@ -136,10 +137,6 @@ class Solution:
 
 def _violations(targets: np.ndarray, realised: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(targets), 0.0, np.maximum(targets - realised, 0.0))
-
-
-def _json_float(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
