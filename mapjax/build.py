@@ -34,14 +34,18 @@ MANIFEST_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
-class _Value:
+class ScoredValue:
+    """A value to score samples with: its name, the reward that scores it, and how a manifest recognises it."""
+
     name: str
     reward: Any
     identity: str   # what the manifest records to recognise the same reward on resume
 
 
-def _resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
-                    reward_options: Mapping[str, Mapping[str, Any]] | None) -> list[_Value]:
+def resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
+                   reward_options: Mapping[str, Mapping[str, Any]] | None) -> list[ScoredValue]:
+    """The rewards for ``values`` (names, rewards, or a comma-separated string), ``perplexity`` under ``policy``;
+    shared by pool building and finetuning's evaluation, so both score a value the same way."""
     from mapjax.rewards.base import RewardError, get_reward
 
     if isinstance(values, str):
@@ -60,9 +64,9 @@ def _resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
             reward = get_reward(value, **kwargs)
             identity = f"registry:{value}:" + json.dumps(
                 {k: v for k, v in sorted(kwargs.items()) if isinstance(v, (str, int, float, bool, type(None)))})
-            resolved.append(_Value(value, reward, identity))
+            resolved.append(ScoredValue(value, reward, identity))
         elif callable(value) and isinstance(getattr(value, "name", None), str):
-            resolved.append(_Value(value.name, value, f"instance:{type(value).__qualname__}:{value.name}"))
+            resolved.append(ScoredValue(value.name, value, f"instance:{type(value).__qualname__}:{value.name}"))
         else:
             raise RewardError(f"values[{index}] is {value!r}: expected a reward name or a Reward (a callable "
                               "with a .name)")
@@ -192,7 +196,7 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
     _check_positive_int("batch_size", batch_size)
     if top_k is not None:
         _check_positive_int("top_k", top_k)
-    resolved = _resolve_values(values, policy, tokenizer, reward_options)
+    resolved = resolve_values(values, policy, tokenizer, reward_options)
     generation_options = dict(max_new_tokens=int(max_new_tokens), top_k=top_k, top_p=float(top_p),
                               temperature=float(temperature), batch_size=int(batch_size), seed=int(seed),
                               eos_token_id=eos_token_id if eos_token_id is None or isinstance(eos_token_id, int)
@@ -288,7 +292,7 @@ def _generate_chunk(policy: Any, tokenizer: Any, chunk: list[str], start: int, s
     return generate(policy, tokenizer, chunk, num_samples=samples, prompt_index_offset=start, **options)
 
 
-def _score(value: _Value, prompts: list[str], continuations: list[str]) -> np.ndarray:
+def _score(value: ScoredValue, prompts: list[str], continuations: list[str]) -> np.ndarray:
     from mapjax.rewards.base import check_scores
 
     return check_scores(value.name, np.asarray(value.reward(prompts, continuations)), len(prompts))

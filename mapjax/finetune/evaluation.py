@@ -26,11 +26,11 @@ def evaluate_finetuned(base_model: Any, model: Any, tokenizer: Any, pool: Any, p
                        reward_options: dict | None = None) -> dict[str, Any]:
     """Realised levels (mean ± standard error over prompts) of ``model`` and ``base_model`` on the pool's first
     ``num_prompts`` prompts, with the palette's targets resolved on the pool."""
-    from mapjax.build import _resolve_values
+    from mapjax.build import resolve_values
     from mapjax.evaluate import resolve_targets
 
     prompts = list(pool.prompts[:num_prompts])
-    rewards = _resolve_values(list(pool.value_names), base_model, tokenizer, reward_options)
+    rewards = resolve_values(list(pool.value_names), base_model, tokenizer, reward_options)
     targets = resolve_targets(palette, pool) if palette is not None else {}
     scores = {label: score_samples(m, tokenizer, prompts, rewards, samples=samples, max_new_tokens=max_new_tokens,
                                    seed=seed) for label, m in (("finetuned", model), ("base", base_model))}
