@@ -261,3 +261,50 @@ def test_prompt_longer_than_the_model_positions_is_refused(tiny):
     with pytest.raises(GenerationError, match=r"prompts\[0\] has 61 tokens; with max_new_tokens=10 that exceeds the "
                                          r"model's 64 positions"):
         generate(model, tokenizer, [" ".join(["w3"] * 60)], max_new_tokens=10)
+
+
+def test_grouped_prefill_matches_rows_sampled_alone(tiny, monkeypatch):
+    """A batch mixing short and long prompts is prefilled in length groups (each padded to its own bucket);
+    every row still gets exactly what it gets sampled alone."""
+    import mapjax.generate as sampler
+
+    model, tokenizer = tiny
+    monkeypatch.setattr(sampler, "PREFILL_GROUP_ROWS", 2)
+    prompts = [" ".join(f"w{3 + (i * 7 + j) % 90}" for j in range(length)) for i, length in
+               enumerate([1, 2, 3, 9, 14, 20, 4, 25])]
+    options = dict(max_new_tokens=5, top_k=20, seed=11)
+    grouped = generate(model, tokenizer, prompts, batch_size=8, **options)
+    greedy = generate(model, tokenizer, prompts, batch_size=8, greedy=True, max_new_tokens=5)
+    for index, prompt in enumerate(prompts):
+        alone = generate(model, tokenizer, [prompt], prompt_index_offset=index, **options)
+        np.testing.assert_array_equal(grouped.tokens[index], alone.tokens[0])
+        np.testing.assert_allclose(grouped.logprobs[index], alone.logprobs[0], atol=1e-5)
+        ids = tokenizer(prompt)["input_ids"] + list(greedy.row_tokens(index))
+        expected = full_forward_logits(model, ids[:-1], width=64)[len(ids) - 1 - 5:].argmax(-1)
+        np.testing.assert_array_equal(greedy.row_tokens(index), expected)
+
+
+@pytest.mark.parametrize("total,used,chunk", [(20, 20, 64), (130, 67, 64), (130, 130, 64), (100, 37, 16),
+                                              (100, 100, 16), (23, 9, 4)])
+def test_cached_attention_over_used_slots_equals_full_attention(monkeypatch, total, used, chunk):
+    """The chunked online softmax over the first ``used`` slots equals plain attention over the whole cache
+    (slots past ``used`` hold garbage that must not leak), including a last chunk that overruns the cache and
+    a query row whose every key is masked (which must stay finite)."""
+    import jax
+
+    from mapjax.models import layers
+
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK", chunk)
+    batch, seq, heads, kv_heads, dim = 3, 4, 6, 2, 8
+    keys = jax.random.split(jax.random.PRNGKey(total * 1000 + used), 4)
+    query = jax.random.normal(keys[0], (batch, seq, heads, dim))
+    cache_k = jax.random.normal(keys[1], (batch, kv_heads, total, dim)) * 3
+    cache_v = jax.random.normal(keys[2], (batch, kv_heads, total, dim))
+    allowed = jax.random.bernoulli(keys[3], 0.7, (batch, 1, seq, total)) & (jnp.arange(total) < used)
+    allowed = allowed.at[1, 0, 2].set(False)   # a pad query: nothing to attend to
+    chunked = layers.cached_attention(query, cache_k, cache_v, allowed, jnp.int32(used), 0.35)
+    full = layers.dot_product_attention(query, cache_k.transpose(0, 2, 1, 3), cache_v.transpose(0, 2, 1, 3),
+                                        allowed, 0.35)
+    assert np.isfinite(np.asarray(chunked)).all()
+    real = np.asarray(allowed.any(-1))[:, 0]   # rows with at least one key
+    np.testing.assert_allclose(np.asarray(chunked)[real], np.asarray(full)[real], atol=2e-6, rtol=0)
