@@ -8,6 +8,7 @@
     finetune  MAP-F                                          (mapjax.cli.finetune)
     evaluate  an aligned model's pool against the base's     (mapjax.cli.evaluate)
     demo      the whole procedure offline                    (mapjax.cli.demo)
+    explore   a live palette explorer in the browser         (mapjax.cli.explore)
 
 Errors a user can act on (:class:`mapjax.errors.MapjaxError`, and OS errors on a path they gave) print one line,
 ``mapjax <command>: error: ...``, on stderr and exit 2; anything else is a bug and keeps its traceback. The exit
@@ -20,11 +21,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from mapjax.cli import adjust, decode, demo, evaluate, finetune, levels, pool, solve
+from mapjax.cli import adjust, decode, demo, evaluate, explore, finetune, levels, pool, solve
 from mapjax.cli.common import EXIT_BAD_INPUT, EXIT_NOT_REACHED, EXIT_OK, EXIT_STATUS_HELP
 from mapjax.errors import MapjaxError
 
-COMMANDS = (levels, solve, adjust, pool, decode, finetune, evaluate, demo)
+COMMANDS = (levels, solve, adjust, pool, decode, finetune, evaluate, demo, explore)
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_NOT_REACHED", "EXIT_OK", "build_parser", "main"]
 
