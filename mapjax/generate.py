@@ -489,8 +489,15 @@ def sequence_logprobs(model: CausalLM, tokenizer: Any, prompts: Sequence[str],
 # --------------------------------------------------------------------------- #
 # Loading a policy
 # --------------------------------------------------------------------------- #
-def load_policy(path_or_id: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[CausalLM, Any]:
-    """``(model, tokenizer)`` from a ``.gguf`` file, an HF folder, or a hub id in the local HF cache."""
+def load_policy(path_or_id: str | os.PathLike, dtype: Any = "float32") -> tuple[CausalLM, Any]:
+    """``(model, tokenizer)`` from a ``.gguf`` file, an HF folder, or a hub id in the local HF cache.
+
+    ``dtype`` (``"float32"`` or ``"bfloat16"``, or the JAX dtype) is the parameter dtype, and so the KV cache's
+    when the model samples (see :mod:`mapjax.dtypes`).
+    """
+    from mapjax.dtypes import resolve_dtype
+
+    dtype = resolve_dtype(dtype, error=GenerationError)
     path = Path(path_or_id).expanduser()
     if path.suffix.lower() == ".gguf":
         from mapjax.models import from_gguf

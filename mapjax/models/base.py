@@ -199,7 +199,8 @@ class CausalLMOutput:
     """What a causal LM call returns.
 
     Attributes:
-        logits: ``[batch, seq, vocab]`` in the parameter dtype.
+        logits: ``[batch, seq, vocab]``, float32 whatever the parameter dtype (the output head accumulates in
+            float32: log-softmax and sampling need the precision).
         cache: the advanced ``KVCache`` when the call was given one, else ``None``.
     """
 

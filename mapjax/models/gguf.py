@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from mapjax.errors import ModelError
 from mapjax.models.errors import CheckpointError, ModelNotFoundError, UnexpectedTensorsError
 from mapjax.models.layers import RopeSpec
 from mapjax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -170,6 +171,9 @@ def from_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, *, with_tokeniz
     Quantised tensors are dequantised to float32 with ``gguf.quants.dequantize``; see ``read_gguf_llama`` for
     the name map and the q/k row permutation.
     """
+    from mapjax.dtypes import resolve_dtype
+
+    dtype = resolve_dtype(dtype, error=ModelError)
     if not Path(path).is_file():
         raise ModelNotFoundError(f"GGUF file {path} does not exist")
     config, tensors = read_gguf_llama(path)

@@ -191,7 +191,7 @@ class GPT2LMHeadModel(CausalLMBase, nnx.Module):
             tokens (``cumsum(mask) - 1``, continuing from ``cache.token_count``).
         """
         hidden, new_cache = self.transformer(input_ids, attention_mask, cache=cache, positions=positions)
-        logits = self.transformer.wte.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        logits = self.transformer.wte.attend(hidden) if self.lm_head is None else self.lm_head(hidden, float32_output=True)
         return CausalLMOutput(logits, new_cache)
 
     def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:

@@ -52,9 +52,12 @@ class Linear(nnx.Module):
         self.weight = nnx.Param(_normal_init(rngs, (out_features, in_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, float32_output: bool = False) -> Array:
+        """``float32_output``: accumulate and return float32 whatever the weights' dtype (output heads: the
+        logits feed float32 log-softmax and sampling, and bfloat16 would round a logit near 10 to 0.06)."""
         weight = self.weight.get_value()
-        y = jnp.einsum("...i,oi->...o", x.astype(weight.dtype), weight)
+        y = jnp.einsum("...i,oi->...o", x.astype(weight.dtype), weight,
+                       preferred_element_type=jnp.float32 if float32_output else None)
         if self.bias is not None:
             y = y + self.bias.get_value()
         return y
@@ -72,9 +75,10 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight.get_value(), ids, axis=0)
 
     def attend(self, x: Array) -> Array:
-        """Logits against the table, for tied input/output embeddings."""
+        """float32 logits against the table, for tied input/output embeddings (see ``Linear``'s
+        ``float32_output``)."""
         weight = self.weight.get_value()
-        return jnp.einsum("...d,vd->...v", x.astype(weight.dtype), weight)
+        return jnp.einsum("...d,vd->...v", x.astype(weight.dtype), weight, preferred_element_type=jnp.float32)
 
 
 class LayerNorm(nnx.Module):
@@ -167,7 +171,11 @@ def activation(name: str) -> Callable[[Array], Array]:
 class RopeSpec:
     """Everything needed to compute rotary frequencies (hashable, static under jit).
 
-    ``rope_type`` is one of ``default``, ``linear``, ``dynamic``, ``llama3``.
+    ``rope_type`` is one of ``SUPPORTED``: ``default``, ``linear``, ``dynamic``, ``llama3``, ``yarn`` (Qwen2.5 and
+    Mistral long-context configs) and ``longrope`` (Phi-3/3.5/4 long-context configs), as transformers defines
+    them. ``attention_factor`` (yarn, longrope) scales cos and sin; ``None`` derives it from ``factor`` as
+    transformers does. ``long_factor`` / ``short_factor`` (longrope) rescale each frequency; the long ones apply
+    to a call whose largest position id reaches ``original_max_position_embeddings``.
     """
 
     rotary_dim: int
@@ -178,45 +186,99 @@ class RopeSpec:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     max_position_embeddings: int = 2048
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    long_factor: tuple[float, ...] = ()
+    short_factor: tuple[float, ...] = ()
 
-    SUPPORTED = ("default", "linear", "dynamic", "llama3")
+    SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
     def __post_init__(self) -> None:
         if self.rope_type not in self.SUPPORTED:
             raise ModelError(f"unsupported rope_type {self.rope_type!r}; supported: {list(self.SUPPORTED)}")
+        if self.rope_type == "longrope":
+            for name in ("long_factor", "short_factor"):
+                if len(getattr(self, name)) != self.rotary_dim // 2:
+                    raise ModelError(f"longrope {name} has {len(getattr(self, name))} entries; rotary_dim "
+                                     f"{self.rotary_dim} needs {self.rotary_dim // 2}")
 
 
-def rope_spec_from_hf_config(hf_config: Any, head_dim: int) -> RopeSpec:
-    """Read rope settings from a transformers config (v5 ``rope_parameters`` or v4 ``rope_scaling``)."""
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def rope_spec_from_hf_config(hf_config: Any, head_dim: int, layer_type: str | None = None) -> RopeSpec:
+    """Read rope settings from a transformers config (v5 ``rope_parameters`` or v4 ``rope_scaling``).
+
+    Configs whose rope differs by layer type (Gemma 3: ``{"full_attention": {...}, "sliding_attention": {...}}``)
+    are read for ``layer_type`` (default ``"full_attention"``).
+    """
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    nested = [key for key, value in params.items() if isinstance(value, dict)]
+    if nested:
+        chosen = layer_type or "full_attention"
+        if chosen not in params:
+            raise ModelError(f"the config's rope_parameters has no entry for layer type {chosen!r}; it has {nested}")
+        params = dict(params[chosen] or {})
     legacy_scaling = getattr(hf_config, "rope_scaling", None)
-    if isinstance(legacy_scaling, dict):
+    if isinstance(legacy_scaling, dict) and not nested:
         for key, value in legacy_scaling.items():
             params.setdefault(key, value)
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type in ("su", "yarn") and getattr(hf_config, "model_type", None) == "phi3":
+        rope_type = "longrope"   # Phi-3's early configs named longrope "su" or "yarn"; transformers renames them
     partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None) or 1.0)
     max_positions = int(getattr(hf_config, "max_position_embeddings", 2048))
+    # Phi-3 keeps the pretraining length beside the rope parameters; transformers gives that one priority.
+    original = getattr(hf_config, "original_max_position_embeddings", None) if rope_type in ("yarn", "longrope") \
+        else None
+    original = int(original or params.get("original_max_position_embeddings") or max_positions)
+    factor = params.get("factor")
+    if factor is None and rope_type in ("yarn", "longrope"):
+        factor = max_positions / original
     return RopeSpec(
         rotary_dim=int(head_dim * partial),
         theta=float(theta),
         rope_type=str(rope_type),
-        factor=float(params.get("factor", 1.0)),
+        factor=float(1.0 if factor is None else factor),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_positions)),
+        original_max_position_embeddings=original,
         max_position_embeddings=max_positions,
+        attention_factor=_float_or_none(params.get("attention_factor")),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=_float_or_none(params.get("mscale")),
+        mscale_all_dim=_float_or_none(params.get("mscale_all_dim")),
+        truncate=bool(params.get("truncate", True)),
+        long_factor=tuple(float(value) for value in params.get("long_factor") or ()),
+        short_factor=tuple(float(value) for value in params.get("short_factor") or ()),
     )
 
 
 def rope_spec_to_hf(spec: RopeSpec) -> dict[str, Any]:
     """The ``rope_parameters`` dict transformers v5 writes for ``spec``."""
     params: dict[str, Any] = {"rope_type": spec.rope_type, "rope_theta": spec.theta}
-    if spec.rope_type in ("linear", "dynamic", "llama3"):
+    if spec.rope_type in ("linear", "dynamic", "llama3", "yarn", "longrope"):
         params["factor"] = spec.factor
     if spec.rope_type == "llama3":
         params.update(low_freq_factor=spec.low_freq_factor, high_freq_factor=spec.high_freq_factor,
                       original_max_position_embeddings=spec.original_max_position_embeddings)
+    if spec.rope_type == "yarn":
+        params.update(beta_fast=spec.beta_fast, beta_slow=spec.beta_slow, truncate=spec.truncate,
+                      original_max_position_embeddings=spec.original_max_position_embeddings)
+        params.update({name: getattr(spec, name) for name in ("mscale", "mscale_all_dim")
+                       if getattr(spec, name) is not None})
+    if spec.rope_type == "longrope":
+        params.update(long_factor=list(spec.long_factor), short_factor=list(spec.short_factor),
+                      original_max_position_embeddings=spec.original_max_position_embeddings)
+    if spec.attention_factor is not None:
+        params["attention_factor"] = spec.attention_factor
     return params
 
 
@@ -225,13 +287,53 @@ def _base_inverse_frequencies(dim: int, theta: Any) -> Any:
     return 1.0 / (theta ** exponents)
 
 
+def rotary_attention_scaling(spec: RopeSpec) -> float:
+    """The factor yarn and longrope put on cos and sin (1 for the other types), as transformers derives it."""
+    if spec.attention_factor is not None:
+        return spec.attention_factor
+    if spec.rope_type == "yarn":
+        def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        if spec.mscale and spec.mscale_all_dim:
+            return float(yarn_mscale(spec.factor, spec.mscale) / yarn_mscale(spec.factor, spec.mscale_all_dim))
+        return yarn_mscale(spec.factor)
+    if spec.rope_type == "longrope" and spec.factor > 1.0:
+        return math.sqrt(1 + math.log(spec.factor) / math.log(spec.original_max_position_embeddings))
+    return 1.0
+
+
+def _yarn_inverse_frequencies(spec: RopeSpec) -> np.ndarray:
+    """YaRN: interpolate (divide by ``factor``) the low frequencies, keep the high ones, ramp in between."""
+    dim, base = spec.rotary_dim, spec.theta
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(spec.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+            2 * math.log(base))
+
+    low, high = correction_dim(spec.beta_fast), correction_dim(spec.beta_slow)
+    if spec.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001   # avoid a zero-width ramp, as transformers does
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    extrapolated = 1.0 / pos_freqs
+    interpolated = 1.0 / (np.float32(spec.factor) * pos_freqs)
+    return (interpolated * (1 - extrapolation_weight) + extrapolated * extrapolation_weight).astype(np.float32)
+
+
 def rotary_inverse_frequencies(spec: RopeSpec, max_position: Array | None = None) -> Array:
     """Inverse frequencies ``[rotary_dim // 2]`` in float32.
 
-    ``max_position`` (the largest position id in the call, traced) only matters for
-    ``dynamic``: the base grows once a sequence outgrows ``max_position_embeddings``.
-    Transformers keeps the grown frequencies as module state between calls; here
-    they are a pure function of the current call's positions.
+    ``max_position`` (the largest position id in the call, traced) only matters for ``dynamic`` (the base grows
+    once a sequence outgrows ``max_position_embeddings``) and ``longrope`` (the long factors apply once it
+    reaches ``original_max_position_embeddings``). Transformers keeps those frequencies as module state between
+    calls; here they are a pure function of the current call's positions, which is what transformers computes
+    for that call. For ``longrope`` ``max_position`` may hold one value per row (shape ``[batch]``); the result
+    is then ``[batch, rotary_dim // 2]``.
     """
     dim = spec.rotary_dim
     if spec.rope_type == "dynamic":
@@ -241,6 +343,17 @@ def rotary_inverse_frequencies(spec: RopeSpec, max_position: Array | None = None
         base = spec.theta * ((spec.factor * seq_len / spec.max_position_embeddings) - (spec.factor - 1)) ** (
             dim / (dim - 2))
         return _base_inverse_frequencies(dim, base).astype(jnp.float32)
+    if spec.rope_type == "longrope":
+        exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+        powers = np.float32(spec.theta) ** exponents
+        short = 1.0 / (np.asarray(spec.short_factor, np.float32) * powers)
+        long = 1.0 / (np.asarray(spec.long_factor, np.float32) * powers)
+        if max_position is None:
+            return jnp.asarray(short, jnp.float32)
+        use_long = (jnp.asarray(max_position) + 1 > spec.original_max_position_embeddings)[..., None]
+        return jnp.where(use_long, jnp.asarray(long, jnp.float32), jnp.asarray(short, jnp.float32))
+    if spec.rope_type == "yarn":
+        return jnp.asarray(_yarn_inverse_frequencies(spec), jnp.float32)
 
     inv_freq = _base_inverse_frequencies(dim, np.float32(spec.theta)).astype(np.float32)
     if spec.rope_type == "linear":
@@ -261,12 +374,26 @@ def rotary_inverse_frequencies(spec: RopeSpec, max_position: Array | None = None
 
 
 def rotary_cos_sin(spec: RopeSpec, positions: Array, dtype: DType) -> tuple[Array, Array]:
-    """``cos, sin`` of shape ``[batch, seq, rotary_dim]`` for integer ``positions [batch, seq]``."""
-    max_position = jnp.max(positions) if spec.rope_type == "dynamic" else None
+    """``cos, sin`` of shape ``[batch, seq, rotary_dim]`` for integer ``positions [batch, seq]``.
+
+    ``longrope`` chooses its factors row by row (by each row's largest position), so a row's result does not
+    depend on the other rows of the batch; for a single row that is transformers' choice.
+    """
+    max_position = None
+    if spec.rope_type == "dynamic":
+        max_position = jnp.max(positions)
+    elif spec.rope_type == "longrope":
+        max_position = jnp.max(positions, axis=1)
     inv_freq = rotary_inverse_frequencies(spec, max_position)
+    if inv_freq.ndim == 2:
+        inv_freq = inv_freq[:, None, :]   # per row
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    scaling = rotary_attention_scaling(spec)
+    if scaling != 1.0:
+        cos, sin = cos * scaling, sin * scaling
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
@@ -403,11 +530,21 @@ def advance_cache(cache: KVCache, mask: Array, keys: list[Array], values: list[A
     )
 
 
-def _masked_logits(query: Array, key: Array, allowed: Array, scale: float) -> Array:
+def _masked_logits(query: Array, key: Array, allowed: Array, scale: float, logit_softcap: float | None = None
+                   ) -> Array:
     """float32 logits ``[b, kv_heads, groups, s, t]`` of grouped queries ``[b, kv_heads, groups, s, d]`` against
-    keys ``[b, kv_heads, t, d]``; disallowed pairs get ``_MASKED_LOGIT``."""
+    keys ``[b, kv_heads, t, d]``; disallowed pairs get ``_MASKED_LOGIT``. With ``logit_softcap`` the scaled
+    logits pass through ``cap * tanh(logits / cap)`` first (Gemma 2)."""
     logits = jnp.einsum("bkgsd,bktd->bkgst", query, key, preferred_element_type=jnp.float32) * scale
+    if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     return jnp.where(allowed[:, :, None, :, :], logits, _MASKED_LOGIT)
+
+
+def _within_window(query_slots: Array, key_slots: Array, sliding_window: int) -> Array:
+    """``[s, t]`` bool: key slot within the ``sliding_window`` slots ending at each query's slot (itself
+    included), transformers' ``kv_idx > q_idx - sliding_window``."""
+    return key_slots[None, :] > query_slots[:, None] - sliding_window
 
 
 def _group_queries(query: Array, kv_heads: int) -> Array:
@@ -422,14 +559,22 @@ def _ungroup(out: Array, dtype: DType) -> Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, kv_heads * groups, head_dim).astype(dtype)
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, allowed: Array, scale: float) -> Array:
+def dot_product_attention(query: Array, key: Array, value: Array, allowed: Array, scale: float, *,
+                          sliding_window: int | None = None, logit_softcap: float | None = None) -> Array:
     """Grouped-query attention with float32 logits and softmax.
 
     query ``[b, s, heads, d]``, key/value ``[b, t, kv_heads, d]``, allowed ``[b, 1, s, t]``.
     Returns ``[b, s, heads, d]`` in the query dtype.
+
+    ``sliding_window`` (Mistral, Gemma's local layers): each query also sees only the keys within that many
+    slots of its own, counting the queries as the last ``s`` of the ``t`` key slots. ``logit_softcap``: see
+    ``_masked_logits``. Both default to off, which is plain attention.
     """
     key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
-    logits = _masked_logits(_group_queries(query, key.shape[1]), key, allowed, scale)
+    if sliding_window is not None:
+        seq, total = query.shape[1], key.shape[2]
+        allowed = allowed & _within_window(total - seq + jnp.arange(seq), jnp.arange(total), sliding_window)
+    logits = _masked_logits(_group_queries(query, key.shape[1]), key, allowed, scale, logit_softcap)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     return _ungroup(jnp.einsum("bkgst,bktd->bkgsd", probs, value), query.dtype)
 
@@ -439,7 +584,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, allowed: Array
 ATTENTION_CHUNK = 64
 
 
-def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, used: Array, scale: float) -> Array:
+def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, used: Array, scale: float, *,
+                     sliding_window: int | None = None, logit_softcap: float | None = None) -> Array:
     """Attention of ``query [b, s, heads, d]`` over the first ``used`` slots of a cache ``[b, kv_heads, T, d]``.
 
     The slots are visited ``ATTENTION_CHUNK`` at a time by a loop whose trip count is ``ceil(used / chunk)``
@@ -447,6 +593,10 @@ def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, u
     flash-decoding), so a decode step costs what the filled part of the cache costs, not its full length.
     ``allowed [b, 1, s, T]`` masks padding and the future within the used part. Returns ``[b, s, heads, d]``
     in the query dtype; equal to ``dot_product_attention`` over the whole cache up to float rounding.
+
+    ``sliding_window``: the queries sit at slots ``used - s ... used - 1`` and each sees only the keys within
+    that many slots of its own; the loop then starts at the first chunk any query can see, so a windowed
+    decode step costs the window, not the whole filled cache. ``logit_softcap``: see ``_masked_logits``.
     """
     batch, kv_heads, total, head_dim = keys.shape
     grouped = _group_queries(query, kv_heads)
@@ -454,6 +604,7 @@ def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, u
     # The last chunk may overrun the cache: it is read from ``total - chunk`` instead, and the slots an earlier
     # chunk already covered are masked out again so that no slot is counted twice.
     chunk_slots = jnp.arange(chunk)
+    query_slots = used - query.shape[1] + jnp.arange(query.shape[1])
 
     def one_chunk(index, carry):
         running_max, running_sum, accumulated = carry
@@ -464,7 +615,9 @@ def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, u
         slots = start + chunk_slots
         fresh = (slots >= nominal) & (slots < used)
         chunk_allowed = jax.lax.dynamic_slice_in_dim(allowed, start, chunk, axis=3) & fresh
-        logits = _masked_logits(grouped, key, chunk_allowed, scale)
+        if sliding_window is not None:
+            chunk_allowed = chunk_allowed & _within_window(query_slots, slots, sliding_window)
+        logits = _masked_logits(grouped, key, chunk_allowed, scale, logit_softcap)
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
         probs = jnp.exp(logits - new_max[..., None])
         rescale = jnp.exp(running_max - new_max)
@@ -477,17 +630,28 @@ def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, u
     initial = (jnp.full(stats_shape, _MASKED_LOGIT, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
                jnp.zeros(grouped.shape, jnp.float32))
     chunks = (used + chunk - 1) // chunk
-    _, running_sum, accumulated = jax.lax.fori_loop(0, chunks, one_chunk, initial)
+    first_chunk = 0
+    if sliding_window is not None:
+        # Every slot left of the first query's window is masked for all queries: skip its chunks.
+        first_chunk = jnp.maximum(used - query.shape[1] - sliding_window + 1, 0) // chunk
+    _, running_sum, accumulated = jax.lax.fori_loop(first_chunk, chunks, one_chunk, initial)
     # Every query row has at least one visited slot (masked slots keep a finite logit), so the sum is >= 1.
     return _ungroup(accumulated / running_sum[..., None], query.dtype)
 
 
 def attend_with_cache(query: Array, key: Array, value: Array, context: AttentionContext,
-                      layer_cache: tuple[Array, Array] | None, scale: float
+                      layer_cache: tuple[Array, Array] | None, scale: float, *,
+                      sliding_window: int | None = None, logit_softcap: float | None = None
                       ) -> tuple[Array, tuple[Array, Array] | None]:
-    """Write this call's keys/values ``[b, s, kv_heads, d]`` into the layer cache (if any) and attend."""
+    """Write this call's keys/values ``[b, s, kv_heads, d]`` into the layer cache (if any) and attend.
+
+    ``sliding_window`` and ``logit_softcap`` as in ``dot_product_attention``; the window counts cache slots
+    (transformers counts cache positions), which equals counting tokens since a row's real tokens fill
+    consecutive slots.
+    """
+    options = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
     if layer_cache is None:
-        return dot_product_attention(query, key, value, context.allowed, scale), None
+        return dot_product_attention(query, key, value, context.allowed, scale, **options), None
     cached_keys, cached_values = layer_cache
     slot = (0, 0, context.write_index, 0)
     cached_keys = jax.lax.dynamic_update_slice(cached_keys, key.transpose(0, 2, 1, 3).astype(cached_keys.dtype),
@@ -496,7 +660,7 @@ def attend_with_cache(query: Array, key: Array, value: Array, context: Attention
                                                  value.transpose(0, 2, 1, 3).astype(cached_values.dtype), slot)
     used = context.write_index + query.shape[1]
     out = cached_attention(query, cached_keys.astype(query.dtype), cached_values.astype(query.dtype),
-                           context.allowed, used, scale)
+                           context.allowed, used, scale, **options)
     return out, (cached_keys, cached_values)
 
 

@@ -180,7 +180,7 @@ class LlamaForCausalLM(CausalLMBase, nnx.Module):
         x, new_cache = layers.run_layers(self.layers, x, cache, mask,
                                          lambda layer, h, c: layer(h, context, cos_sin, c))
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x, float32_output=True)
         return CausalLMOutput(logits, new_cache)
 
     def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:

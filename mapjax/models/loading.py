@@ -257,10 +257,13 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, *,
     Args:
       path_or_id: folder with ``config.json`` and weights, or a hub id found in the
         local Hugging Face cache (downloaded only when the network is reachable).
-      dtype: parameter dtype, ``jnp.float32`` or ``jnp.bfloat16``.
+      dtype: parameter dtype, ``"float32"`` or ``"bfloat16"`` (or ``jnp.float32`` / ``jnp.bfloat16``).
       architecture: override ``config.architectures[0]`` (e.g. load a base
         checkpoint into a classifier class).
     """
+    from mapjax.dtypes import resolve_dtype
+
+    dtype = resolve_dtype(dtype, error=ModelError)   # a bad value is named before any file is read
     directory = resolve_model_directory(path_or_id)
     hf_config = load_hf_config(directory)
     tensors = read_checkpoint_tensors(directory)

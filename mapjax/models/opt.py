@@ -197,7 +197,7 @@ class OPTForCausalLM(CausalLMBase, nnx.Module):
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x, float32_output=True)
         return CausalLMOutput(logits, new_cache)
 
     def hf_parameters(self, prefix: str = "") -> Iterator[HFParameter]:
