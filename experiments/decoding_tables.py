@@ -136,7 +136,9 @@ class TableConfig:
     policy: str                        # a local folder, a .gguf file (relative to the repository) or a hub id
     table: str | None = None           # table1 .. table4 (the command line's choice wins)
     title: str = ""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # the policy's parameters and KV cache (mapjax.dtypes); reward models stay float32, as the paper scored them,
+    # unless a value's options set their own dtype
+    dtype: Literal["float32", "bfloat16"] = "float32"
     chat_template: bool = False        # the paper feeds prompts raw, even to Llama-2-chat
     seed: int = 0
     k: int = 16
@@ -331,12 +333,10 @@ def build_rewards(config: TableConfig, folders: Mapping[str, Path], policy: Any,
 
 def load_policy_checked(config: TableConfig, folder: Path) -> tuple[Any, Any]:
     """The policy and its tokenizer from the folder (or .gguf file) ``check_models`` found."""
-    import jax.numpy as jnp
-
+    from mapjax.dtypes import resolve_dtype
     from mapjax.generate import load_policy
 
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-    return load_policy(folder, dtypes[config.dtype])
+    return load_policy(folder, resolve_dtype(config.dtype, what="dtype", error=ConfigError))
 
 
 # ============================================================================ prompts

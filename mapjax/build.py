@@ -6,7 +6,8 @@ of the policy, and how many prompts and bytes are done). Run again with the same
 interruption and it resumes after the last finished chunk: bytes past the recorded size (a chunk cut off
 mid-write) are dropped, so no row is lost or written twice. Because each row's random key depends only on
 (seed, prompt index, sample index), a resumed build gives exactly the pool an uninterrupted one gives. A
-resume with different settings is refused. When every chunk is done the pool is written to ``out`` (``.jsonl``,
+resume with different settings is refused, a different ``dtype`` (of the policy or of the reward models)
+included. When every chunk is done the pool is written to ``out`` (``.jsonl``,
 ``.json`` or ``.parquet``) and the manifest is kept, marked complete, so a rerun returns the finished pool.
 ``overwrite=True`` starts afresh, but an existing pool stays in ``out`` until the new one is complete and takes its
 place in one rename: an interrupted rebuild leaves the old pool whole (and resumes like any other build).
@@ -26,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mapjax.dtypes import DEFAULT_DTYPE, DTYPES, dtype_name, model_dtype_name
 from mapjax.errors import BuildError  # re-exported: mapjax.build.BuildError keeps working
 from mapjax.generate import generate
 from mapjax.pool import RewardPool
@@ -43,10 +45,17 @@ class ScoredValue:
 
 
 def resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
-                   reward_options: Mapping[str, Mapping[str, Any]] | None) -> list[ScoredValue]:
+                   reward_options: Mapping[str, Mapping[str, Any]] | None, *, dtype: Any = None
+                   ) -> list[ScoredValue]:
     """The rewards for ``values`` (names, rewards, or a comma-separated string), ``perplexity`` under ``policy``;
-    shared by pool building and finetuning's evaluation, so both score a value the same way."""
-    from mapjax.rewards.base import RewardError, get_reward
+    shared by pool building and finetuning's evaluation, so both score a value the same way.
+
+    ``dtype`` (``"float32"`` or ``"bfloat16"``; None: each reward's default, float32) is the parameter dtype of
+    the reward models built by name; a ``dtype`` in a reward's ``reward_options`` wins over it.
+    """
+    from mapjax.rewards.base import RewardError, get_reward, reward_takes_option
+
+    default_dtype = None if dtype is None else dtype_name(dtype, error=BuildError)
 
     if isinstance(values, str):
         values = [name.strip() for name in values.split(",") if name.strip()]
@@ -58,12 +67,18 @@ def resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
     for index, value in enumerate(values):
         if isinstance(value, str):
             kwargs = dict(options.get(value, {}))
+            if "dtype" in kwargs:   # recorded by name, so jnp.bfloat16 and "bfloat16" are the same setting
+                kwargs["dtype"] = dtype_name(kwargs["dtype"], what=f"reward_options[{value!r}]['dtype']",
+                                             error=BuildError)
             if value == "perplexity" and "model" not in kwargs and "model_path" not in kwargs:
                 # The paper scores perplexity under the model that generated the samples.
                 kwargs.update(model=policy, tokenizer=tokenizer)
-            reward = get_reward(value, **kwargs)
+            # The run's dtype is recorded once in the manifest's settings, not in every reward's identity.
             identity = f"registry:{value}:" + json.dumps(
                 {k: v for k, v in sorted(kwargs.items()) if isinstance(v, (str, int, float, bool, type(None)))})
+            if default_dtype is not None and "dtype" not in kwargs and reward_takes_option(value, "dtype"):
+                kwargs["dtype"] = default_dtype
+            reward = get_reward(value, **kwargs)
             resolved.append(ScoredValue(value, reward, identity))
         elif callable(value) and isinstance(getattr(value, "name", None), str):
             resolved.append(ScoredValue(value.name, value, f"instance:{type(value).__qualname__}:{value.name}"))
@@ -122,6 +137,17 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
     return path
 
 
+def recorded_dtype(pool_file: str | os.PathLike) -> str | None:
+    """The reward models' dtype the build of ``pool_file`` recorded in its manifest; None when there is no
+    manifest (a pool from elsewhere) or it predates the setting. Lets later scoring (e.g. finetuning's
+    evaluation) use the models the pool was scored with."""
+    manifest_path = _paths(Path(pool_file).expanduser())[1]
+    if not manifest_path.is_file():
+        return None
+    value = _read_manifest(manifest_path).get("settings", {}).get("dtype")
+    return value if value in DTYPES else None
+
+
 def _paths(out: Path) -> tuple[Path, Path]:
     # The partial file ends in .jsonl so that RewardPool.load reads it as it is.
     return out.with_name(out.name + ".partial.jsonl"), out.with_name(out.name + ".manifest.json")
@@ -159,12 +185,24 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return [f"{key}: {old.get(key)!r} then, {new.get(key)!r} now" for key in keys if old.get(key) != new.get(key)]
 
 
+def _comparable(recorded: Mapping[str, Any], settings: Mapping[str, Any]
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A manifest's settings and this call's, made comparable across mapjax versions: builds from before the
+    dtype was recorded scored with float32 reward models, and their policy's dtype is in its fingerprint."""
+    recorded, settings = dict(recorded), dict(settings)
+    recorded.setdefault("dtype", DEFAULT_DTYPE)
+    if "policy_dtype" not in recorded:
+        settings.pop("policy_dtype", None)
+    return recorded, settings
+
+
 def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequence[Any] | str, *,
                samples_per_prompt: int = 1, out: str | os.PathLike | None = None, chunk_size: int = 64,
                seed: int = 0, max_new_tokens: int = 50, top_k: int | None = 50, top_p: float = 1.0,
                temperature: float = 1.0, batch_size: int = 16, eos_token_id: int | Sequence[int] | None = None,
                reward_options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
-               overwrite: bool = False, format_prompt: Callable[[str], str] | None = None) -> RewardPool:
+               overwrite: bool = False, format_prompt: Callable[[str], str] | None = None,
+               dtype: Any = None) -> RewardPool:
     """Sample ``samples_per_prompt`` continuations per prompt, score each value, and return (and write) the pool.
 
     Args:
@@ -183,6 +221,9 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
             once the new pool is complete).
         format_prompt: how the policy sees a prompt (e.g. wrapped in its chat template); the pool and the
             rewards keep the prompt as given.
+        dtype: parameter dtype of the reward models built by name, ``"float32"`` or ``"bfloat16"`` (or a JAX
+            dtype); None: the policy's dtype (load the policy with ``load_policy(path, dtype)``). Scores are
+            float32 either way. The manifest records it and the policy's dtype: a resume with another is refused.
 
     Raises:
         BuildError: ``out`` holds a build with other settings (resume refused), or bad arguments.
@@ -196,7 +237,11 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
     _check_positive_int("batch_size", batch_size)
     if top_k is not None:
         _check_positive_int("top_k", top_k)
-    resolved = resolve_values(values, policy, tokenizer, reward_options)
+    policy_dtype = model_dtype_name(policy)
+    if dtype is None:
+        dtype = policy_dtype if policy_dtype in DTYPES else DEFAULT_DTYPE
+    dtype = dtype_name(dtype, error=BuildError)   # before any reward model is loaded
+    resolved = resolve_values(values, policy, tokenizer, reward_options, dtype=dtype)
     generation_options = dict(max_new_tokens=int(max_new_tokens), top_k=top_k, top_p=float(top_p),
                               temperature=float(temperature), batch_size=int(batch_size), seed=int(seed),
                               eos_token_id=eos_token_id if eos_token_id is None or isinstance(eos_token_id, int)
@@ -206,7 +251,7 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
                     formatted_prompts_sha256=None if format_prompt is None else prompts_hash(
                         [format_prompt(prompt) for prompt in prompts]),
                     prompt_count=len(prompts), policy=model_fingerprint(policy),
-                    tokenizer=_tokenizer_fingerprint(tokenizer))
+                    tokenizer=_tokenizer_fingerprint(tokenizer), dtype=dtype, policy_dtype=policy_dtype)
 
     out_path = check_output(out, overwrite=overwrite) if out is not None else None
     done_prompts = 0
@@ -220,7 +265,7 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
                 path.unlink(missing_ok=True)
         manifest = _read_manifest(manifest_path) if manifest_path.exists() else None
         if manifest is not None:
-            differences = _differences(manifest.get("settings", {}), settings)
+            differences = _differences(*_comparable(manifest.get("settings", {}), settings))
             if differences:
                 raise BuildError(f"{out_path}: refusing to resume a build made with other settings ("
                                  + "; ".join(differences) + "); pass overwrite=True (--overwrite) to start over, "

@@ -40,6 +40,7 @@ class DemoSettings:
     seed: int = 0
     batch_size: int = 32
     force: bool = False
+    dtype: str = "float32"   # parameters of the policy and MiniLM (and the KV cache): "float32" or "bfloat16"
 
 
 def demo_prompts() -> list[str]:
@@ -68,6 +69,7 @@ def run_demo(settings: DemoSettings, *, policy: Any = None, tokenizer: Any = Non
     from mapjax.build import build_pool
     from mapjax.data import chat_formatter
     from mapjax.decode import decode_pool, expected_levels, first_samples
+    from mapjax.dtypes import resolve_dtype
     from mapjax.evaluate import realised_levels
 
     started = time.perf_counter()
@@ -80,12 +82,12 @@ def run_demo(settings: DemoSettings, *, policy: Any = None, tokenizer: Any = Non
         from mapjax.models import from_gguf
         from mapjax.models.packaged import smollm2_gguf_path
 
-        _say("loading SmolLM2-135M-Instruct (packaged GGUF)")
-        policy, tokenizer = from_gguf(smollm2_gguf_path())
+        _say(f"loading SmolLM2-135M-Instruct (packaged GGUF, {settings.dtype})")
+        policy, tokenizer = from_gguf(smollm2_gguf_path(), resolve_dtype(settings.dtype))
     values = list(rewards) if rewards is not None else list(settings.values)
     # Chunks of 8 requests: the progress bar moves, and an interrupted demo resumes from the last chunk.
     sampling = dict(samples_per_prompt=settings.k, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                    chunk_size=8,
+                    chunk_size=8, dtype=settings.dtype,
                     format_prompt=chat_formatter(tokenizer), overwrite=settings.force, progress=True)
 
     _say(f"1/4 pool: {len(pool_prompts)} requests x {settings.k} samples, scoring {', '.join(map(_name, values))}")
@@ -144,10 +146,12 @@ def run_demo(settings: DemoSettings, *, policy: Any = None, tokenizer: Any = Non
 
 def check_settings(settings: DemoSettings) -> None:
     """Everything about the settings that can be wrong, checked before any model is loaded."""
+    from mapjax.dtypes import dtype_name
     from mapjax.palette import parse
 
     if settings.out.exists() and not settings.out.is_dir():
         raise InputError(f"--out {settings.out} is a file; give a folder")
+    dtype_name(settings.dtype, what="--dtype")
     for name in ("k", "max_new_tokens", "batch_size"):
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -203,7 +207,8 @@ def _markdown(settings, pool, requested, adjusted, solution, table, report, deco
     lines = [
         "# mapjax demo report",
         "",
-        f"Policy: SmolLM2-135M-Instruct (packaged GGUF). Pool: {pool.num_prompts} requests x {settings.k} samples, "
+        f"Policy: SmolLM2-135M-Instruct (packaged GGUF, {settings.dtype}). "
+        f"Pool: {pool.num_prompts} requests x {settings.k} samples, "
         f"{settings.max_new_tokens} new tokens, top-k 50, seed {settings.seed}. Held-out: {settings.heldout_prompts} "
         f"requests. Ran in {seconds:.0f} s.",
         "",

@@ -34,6 +34,16 @@ def add_policy_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--policy", required=True, help="a .gguf file, an HF model folder, or a cached hub id")
 
 
+def add_dtype_argument(command: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--dtype float32|bfloat16``, the one spelling of the parameter dtype for every command that loads a
+    model (checked while the command line is parsed, before anything is loaded)."""
+    from mapjax.dtypes import DEFAULT_DTYPE, DTYPE_NAMES
+
+    command.add_argument("--dtype", choices=DTYPE_NAMES, default=DEFAULT_DTYPE,
+                         help=help or "parameter dtype of the policy and the reward models (and of the KV cache); "
+                                      "norms, softmax and log-probabilities stay float32 (default: float32)")
+
+
 def add_prompts_argument(command: argparse.ArgumentParser) -> None:
     """``--prompts``, a prompt source as :func:`mapjax.data.load_prompts` reads it."""
     command.add_argument("--prompts", required=True,

@@ -14,6 +14,7 @@ from typing import Any
 from mapjax.cli.common import (
     EXIT_NOT_REACHED,
     EXIT_OK,
+    add_dtype_argument,
     add_parser,
     add_policy_argument,
     add_prompts_argument,
@@ -45,6 +46,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     command.add_argument("--max-new-tokens", type=positive_int, default=50)
     command.add_argument("--batch-size", type=positive_int, default=16)
     command.add_argument("--seed", type=int, default=0)
+    add_dtype_argument(command)
     command.add_argument("--overwrite", action="store_true")
     command.set_defaults(run=run)
     return command
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from mapjax.build import build_pool
     from mapjax.data import load_prompts
     from mapjax.decode import decode_pool
+    from mapjax.dtypes import resolve_dtype
     from mapjax.generate import load_policy
     from mapjax.pool import RewardPool
 
@@ -76,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if not solution.feasible:
         print("\nthe palette is not reachable on this pool: try `mapjax adjust` for the nearest one that is")
         return EXIT_NOT_REACHED
-    policy, tokenizer = load_policy(args.policy)
+    policy, tokenizer = load_policy(args.policy, resolve_dtype(args.dtype))
     candidates = build_pool(policy, tokenizer, prompts, values, samples_per_prompt=args.k,
                             out=candidates_path(out), max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, seed=args.seed, overwrite=args.overwrite)
+                            batch_size=args.batch_size, seed=args.seed, overwrite=args.overwrite,
+                            dtype=args.dtype)
     result = decode_pool(candidates, solution, rule=args.rule, seed=args.seed)
     result.result.save(out, overwrite=args.overwrite)
     print(f"\n{out}: {result.result.num_prompts} prompts; levels (realised, expected from the weights):")

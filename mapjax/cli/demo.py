@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mapjax.cli.common import EXIT_OK, add_parser, check_reward_names, name_list, positive_int
+from mapjax.cli.common import EXIT_OK, add_dtype_argument, add_parser, check_reward_names, name_list, positive_int
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -23,6 +23,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     command.add_argument("--max-new-tokens", type=positive_int, default=40)
     command.add_argument("--batch-size", type=positive_int, default=32)
     command.add_argument("--seed", type=int, default=0)
+    add_dtype_argument(command, help="parameter dtype of the policy, MiniLM and the KV cache; norms, softmax "
+                                     "and log-probabilities stay float32 (default: float32)")
     command.add_argument("--force", action="store_true", help="rebuild the pools even if the folder holds others")
     command.set_defaults(run=run)
     return command
@@ -35,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings(out=args.out, palette=args.palette, values=tuple(args.values),
                             pool_prompts=args.pool_prompts, heldout_prompts=args.heldout_prompts, k=args.k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                            force=args.force)
+                            force=args.force, dtype=args.dtype)
     run_demo(settings)
     return EXIT_OK

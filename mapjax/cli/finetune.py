@@ -18,6 +18,7 @@ from typing import Any
 from mapjax.cli.common import (
     EXIT_NOT_REACHED,
     EXIT_OK,
+    add_dtype_argument,
     add_parser,
     add_policy_argument,
     check_input_file,
@@ -53,7 +54,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                          help="KL(p_θ||p0) penalty coefficient (weighted)")
     command.add_argument("--beta", type=positive_float, default=0.1, help="DPO β")
     command.add_argument("--normalize", choices=("token", "sequence"), default="token")
-    command.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add_dtype_argument(command, help="compute dtype of the training steps: parameters are cast to it for each "
+                                     "step, the master weights and optimizer state stay float32, the loss is "
+                                     "computed from float32 logits (default: float32). The evaluation scores "
+                                     "with the reward models' dtype the pool's build recorded (else float32)")
     command.add_argument("--max-length", type=positive_int, default=None)
     command.add_argument("--save-every", type=positive_int, default=50)
     command.add_argument("--seed", type=int, default=0)
@@ -84,6 +88,7 @@ def finetune_config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from mapjax import solve
+    from mapjax.build import recorded_dtype
     from mapjax.finetune.data import check_pool_texts
     from mapjax.finetune.evaluation import evaluate_finetuned, evaluation_table
     from mapjax.finetune.train import finetune
@@ -121,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_prompts > 0:
         report = evaluate_finetuned(model, result.model, tokenizer, pool, args.palette,
                                     num_prompts=args.eval_prompts, samples=args.eval_samples,
-                                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                    dtype=recorded_dtype(args.pool))
         report["lambda"] = lam
         write_json(out / "evaluation.json", report)
         print(f"\nrealised levels on {report['prompts']} prompts x {report['samples']} samples "

@@ -7,6 +7,7 @@ from typing import Any
 
 from mapjax.cli.common import (
     EXIT_OK,
+    add_dtype_argument,
     add_parser,
     add_policy_argument,
     add_prompts_argument,
@@ -37,6 +38,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     command.add_argument("--temperature", type=positive_float, default=1.0)
     command.add_argument("--batch-size", type=positive_int, default=16)
     command.add_argument("--chunk-size", type=positive_int, default=64, help="prompts per saved chunk")
+    add_dtype_argument(command)
     command.add_argument("--overwrite", action="store_true",
                          help="start afresh; an existing pool is replaced only once the new one is complete")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -47,6 +49,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from mapjax.build import build_pool, check_output
     from mapjax.data import load_prompts
+    from mapjax.dtypes import resolve_dtype
     from mapjax.generate import load_policy
 
     check_output(args.out, overwrite=args.overwrite)
@@ -54,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
     check_prompt_source(args.prompts)
     check_reward_names(args.values)
     prompts = load_prompts(args.prompts, count=args.count)
-    model, tokenizer = load_policy(args.policy)
+    model, tokenizer = load_policy(args.policy, resolve_dtype(args.dtype))
     pool = build_pool(model, tokenizer, prompts, args.values, samples_per_prompt=args.samples, out=args.out,
                       chunk_size=args.chunk_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
                       top_k=args.top_k or None, top_p=args.top_p, temperature=args.temperature,
-                      batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite)
+                      batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
+                      dtype=args.dtype)
     print(f"{args.out}: {pool.num_prompts} prompts, {pool.num_samples} samples, values {list(pool.value_names)}")
     return EXIT_OK

@@ -23,14 +23,15 @@ def score_samples(model: Any, tokenizer: Any, prompts: Sequence[str], rewards: S
 
 def evaluate_finetuned(base_model: Any, model: Any, tokenizer: Any, pool: Any, palette: Any, *,
                        num_prompts: int = 16, samples: int = 2, max_new_tokens: int = 32, seed: int = 0,
-                       reward_options: dict | None = None) -> dict[str, Any]:
+                       reward_options: dict | None = None, dtype: Any = None) -> dict[str, Any]:
     """Realised levels (mean ± standard error over prompts) of ``model`` and ``base_model`` on the pool's first
-    ``num_prompts`` prompts, with the palette's targets resolved on the pool."""
+    ``num_prompts`` prompts, with the palette's targets resolved on the pool. ``dtype`` (``"float32"`` or
+    ``"bfloat16"``; None: float32) is the parameter dtype of the reward models built to score them."""
     from mapjax.build import resolve_values
     from mapjax.evaluate import resolve_targets
 
     prompts = list(pool.prompts[:num_prompts])
-    rewards = resolve_values(list(pool.value_names), base_model, tokenizer, reward_options)
+    rewards = resolve_values(list(pool.value_names), base_model, tokenizer, reward_options, dtype=dtype)
     targets = resolve_targets(palette, pool) if palette is not None else {}
     scores = {label: score_samples(m, tokenizer, prompts, rewards, samples=samples, max_new_tokens=max_new_tokens,
                                    seed=seed) for label, m in (("finetuned", model), ("base", base_model))}

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mapjax.dtypes import dtype_name, known_dtype_name
 from mapjax.errors import FinetuneError
 from mapjax.finetune import data as data_module
 from mapjax.finetune import dpo as dpo_module
@@ -51,7 +52,9 @@ class FinetuneConfig:
     kl_coef: weight of the token-level KL(p_θ || p0) penalty (weighted method only).
     beta: DPO temperature.
     normalize: ``"token"`` (weighted token-level NLL) or ``"sequence"`` (weighted sequence NLL).
-    dtype: compute dtype of the forward pass, ``"float32"`` or ``"bfloat16"`` (master weights stay float32).
+    dtype: compute dtype of the forward and backward pass, ``"float32"`` or ``"bfloat16"`` (or ``jnp.float32`` /
+        ``jnp.bfloat16``, stored by name): parameters are cast to it for each step while the master weights and
+        the optimizer state stay float32, and the loss is computed in float32 from float32 logits.
     max_length: cut sequences to this many tokens (None: the model's position limit).
     save_every: checkpoint every N steps (and at the end).
     seed: data order.
@@ -74,6 +77,13 @@ class FinetuneConfig:
     save_every: int = 50
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # A JAX dtype is kept by its name: the config is hashed (a static argument of the compiled step) and
+        # written to JSON (the checkpoint fingerprint, losses.json). A bad value is left for validate to name.
+        name = known_dtype_name(self.dtype)
+        if name is not None:
+            object.__setattr__(self, "dtype", name)
+
     def validate(self, method: str) -> None:
         if method not in METHODS:
             raise FinetuneError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -85,8 +95,7 @@ class FinetuneConfig:
             raise FinetuneError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise FinetuneError(f"steps must be an integer >= 1 or None, got {self.steps!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise FinetuneError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        dtype_name(self.dtype, error=FinetuneError)
         if self.normalize not in ("token", "sequence"):
             raise FinetuneError(f"normalize must be 'token' or 'sequence', got {self.normalize!r}")
         if self.schedule not in ("constant", "cosine"):

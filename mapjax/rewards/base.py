@@ -16,7 +16,7 @@ import numpy as np
 from mapjax.errors import RewardError
 
 __all__ = ["FunctionReward", "Reward", "RewardError", "available_rewards", "check_pairs", "check_scores",
-           "get_reward", "register_reward", "register_reward_factory", "unregister_reward"]
+           "get_reward", "register_reward", "register_reward_factory", "reward_takes_option", "unregister_reward"]
 
 
 @runtime_checkable
@@ -91,6 +91,21 @@ def get_reward(name: str, **options: Any) -> Reward:
     except ValueError:  # a callable without a signature (some builtins): let the call speak for itself
         pass
     return factory(**options)
+
+
+def reward_takes_option(name: str, option: str) -> bool:
+    """Whether the factory registered under ``name`` has a keyword parameter ``option`` (e.g. ``dtype``: the
+    model-based rewards take it, the text rewards do not). False for an unknown name."""
+    _load_builtin_rewards()
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        return False
+    try:
+        parameter = inspect.signature(factory).parameters.get(option)
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
+    return parameter is not None and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY)
 
 
 def unregister_reward(name: str) -> None:

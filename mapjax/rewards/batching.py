@@ -42,11 +42,14 @@ def load_tokenizer(reward_name: str, folder: Path) -> Any:
         raise RewardError(f"reward {reward_name!r}: cannot load a tokenizer from {folder}: {error}") from None
 
 
-def load_model(reward_name: str, folder: Path, dtype: Any = jnp.float32, architecture: str | None = None
+def load_model(reward_name: str, folder: Path, dtype: Any = "float32", architecture: str | None = None
                ) -> nnx.Module:
-    """The mapjax NNX model of a checkpoint folder, with errors that name the reward."""
+    """The mapjax NNX model of a checkpoint folder with parameters in ``dtype`` (``"float32"`` or
+    ``"bfloat16"``), with errors that name the reward."""
+    from mapjax.dtypes import resolve_dtype
     from mapjax.models.loading import from_pretrained
 
+    dtype = resolve_dtype(dtype, what=f"reward {reward_name!r}: dtype", error=RewardError)
     try:
         return from_pretrained(folder, dtype, architecture=architecture)
     except CheckpointError as error:

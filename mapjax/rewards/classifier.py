@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mapjax.dtypes import dtype_name, resolve_dtype
 from mapjax.models.padding import pad_token_id
 from mapjax.rewards import batching
 from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
@@ -101,13 +102,15 @@ class ClassifierReward:
       batch_size: rows per forward pass.
       max_length: truncation length in tokens (default: the tokenizer's and the model's limit).
       name: the reward's name in errors and pools (default: the model id).
-      dtype: parameter dtype (``jnp.float32`` or ``jnp.bfloat16``); scores are float32 either way.
+      dtype: parameter dtype, ``"float32"`` or ``"bfloat16"`` (or ``jnp.float32`` / ``jnp.bfloat16``);
+        logits and scores are float32 either way.
     """
 
     def __init__(self, model_id_or_path: str | os.PathLike, *, label: int | str = 1, scale: Scale = "logit",
                  text: TextPart = "full", batch_size: int = 32, max_length: int | None = None,
-                 name: str | None = None, dtype: Any = jnp.float32):
+                 name: str | None = None, dtype: Any = "float32"):
         self.name = name or str(model_id_or_path)
+        self.dtype = dtype_name(dtype, what=f"reward {self.name!r}: dtype", error=RewardError)
         if scale not in SCALES:
             raise RewardError(f"reward {self.name!r}: scale must be one of {SCALES}, got {scale!r}")
         if text not in TEXT_PARTS:
@@ -115,7 +118,7 @@ class ClassifierReward:
         if batch_size < 1:
             raise RewardError(f"reward {self.name!r}: batch_size must be positive, got {batch_size}")
         folder = batching.resolve_model_folder(self.name, model_id_or_path)
-        self.model = batching.load_model(self.name, folder, dtype)
+        self.model = batching.load_model(self.name, folder, resolve_dtype(self.dtype))
         self.tokenizer = batching.load_tokenizer(self.name, folder)
         self.num_labels = self._count_labels()
         self.label = label_index(self.name, self.model, label, self.num_labels)
@@ -147,7 +150,7 @@ class ClassifierReward:
 
 def classifier_reward(model_id_or_path: str | os.PathLike, label: int | str = 1, scale: Scale = "logit",
                       text: TextPart = "full", *, batch_size: int = 32, max_length: int | None = None,
-                      name: str | None = None, dtype: Any = jnp.float32) -> ClassifierReward:
+                      name: str | None = None, dtype: Any = "float32") -> ClassifierReward:
     """A reward from a model id plus a scoring rule; see :class:`ClassifierReward` for the options."""
     return ClassifierReward(model_id_or_path, label=label, scale=scale, text=text, batch_size=batch_size,
                             max_length=max_length, name=name, dtype=dtype)
@@ -155,7 +158,7 @@ def classifier_reward(model_id_or_path: str | os.PathLike, label: int | str = 1,
 
 def humor_reward(model: str | os.PathLike = HUMOR_MODEL, *, label: int | str = 1, scale: Scale = "logit",
                  text: TextPart = "full", batch_size: int = 32, max_length: int | None = None,
-                 name: str = "humor", dtype: Any = jnp.float32) -> ClassifierReward:
+                 name: str = "humor", dtype: Any = "float32") -> ClassifierReward:
     """``humor``: logit of class 1 of ``mohameddhiab/humor-no-humor`` on the full text (the paper's)."""
     return classifier_reward(model, label, scale, text, batch_size=batch_size, max_length=max_length, name=name,
                              dtype=dtype)
@@ -163,7 +166,7 @@ def humor_reward(model: str | os.PathLike = HUMOR_MODEL, *, label: int | str = 1
 
 def positive_reward(model: str | os.PathLike = POSITIVE_MODEL, *, label: int | str = 1,
                     scale: Scale = "log_prob", text: TextPart = "full", batch_size: int = 32,
-                    max_length: int | None = None, name: str = "positive", dtype: Any = jnp.float32
+                    max_length: int | None = None, name: str = "positive", dtype: Any = "float32"
                     ) -> ClassifierReward:
     """``positive``: log p(class 1 = positive) of ``lvwerra/distilbert-imdb`` on the full text.
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mapjax.dtypes import dtype_name, resolve_dtype
 from mapjax.models.encoder_layers import first_real_token, mean_pool
 from mapjax.models.padding import pad_token_id
 from mapjax.rewards import batching
@@ -79,19 +80,22 @@ class CoherenceReward:
       max_length: truncation in tokens (default: ``max_seq_length`` of a sentence-transformers folder, else
         the tokenizer's and the model's limit).
       name: the reward's name in errors and pools.
+      dtype: encoder parameter dtype, ``"float32"`` or ``"bfloat16"`` (or a JAX dtype); the pooled embeddings
+        and the cosine similarities are computed in float32 (float64 for the cosine) either way.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, pooling: Pooling | None = None,
                  batch_size: int = 64, max_length: int | None = None, name: str = "coherence",
-                 dtype: Any = jnp.float32):
+                 dtype: Any = "float32"):
         self.name = name
+        self.dtype = dtype_name(dtype, what=f"reward {name!r}: dtype", error=RewardError)
         folder = packaged_minilm_folder() if model is None else batching.resolve_model_folder(name, model)
         pooling = pooling or ("mean" if model is None else "pooler")
         if pooling not in POOLINGS:
             raise RewardError(f"reward {name!r}: pooling must be one of {POOLINGS}, got {pooling!r}")
         if batch_size < 1:
             raise RewardError(f"reward {name!r}: batch_size must be positive, got {batch_size}")
-        self.model = batching.load_model(name, folder, dtype)
+        self.model = batching.load_model(name, folder, resolve_dtype(self.dtype))
         if not hasattr(self.model, "encoder"):
             raise RewardError(f"reward {name!r}: {folder} holds a {type(self.model).__name__}; coherence needs a "
                               "base encoder (BertModel, RobertaModel, DistilBertModel)")
@@ -123,7 +127,7 @@ class CoherenceReward:
 
 def coherence_reward(model: str | os.PathLike | None = None, *, pooling: Pooling | None = None,
                      batch_size: int = 64, max_length: int | None = None, name: str = "coherence",
-                     dtype: Any = jnp.float32) -> CoherenceReward:
+                     dtype: Any = "float32") -> CoherenceReward:
     """``coherence``: default the packaged MiniLM with mean pooling (offline)."""
     return CoherenceReward(model, pooling=pooling, batch_size=batch_size, max_length=max_length, name=name,
                            dtype=dtype)
@@ -131,7 +135,7 @@ def coherence_reward(model: str | os.PathLike | None = None, *, pooling: Pooling
 
 def simcse_coherence_reward(model: str | os.PathLike = SIMCSE_MODEL, *, pooling: Pooling = "pooler",
                             batch_size: int = 64, max_length: int | None = None, name: str = "coherence-simcse",
-                            dtype: Any = jnp.float32) -> CoherenceReward:
+                            dtype: Any = "float32") -> CoherenceReward:
     """``coherence-simcse``: the paper's encoder, SimCSE BERT-base, at its pooler output."""
     return CoherenceReward(model, pooling=pooling, batch_size=batch_size, max_length=max_length, name=name,
                            dtype=dtype)

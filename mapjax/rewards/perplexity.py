@@ -4,6 +4,7 @@ As in the paper's code, the full text (prompt + continuation) is encoded with th
 (e.g. BOS), cut to the model's positions, and scored with the model's own next-token loss: the reward is the
 mean log-probability of every token after the first, i.e. −mean NLL = −log PPL (higher is better). A text
 that encodes to a single token has nothing to predict; it is scored after a prepended BOS token instead.
+The log-softmax is taken in float32 whatever the model's parameter dtype, and the scores are float32.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mapjax.dtypes import dtype_name, resolve_dtype
 from mapjax.models.base import CausalLM
 from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
 
@@ -52,17 +54,20 @@ class PerplexityReward:
         return check_scores(self.name, scores, len(prompts))
 
 
-def make_perplexity_reward(model: CausalLM | None = None, tokenizer: Any = None, *, model_path: str | os.PathLike | None = None,
-                           batch_size: int = 16) -> PerplexityReward:
+def make_perplexity_reward(model: CausalLM | None = None, tokenizer: Any = None, *,
+                           model_path: str | os.PathLike | None = None, batch_size: int = 16,
+                           dtype: Any = "float32") -> PerplexityReward:
     """Factory for ``get_reward("perplexity", ...)``: pass the generating ``model`` and ``tokenizer``, or
-    ``model_path`` (a ``.gguf`` file, an HF folder or a cached hub id)."""
+    ``model_path`` (a ``.gguf`` file, an HF folder or a cached hub id), loaded with parameters in ``dtype``
+    (``"float32"`` or ``"bfloat16"``; a ``model`` passed in is used in its own dtype)."""
+    name = dtype_name(dtype, what="reward 'perplexity': dtype", error=RewardError)
     if model is None and model_path is None:
         raise RewardError("reward 'perplexity' scores under the generating model: pass model= and tokenizer=, "
                           "or model_path=")
     if model is None:
         from mapjax.generate import load_policy
 
-        model, loaded_tokenizer = load_policy(model_path)
+        model, loaded_tokenizer = load_policy(model_path, resolve_dtype(name))
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise RewardError("reward 'perplexity': model= was given without tokenizer=")

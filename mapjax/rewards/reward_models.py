@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
+from mapjax.dtypes import dtype_name, resolve_dtype
 from mapjax.models.padding import pad_token_id
 from mapjax.rewards import batching
 from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
@@ -43,16 +43,17 @@ class PairRewardModel:
       name: the reward's name in errors and pools.
       batch_size: pairs per forward pass.
       max_length: truncation length in tokens (the paper's 1024; lowered to the model's limit if smaller).
-      dtype: parameter dtype; scores are float32.
+      dtype: parameter dtype, ``"float32"`` or ``"bfloat16"`` (or a JAX dtype); scores are float32.
     """
 
     def __init__(self, model_id_or_path: str | os.PathLike, *, name: str | None = None, batch_size: int = 16,
-                 max_length: int = TRUNCATION, dtype: Any = jnp.float32):
+                 max_length: int = TRUNCATION, dtype: Any = "float32"):
         self.name = name or str(model_id_or_path)
+        self.dtype = dtype_name(dtype, what=f"reward {self.name!r}: dtype", error=RewardError)
         if batch_size < 1:
             raise RewardError(f"reward {self.name!r}: batch_size must be positive, got {batch_size}")
         folder = batching.resolve_model_folder(self.name, model_id_or_path)
-        self.model = batching.load_model(self.name, folder, dtype)
+        self.model = batching.load_model(self.name, folder, resolve_dtype(self.dtype))
         if getattr(self.model.config, "num_labels", 0) != 1:
             raise RewardError(f"reward {self.name!r}: expected a reward model with one output, {folder} has "
                               f"{getattr(self.model.config, 'num_labels', 0)}")
@@ -75,14 +76,14 @@ class PairRewardModel:
 
 
 def gpt2_helpful_reward(model: str | os.PathLike = HELPFUL_MODEL, *, batch_size: int = 16,
-                        max_length: int = TRUNCATION, name: str = "gpt2-helpful", dtype: Any = jnp.float32
+                        max_length: int = TRUNCATION, name: str = "gpt2-helpful", dtype: Any = "float32"
                         ) -> PairRewardModel:
     """``gpt2-helpful``: raw score of ``Ray2333/gpt2-large-helpful-reward_model``."""
     return PairRewardModel(model, name=name, batch_size=batch_size, max_length=max_length, dtype=dtype)
 
 
 def gpt2_harmless_reward(model: str | os.PathLike = HARMLESS_MODEL, *, batch_size: int = 16,
-                         max_length: int = TRUNCATION, name: str = "gpt2-harmless", dtype: Any = jnp.float32
+                         max_length: int = TRUNCATION, name: str = "gpt2-harmless", dtype: Any = "float32"
                          ) -> PairRewardModel:
     """``gpt2-harmless``: raw score of ``Ray2333/gpt2-large-harmless-reward_model``."""
     return PairRewardModel(model, name=name, batch_size=batch_size, max_length=max_length, dtype=dtype)
