@@ -31,7 +31,7 @@ from flax import nnx
 
 from mapjax.errors import ModelError
 from mapjax.models.base import HFParameter
-from mapjax.models.layers import Embedding, LayerNorm, Linear, activation, dot_product_attention
+from mapjax.models.layers import Embedding, LayerNorm, Linear, activation
 
 # ---------------------------------------------------------------------------------------
 # Configuration and outputs.
@@ -251,6 +251,92 @@ def attention_allowed(attention_mask: jax.Array) -> jax.Array:
     return (attention_mask != 0)[:, None, None, :]
 
 
+# ---------------------------------------------------------------------------------------
+# Activation.  BERT-family checkpoints name the exact (erf) GELU "gelu".  ``layers`` computes it as
+# ``jax.nn.gelu(approximate=False)``, i.e. ``x * erfc(-x / sqrt 2) / 2``, and XLA expands ``erfc`` into one
+# large elementwise kernel (exp, two divides, four selects); PyTorch computes ``x * (1 + erf(x / sqrt 2)) / 2``
+# and XLA's ``erf`` is a short rational polynomial.  Same function, same formula as the reference, cheaper.
+# ---------------------------------------------------------------------------------------
+
+EXACT_GELU_NAMES = ("gelu", "gelu_python")
+APPROXIMATE_GELU = "gelu_pytorch_tanh"
+_SQRT_HALF = 0.7071067811865476
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """The exact GELU, ``x * (1 + erf(x / sqrt 2)) / 2``, as PyTorch's ``F.gelu`` computes it."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
+def encoder_activation(name: str, *, approximate_gelu: bool = False) -> Callable[[jax.Array], jax.Array]:
+    """The feed-forward activation ``name``; an exact GELU becomes the tanh one when ``approximate_gelu``."""
+    if name in EXACT_GELU_NAMES:
+        return activation(APPROXIMATE_GELU) if approximate_gelu else gelu_erf
+    return activation(name)
+
+
+# ---------------------------------------------------------------------------------------
+# Working set.  XLA:CPU runs each operation over the whole batch and writes its result to memory before the
+# next one reads it.  At MiniLM's 64 x 128 tokens the attention scores alone are 64 x 12 x 128 x 128 floats
+# (50 MB) and the feed-forward activations 8192 x 1536 floats (50 MB): far past the caches (per core 1 MB
+# L2, shared 32 MB L3 on the 2-core AMD EPYC these were measured on), so every elementwise pass (mask,
+# max, exp, sum, normalise, GELU, LayerNorm) streams from DRAM.  On CPU the stack therefore runs a few
+# sequences at a time (``lax.map`` over blocks of rows, ``ENCODER_BLOCK_TOKENS`` tokens per block), and
+# within a block the attention of at most ``ATTENTION_SCORE_BLOCK_BYTES`` of scores at a time.  Rows never
+# interact in an encoder, so the result is the same; the matrix products stay large enough (>= 1024 rows at
+# 128 tokens) for YNNPACK to run them at full speed.  The softmax denominator divides the [.., heads,
+# head_dim] context rather than the [.., queries, keys] weights: one pass over the scores fewer.
+# On accelerators the whole batch runs at once.
+# ---------------------------------------------------------------------------------------
+
+ENCODER_BLOCK_TOKENS = 2048
+"""Tokens per block of rows that runs through the whole stack at once on CPU (0: the whole batch)."""
+
+ATTENTION_SCORE_BLOCK_BYTES = 2 * 1024 * 1024
+"""Float32 attention scores per block of rows on CPU (0: the whole block at once)."""
+
+_MASKED_LOGIT = float(jnp.finfo(jnp.float32).min)
+
+
+def rows_per_block(batch: int, row_size: int, budget: int) -> int:
+    """Rows of a batch to process together: all of them off CPU or for a zero budget, else the largest
+    divisor of ``batch`` whose rows (``row_size`` each) fit in ``budget`` (at least 1)."""
+    if budget <= 0 or jax.default_backend() != "cpu":
+        return batch
+    fitting = max(1, budget // row_size)
+    return next(rows for rows in range(min(fitting, batch), 0, -1) if batch % rows == 0)
+
+
+def map_row_blocks(function: Callable[..., jax.Array], rows: int, *arrays: jax.Array) -> jax.Array:
+    """``function(*arrays)`` computed ``rows`` rows (leading axis) at a time; ``rows`` must divide the batch."""
+    batch = arrays[0].shape[0]
+    if rows >= batch:
+        return function(*arrays)
+    blocks = tuple(array.reshape(batch // rows, rows, *array.shape[1:]) for array in arrays)
+    result = jax.lax.map(lambda block: function(*block), blocks)
+    return result.reshape(batch, *result.shape[2:])
+
+
+def _attend(query: jax.Array, key: jax.Array, value: jax.Array, key_allowed: jax.Array, scale: float) -> jax.Array:
+    # query/key/value [b, s, h, d], key_allowed [b, t]: softmax(q k^T * scale) v with float32 logits.  A row
+    # whose keys are all masked gets uniform weights (not NaN), as in ``layers.dot_product_attention``.
+    logits = jnp.einsum("bshd,bthd->bhst", query, key, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(key_allowed[:, None, None, :], logits, _MASKED_LOGIT)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    context = jnp.einsum("bhst,bthd->bshd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32)
+    denominator = jnp.swapaxes(jnp.sum(weights, axis=-1), 1, 2)[..., None]  # [b, s, h, 1], at least 1
+    return (context / denominator).astype(query.dtype)
+
+
+def encoder_attention(query: jax.Array, key: jax.Array, value: jax.Array, key_allowed: jax.Array,
+                      scale: float) -> jax.Array:
+    """Bidirectional multi-head attention: query/key/value ``[batch, seq, heads, head_dim]``, ``key_allowed``
+    ``[batch, seq]`` booleans; returns ``[batch, seq, heads, head_dim]`` in the query dtype."""
+    batch, queries, heads, _ = query.shape
+    rows = rows_per_block(batch, heads * queries * key.shape[1] * 4, ATTENTION_SCORE_BLOCK_BYTES)
+    return map_row_blocks(lambda *block: _attend(*block, scale), rows, query, key, value, key_allowed)
+
+
 class SelfAttention(nnx.Module):
     """Bidirectional multi-head self-attention with its output projection."""
 
@@ -266,11 +352,11 @@ class SelfAttention(nnx.Module):
         batch, seq, width = hidden.shape
         head_dim = width // self.num_heads
         heads = (batch, seq, self.num_heads, head_dim)
-        context = dot_product_attention(
+        context = encoder_attention(
             self.query(hidden).reshape(heads),
             self.key(hidden).reshape(heads),
             self.value(hidden).reshape(heads),
-            allowed,
+            allowed.reshape(batch, -1),
             scale=1.0 / math.sqrt(head_dim),
         )
         return self.output(context.reshape(batch, seq, width))
@@ -282,6 +368,7 @@ class EncoderBlock(nnx.Module):
     def __init__(self, config: EncoderConfig, *, dtype: Any, rngs: nnx.Rngs):
         hidden, inner, eps = config.hidden_size, config.intermediate_size, config.layer_norm_eps
         self.hidden_act = config.hidden_act
+        self.approximate_gelu = False  # opt-in only, see ``use_approximate_gelu``
         self.attention = SelfAttention(config, dtype=dtype, rngs=rngs)
         self.attention_norm = LayerNorm(hidden, eps=eps, dtype=dtype)
         self.intermediate = Linear(hidden, inner, dtype=dtype, rngs=rngs)
@@ -301,8 +388,30 @@ class EncoderBlock(nnx.Module):
 
     def __call__(self, hidden: jax.Array, allowed: jax.Array) -> jax.Array:
         hidden = self.attention_norm(hidden + self.attention(hidden, allowed))
-        feed_forward = self.output(activation(self.hidden_act)(self.intermediate(hidden)))
+        act = encoder_activation(self.hidden_act, approximate_gelu=self.approximate_gelu)
+        feed_forward = self.output(act(self.intermediate(hidden)))
         return self.output_norm(hidden + feed_forward)
+
+
+def use_approximate_gelu(model: nnx.Module, enabled: bool = True) -> nnx.Module:
+    """Opt in (or back out) of the tanh approximation of GELU in every block of a BERT-family ``model``.
+
+    Off by default: the checkpoints were trained with the exact (erf) GELU, and the tanh form moves
+    all-MiniLM-L6-v2's outputs by up to about 1e-3 (see the accuracy table in ``benchmarks/RESULTS.md``),
+    ten times the parity tolerance with transformers.  It changes the model in place (and returns it); call it
+    before splitting the model for ``jax.jit`` (e.g. before building a reward on it), since the switch is part
+    of the static graph.  Raises ``ModelError`` when the model has no encoder blocks or its activation is not
+    the exact GELU.
+    """
+    blocks = [node for _, node in nnx.iter_graph(model) if isinstance(node, EncoderBlock)]
+    if not blocks:
+        raise ModelError(f"{type(model).__name__} has no BERT-family encoder blocks; nothing to approximate")
+    if blocks[0].hidden_act not in EXACT_GELU_NAMES:
+        raise ModelError(f"this encoder's activation is {blocks[0].hidden_act!r}, not the exact GELU "
+                         f"({', '.join(EXACT_GELU_NAMES)}); there is no approximation to switch")
+    for block in blocks:
+        block.approximate_gelu = enabled
+    return model
 
 
 class EncoderEmbeddings(nnx.Module):
@@ -361,10 +470,15 @@ class EncoderStack(nnx.Module):
         if position_ids is None:
             position_ids = default_position_ids(self.config, input_ids, attention_mask)
         hidden = self.embeddings(input_ids, position_ids, token_type_ids)
-        allowed = attention_allowed(attention_mask)
-        for block in self.blocks:
-            hidden = block(hidden, allowed)
-        return hidden
+
+        def run_blocks(hidden: jax.Array, allowed: jax.Array) -> jax.Array:
+            for block in self.blocks:
+                hidden = block(hidden, allowed)
+            return hidden
+
+        batch, seq = input_ids.shape
+        rows = rows_per_block(batch, seq, ENCODER_BLOCK_TOKENS)
+        return map_row_blocks(run_blocks, rows, hidden, attention_allowed(attention_mask))
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,9 +25,15 @@ _ARCHITECTURE_MODULES = (
     "mapjax.models.gpt2",
     "mapjax.models.opt",
     "mapjax.models.llama",
+    "mapjax.models.mistral",
+    "mapjax.models.qwen2",
+    "mapjax.models.phi3",
+    "mapjax.models.gemma",
+    "mapjax.models.sequence_classification",
     "mapjax.models.bert",
     "mapjax.models.distilbert",
     "mapjax.models.roberta",
+    "mapjax.models.deberta_v2",
 )
 _registry_populated = False
 

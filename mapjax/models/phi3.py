@@ -1,0 +1,118 @@
+"""Phi-3 / Phi-3.5 / Phi-4-mini (``Phi3ForCausalLM``) in Flax NNX: Mistral's layer with fused projections.
+
+Phi-3 stores the query, key and value projections as one ``qkv_proj`` (rows: queries, then keys, then
+values) and the gate and up projections as one ``gate_up_proj`` (rows: gate, then up). It may rotate only
+part of each head (``partial_rotary_factor``, Phi-4-mini) and its long-context checkpoints use ``longrope``
+(``short_factor`` / ``long_factor``, switched at ``original_max_position_embeddings``), with an optional
+sliding window on every layer.
+
+Longrope and the KV cache: each call picks short or long factors row by row from its own positions (a full
+forward, hence scoring and ``sequence_logprobs``, equals transformers at any length). Keys cached before a row
+passes ``original_max_position_embeddings`` keep the short factors, whereas transformers' ``generate`` recomputes
+its whole cache once at that point; so a generation that crosses that length (4096 tokens for the 128k Phi-3 /
+3.5 checkpoints) follows transformers only up to the crossing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mapjax.errors import ModelError
+from mapjax.models import layers
+from mapjax.models.base import HFParameter, register_model
+from mapjax.models.mistral import MistralConfig, MistralDecoderLayer, MistralForCausalLM, layer_sliding_window
+
+__all__ = ["Phi3Config", "Phi3DecoderLayer", "Phi3ForCausalLM"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phi3Config(MistralConfig):
+    """Hyperparameters of a Phi-3 model (names follow ``transformers.Phi3Config``); ``rope.rotary_dim`` may be
+    smaller than ``head_dim`` (partial rotation)."""
+
+    rms_norm_eps: float = 1e-5
+
+    model_type: ClassVar[str] = "phi3"
+
+    def __post_init__(self) -> None:
+        # Not LlamaConfig's checks: Phi-3 may rotate part of each head.
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.rope.rotary_dim > self.head_dim or self.rope.rotary_dim % 2:
+            raise ModelError(f"rope.rotary_dim={self.rope.rotary_dim} must be even and at most head_dim="
+                             f"{self.head_dim}")
+        self._check_attention_spans()
+
+    def to_hf_dict(self, architecture: str) -> dict[str, Any]:
+        values = super().to_hf_dict(architecture)
+        for name in ("attention_bias", "mlp_bias", "head_dim"):
+            values.pop(name)   # fixed by the Phi-3 architecture; not fields of its config
+        partial = self.rope.rotary_dim / self.head_dim
+        values["partial_rotary_factor"] = partial
+        for key in ("rope_parameters", "rope_scaling"):
+            if values.get(key) is not None:
+                values[key] = dict(values[key], partial_rotary_factor=partial)
+        # Phi-3 keeps the pretraining length beside the rope parameters, and transformers reads it from there.
+        values["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
+        return values
+
+
+class Phi3DecoderLayer(MistralDecoderLayer):
+    """Mistral's layer with ``qkv_proj`` and ``gate_up_proj`` fused as Phi-3 stores them."""
+
+    def __init__(self, config: Phi3Config, layer_index: int, *, dtype: Any, rngs: nnx.Rngs):
+        # Not Llama's constructor: its separate projections would be built only to be replaced.
+        hidden, head_dim = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim
+        self.rope = config.rope
+        self.activation_name = config.hidden_act
+        self.sliding_window = layer_sliding_window(config, layer_index)
+        self.attention_scale = head_dim ** -0.5
+        self.logit_softcap = None
+        fused = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        self.qkv_proj = layers.Linear(hidden, fused, use_bias=False, dtype=dtype, rngs=rngs)
+        self.o_proj = layers.Linear(self.num_heads * head_dim, hidden, use_bias=False, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = layers.Linear(hidden, 2 * config.intermediate_size, use_bias=False, dtype=dtype,
+                                          rngs=rngs)
+        self.down_proj = layers.Linear(config.intermediate_size, hidden, use_bias=False, dtype=dtype, rngs=rngs)
+        self.input_layernorm = layers.RMSNorm(hidden, eps=config.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = layers.RMSNorm(hidden, eps=config.rms_norm_eps, dtype=dtype)
+
+    def project_qkv(self, normed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        batch, seq, _ = normed.shape
+        query_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        fused = self.qkv_proj(normed)
+        query = fused[..., :query_width].reshape(batch, seq, self.num_heads, self.head_dim)
+        key = fused[..., query_width:query_width + kv_width].reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        value = fused[..., query_width + kv_width:].reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        return query, key, value
+
+    def feed_forward(self, normed: jax.Array) -> jax.Array:
+        gate, up = jnp.split(self.gate_up_proj(normed), 2, axis=-1)
+        return self.down_proj(up * layers.activation(self.activation_name)(gate))
+
+    def hf_parameters(self, prefix: str) -> Iterator[HFParameter]:
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            yield f"{prefix}{name}.weight", getattr(self, name.split(".")[1]).weight, "linear"
+        yield f"{prefix}input_layernorm.weight", self.input_layernorm.weight, "linear"
+        yield f"{prefix}post_attention_layernorm.weight", self.post_attention_layernorm.weight, "linear"
+
+
+@register_model
+class Phi3ForCausalLM(MistralForCausalLM):
+    """Phi-3 language model: ``model(input_ids, attention_mask) -> CausalLMOutput(logits, cache)``."""
+
+    architecture = "Phi3ForCausalLM"
+    layer_class = Phi3DecoderLayer
+
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> Phi3Config:
+        return Phi3Config.from_hf(hf_config)
