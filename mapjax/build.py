@@ -44,6 +44,34 @@ class ScoredValue:
     identity: str   # what the manifest records to recognise the same reward on resume
 
 
+class RewardColumn:
+    """Column ``index`` of a multi-objective reward (one with ``.scores(prompts, continuations) -> [n, k]`` and
+    ``.names``) as a one-score reward. Calling it scores all k outputs and keeps one; ``build_pool`` instead
+    scores each chunk once per ``source`` and fills every column from that pass."""
+
+    def __init__(self, source: Any, index: int):
+        self.source, self.index = source, index
+        self.name = str(source.names[index])
+
+    def __call__(self, prompts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
+        return np.asarray(self.source.scores(prompts, continuations))[:, self.index]
+
+
+def _columns(reward: Any, identity: str) -> list[ScoredValue]:
+    """One value per output of ``reward``: itself when it has one, a :class:`RewardColumn` per name when its
+    ``.names`` lists several (the manifest records each column under the reward's identity and its name)."""
+    names = getattr(reward, "names", None)
+    if not isinstance(names, (list, tuple)) or len(names) <= 1:
+        return [ScoredValue(reward.name, reward, identity)]
+    if not callable(getattr(reward, "scores", None)):
+        from mapjax.rewards.base import RewardError
+
+        raise RewardError(f"reward {reward.name!r} names {len(names)} outputs but has no .scores(prompts, "
+                          "continuations) method returning them")
+    return [ScoredValue(str(column), RewardColumn(reward, index), f"{identity}#{column}")
+            for index, column in enumerate(names)]
+
+
 def resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
                    reward_options: Mapping[str, Mapping[str, Any]] | None, *, dtype: Any = None
                    ) -> list[ScoredValue]:
@@ -79,9 +107,12 @@ def resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
             if default_dtype is not None and "dtype" not in kwargs and reward_takes_option(value, "dtype"):
                 kwargs["dtype"] = default_dtype
             reward = get_reward(value, **kwargs)
-            resolved.append(ScoredValue(value, reward, identity))
+            if len(getattr(reward, "names", None) or ()) > 1:
+                resolved.extend(_columns(reward, identity))
+            else:
+                resolved.append(ScoredValue(value, reward, identity))
         elif callable(value) and isinstance(getattr(value, "name", None), str):
-            resolved.append(ScoredValue(value.name, value, f"instance:{type(value).__qualname__}:{value.name}"))
+            resolved.extend(_columns(value, f"instance:{type(value).__qualname__}:{value.name}"))
         else:
             raise RewardError(f"values[{index}] is {value!r}: expected a reward name or a Reward (a callable "
                               "with a .name)")
@@ -210,7 +241,9 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
         prompts: prompt texts (fed raw).
         values: reward names (``mapjax.rewards.get_reward``; ``"perplexity"`` is scored under ``policy``) or
             Reward instances (callables ``(prompts, continuations) -> scores`` with a ``.name``), or a
-            comma-separated string of names. The pool's columns follow this order.
+            comma-separated string of names. The pool's columns follow this order. A multi-objective reward (one
+            whose ``.names`` lists k > 1 outputs, e.g. ``mapjax.rewards.reward_model``) gives k columns named by
+            ``.names``, all filled from one ``.scores`` call per chunk.
         samples_per_prompt: continuations per prompt (k for MAP-D).
         out: pool file (``.jsonl``, ``.json`` or ``.parquet``); ``None`` keeps everything in memory (no resume).
         chunk_size: prompts per chunk; a chunk is the unit of progress saved to disk.
@@ -296,7 +329,7 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
             shown = chunk if format_prompt is None else [format_prompt(prompt) for prompt in chunk]
             generation = _generate_chunk(policy, tokenizer, shown, start, samples_per_prompt, generation_options)
             chunk_prompts = [chunk[i] for i in generation.prompt_index]
-            scores = {value.name: _score(value, chunk_prompts, generation.texts) for value in resolved}
+            scores = _score_chunk(resolved, chunk_prompts, generation.texts)
             chunk_records = _records_for_chunk(start, prompts, generation, scores)
             if out_path is None:
                 records.extend(chunk_records)
@@ -341,3 +374,26 @@ def _score(value: ScoredValue, prompts: list[str], continuations: list[str]) -> 
     from mapjax.rewards.base import check_scores
 
     return check_scores(value.name, np.asarray(value.reward(prompts, continuations)), len(prompts))
+
+
+def _score_chunk(resolved: Sequence[ScoredValue], prompts: list[str], continuations: list[str]
+                 ) -> dict[str, np.ndarray]:
+    """Every value's scores on one chunk, in ``resolved``'s order; a multi-objective reward runs once for all
+    its columns."""
+    from mapjax.rewards.base import RewardError, check_scores
+
+    passes: dict[int, np.ndarray] = {}   # id(source) -> its [n, k] scores on this chunk
+    scores = {}
+    for value in resolved:
+        if not isinstance(value.reward, RewardColumn):
+            scores[value.name] = _score(value, prompts, continuations)
+            continue
+        source = value.reward.source
+        if id(source) not in passes:
+            table = np.asarray(source.scores(prompts, continuations), dtype=np.float32)
+            if table.ndim != 2 or table.shape != (len(prompts), len(source.names)):
+                raise RewardError(f"reward {source.name!r}.scores returned shape {table.shape} for {len(prompts)} "
+                                  f"pairs and {len(source.names)} outputs")
+            passes[id(source)] = table
+        scores[value.name] = check_scores(value.name, passes[id(source)][:, value.reward.index], len(prompts))
+    return scores

@@ -78,8 +78,9 @@ def register_reward_factory(name: str, factory: Callable[..., Reward], *, overwr
     return factory
 
 
-def get_reward(name: str, **options: Any) -> Reward:
-    """Build the reward registered under ``name`` with its options."""
+def get_reward(name: str, /, **options: Any) -> Reward:
+    """Build the reward registered under ``name`` with its options (which may include a ``name`` of their own:
+    the reward's name in pools and errors)."""
     _load_builtin_rewards()
     if name not in _FACTORIES:
         raise RewardError(f"unknown reward {name!r}; registered: {sorted(_FACTORIES)}")

@@ -74,15 +74,18 @@ def truncation_length(tokenizer: Any, model: nnx.Module, requested: int | None =
 
 
 def tokenize(reward_name: str, tokenizer: Any, texts: Sequence[str], max_length: int,
-             pairs: Sequence[str] | None = None) -> list[list[int]]:
+             pairs: Sequence[str] | None = None, *, add_special_tokens: bool = True) -> list[list[int]]:
     """Token ids per text (or per text pair), truncated to ``max_length``, unpadded.
 
     Pairs are passed to the tokenizer as pairs, so its own pair template and its ``longest_first`` truncation
-    apply, as in ``tokenizer(question, answer, truncation=True)``.
+    apply, as in ``tokenizer(question, answer, truncation=True)``. ``add_special_tokens=False`` is for texts
+    that already carry their special tokens (a rendered chat template starts with its own BOS; adding the
+    tokenizer's would give two).
     """
     if not texts:
         return []
-    arguments: dict[str, Any] = dict(truncation=True, max_length=max_length, padding=False)
+    arguments: dict[str, Any] = dict(truncation=True, max_length=max_length, padding=False,
+                                     add_special_tokens=add_special_tokens)
     encoded = tokenizer(list(texts), list(pairs), **arguments) if pairs is not None else \
         tokenizer(list(texts), **arguments)
     ids = [list(row) for row in encoded["input_ids"]]
