@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -39,6 +38,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
 
 import jax
 
+from benchmarks.machine import cpu_name
 from mapjax import RewardPool
 from mapjax.explore import ExploreSession
 from mapjax.explore.server import LOOPBACK_HOSTS, bind, create_app
@@ -52,14 +52,7 @@ SCREENSHOT_PROMPT = 1827   # "I am thinking about starting intermittent fasting.
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {', '.join(map(str, jax.devices()))}"
 
 

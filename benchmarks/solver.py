@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from functools import partial
@@ -33,6 +32,7 @@ import jax
 import torch
 
 from benchmarks import torch_reference
+from benchmarks.machine import cpu_name
 from mapjax import RewardPool, solve_many
 from mapjax.certificate import certify
 from mapjax.problem import DualProblem
@@ -44,14 +44,7 @@ SECTIONS = ("palettes", "large", "certificate")
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     devices = ", ".join(str(d) for d in jax.devices())
     return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {devices}; torch {torch.__version__} "
             f"on {'cuda' if torch.cuda.is_available() else 'cpu'}")

@@ -38,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from benchmarks.suite_cases import CASE_NAMES, CASES, CPU_SIZES, GPU_SIZES, TINY_SIZES, Context
 
 DEFAULT_GPU_BUDGET_S = 460.0
@@ -104,14 +105,7 @@ def machine_description(device: str, torch_device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     jax_device = jax.devices()[0]
     return {
         "cpu": cpu, "cpu_cores": os.cpu_count(), "python": platform.python_version(),
