@@ -71,6 +71,12 @@ FLAG_SETS: dict[str, str] = {
     "vector_512": "--xla_cpu_prefer_vector_width=512",
     # Fast math only where results stay within 1e-5 (checked per workload in the table).
     "fast_math": "--xla_cpu_enable_fast_math=true",
+    # Compile-time presets and LLVM effort: the matrix products run in precompiled YNNPACK kernels, so less
+    # LLVM optimisation of XLA's own (elementwise) kernels might cost little at run time.
+    "fast_compile_preset": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE",
+    "fast_runtime_preset": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+    "llvm_cheap_passes": "--xla_llvm_disable_expensive_passes=true",
+    "backend_opt_level_1": "--xla_backend_optimization_level=1",
 }
 
 
@@ -95,10 +101,13 @@ def all_flag_sets() -> dict[str, str]:
 # --------------------------------------------------------------------------- #
 @dataclasses.dataclass
 class Workload:
-    """A jitted call with its arguments; ``sample`` reduces its output to what is compared."""
+    """A jitted function and its arguments; ``output`` picks the array to wait for from its result, ``sample``
+    reduces that array to what is compared between flag sets."""
 
     name: str
-    call: Callable[[], Any]
+    function: Any
+    arguments: tuple[Any, ...]
+    output: Callable[[Any], Any] = lambda result: result
     repeats_factor: int = 1
     sample: Callable[[Any], dict[str, np.ndarray]] = lambda out: {"out": np.asarray(out)}
 
@@ -168,8 +177,7 @@ def causal_forward(name: str, model_class: Any, config: Any, batch: int, seq: in
 
     graphdef, state = numpy_weights(model_class(config, rngs=nnx.Rngs(0)), seed=1)
     forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids).logits)
-    ids = _token_ids(batch, seq, config.vocab_size, seed=2)
-    return Workload(name, lambda: forward(state, ids).block_until_ready(), sample=_logits_sample)
+    return Workload(name, forward, (state, _token_ids(batch, seq, config.vocab_size, seed=2)), sample=_logits_sample)
 
 
 def encoder_forward(config: Any, batch: int, seq: int) -> Workload:
@@ -182,8 +190,7 @@ def encoder_forward(config: Any, batch: int, seq: int) -> Workload:
     graphdef, state = numpy_weights(BertModel(config, add_pooling_layer=False, rngs=nnx.Rngs(0)), seed=1)
     forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask).last_hidden_state)
     ids = _token_ids(batch, seq, config.vocab_size, seed=2)
-    mask = jnp.ones_like(ids)
-    return Workload("minilm", lambda: forward(state, ids, mask).block_until_ready())
+    return Workload("minilm", forward, (state, ids, jnp.ones_like(ids)))
 
 
 def decode_step(config: Any, batch: int, prompt: int, slots: int) -> Workload:
@@ -197,14 +204,10 @@ def decode_step(config: Any, batch: int, prompt: int, slots: int) -> Workload:
     model = nnx.merge(graphdef, state)
     call = jax.jit(lambda state, ids, cache: nnx.merge(graphdef, state)(ids, cache=cache))
     prefill = call(state, _token_ids(batch, prompt, config.vocab_size, seed=2), model.init_cache(batch, slots))
-    cache = prefill.cache
-    next_ids = _token_ids(batch, 1, config.vocab_size, seed=3)
-    call(state, next_ids, cache).logits.block_until_ready()  # compile the one-token shape
-
-    def run() -> Any:
-        return call(state, next_ids, cache).logits.block_until_ready()
-
-    return Workload("decode", run, repeats_factor=10, sample=lambda out: {"logits": np.asarray(out)[:, -1, :]})
+    # Timed: one more token against the filled cache (its own compiled shape).
+    return Workload("decode", call, (state, _token_ids(batch, 1, config.vocab_size, seed=3), prefill.cache),
+                    output=lambda result: result.logits, repeats_factor=10,
+                    sample=lambda out: {"logits": np.asarray(out)[:, -1, :]})
 
 
 def build_workload(name: str, tiny: bool) -> Workload:
@@ -250,16 +253,20 @@ def run_worker(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "workloads": {}}
     outputs: dict[str, np.ndarray] = {}
     for name in args.workloads.split(","):
-        start, start_cpu = time.perf_counter(), time.process_time()
         workload = build_workload(name, args.tiny)
-        output = workload.call()  # compile + first run
+        start, start_cpu = time.perf_counter(), time.process_time()
+        compiled = workload.function.lower(*workload.arguments).compile()  # trace, lower, XLA compile
         compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-        for key, value in workload.sample(output).items():
+
+        def call(compiled: Any = compiled, workload: Workload = workload) -> Any:
+            return workload.output(compiled(*workload.arguments)).block_until_ready()
+
+        for key, value in workload.sample(call()).items():
             outputs[f"{name}/{key}"] = value
         walls, cpus = [], []
         for _ in range(args.repeats * workload.repeats_factor):
             wall, cpu = time.perf_counter(), time.process_time()
-            workload.call()
+            call()
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
         entry = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
@@ -283,7 +290,7 @@ def run_worker(args: argparse.Namespace) -> None:
 def run_flag_set(name: str, flags: str, args: argparse.Namespace, work: Path, round_index: int) -> dict[str, Any]:
     result_path = work / f"{name}.{round_index}.json"
     env = dict(os.environ, MAPJAX_XLA_DEFAULTS="0", JAX_PLATFORMS="cpu")
-    command = [sys.executable, __file__, "--worker", "--workloads", args.workloads, "--repeats", str(args.repeats),
+    command = [sys.executable, str(work / "snapshot" / "xla_flags.py"), "--worker", "--workloads", args.workloads, "--repeats", str(args.repeats),
                "--result", str(result_path), "--snapshot", str(work / "snapshot")]
     if args.tiny:
         command.append("--tiny")
@@ -418,10 +425,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xla_flags_") as temporary:
         work = Path(args.work_dir or temporary)
         work.mkdir(parents=True, exist_ok=True)
-        # Every subprocess imports this copy, so edits to the source during a long run change no round.
+        # Every subprocess runs and imports these copies, so edits to the source during a long run change no round.
         shutil.rmtree(work / "snapshot", ignore_errors=True)
         shutil.copytree(REPO_ROOT / "mapjax", work / "snapshot" / "mapjax",
                         ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(__file__, work / "snapshot" / "xla_flags.py")
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for round_index in range(args.rounds):
             if round_index == 1:
