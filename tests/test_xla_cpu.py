@@ -178,7 +178,7 @@ def _padded_batch(rows: int = 6, seq: int = 10) -> tuple[jax.Array, jax.Array]:
 
 
 @pytest.mark.parametrize(("batch", "row_size", "budget", "expected"), [
-    (64, 128, 2048, 16),   # 2048 tokens of 128 per block
+    (64, 128, 1024, 8),    # 1024 tokens of 128 per block
     (64, 100, 2048, 16),   # 20 fit; 16 is the largest divisor of 64 under 20
     (7, 128, 2048, 7),     # all fit
     (7, 128, 300, 1),      # 2 would fit but does not divide 7

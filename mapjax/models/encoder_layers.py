@@ -276,16 +276,18 @@ def encoder_activation(name: str, *, approximate_gelu: bool = False) -> Callable
 # shared 32 MB L3 on the 2-core AMD EPYC this was measured on), so every elementwise pass (mask, max, exp,
 # sum, GELU, LayerNorm) streams from DRAM.  On CPU the stack therefore runs a few sequences at a time
 # (``lax.map`` over blocks of rows, ``ENCODER_BLOCK_TOKENS`` tokens per block).  Rows never interact in an
-# encoder, so the result is the same; the matrix products keep >= 2048 rows, enough for YNNPACK.  Measured
-# (MiniLM, 64 x 128, float32, interleaved with PyTorch): 2.88 s -> 2.17 s per forward, 1.07x -> 1.43x
-# PyTorch; blocks of 1024 or 4096 tokens were no better.  On accelerators the whole batch runs at once.
+# encoder, so the result is the same; the matrix products keep >= 1024 rows, enough for YNNPACK.  Measured
+# (MiniLM, float32, interleaved with PyTorch, load < 2): 64 x 128 tokens 1.57 s -> 1.18 s per forward
+# (0.89x -> 1.19x PyTorch), 16 x 512 tokens 2.42 s -> 1.55 s (0.64x -> 1.02x); blocks of 512 or 2048 tokens
+# were 3-4% slower than 1024.  On accelerators the whole batch runs at once.
 #
 # Attention divides the [.., heads, head_dim] context by the softmax denominator instead of normalising the
-# [.., queries, keys] weights: one pass over the scores fewer, which matters for long rows (16 x 512 tokens:
-# 4.1 s -> 3.0 s per forward).  Blocks of rows inside the attention as well were measured and gave nothing.
+# [.., queries, keys] weights: one pass over the scores fewer.  It matters when the scores do not fit in
+# cache (16 x 512 tokens, whole batch: 2.42 s -> 2.21 s; under load, in blocks of 2048 tokens: 4.1 s -> 3.0 s)
+# and is neutral otherwise.
 # ---------------------------------------------------------------------------------------
 
-ENCODER_BLOCK_TOKENS = 2048
+ENCODER_BLOCK_TOKENS = 1024
 """Tokens per block of rows that runs through the whole stack at once on CPU (0: the whole batch)."""
 
 _MASKED_LOGIT = float(jnp.finfo(jnp.float32).min)
