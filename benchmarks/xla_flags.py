@@ -1,12 +1,19 @@
 """A/B test of XLA:CPU flag sets on mapjax's model workloads (jaxlib 0.10.2, float32).
 
 XLA reads ``XLA_FLAGS`` once, when the backend starts, so every flag set runs in its own
-subprocess.  The subprocesses are interleaved round by round (A B C ... A B C ...) and the
-table reports, per workload, the median over rounds of each round's median call time: load
-from other processes on a shared machine then hits every flag set alike.  Each flag set's
-outputs are compared with the default's (``max |a - b| / max |b|``), and its compiled
-programs with the default's: the optimised HLO (fusions) and the LLVM IR XLA emits for its
-own kernels (``--xla_dump_to``), so a flag that changes nothing is reported as such.
+subprocess.  The subprocesses are interleaved round by round (A B C ... A B C ...); each times
+every workload a few times and keeps the median wall-clock and process CPU time per call.  The
+table reports, per workload, the median over rounds and the speed-up over the default paired by
+round (the default ran minutes earlier, under similar load), in CPU time (steadier on a shared
+machine) and in wall time.  ``default_again`` is an A/A control: its spread is the noise.
+Compile time (trace, lower, XLA compile; ``jit(...).lower(...).compile()``) is reported apart.
+
+Each flag set's outputs are compared with the default's (``max |a - b| / max |b|``), and its
+compiled programs too: the optimised HLO (fusions) and the LLVM IR XLA emits for its own
+kernels (first round, ``--xla_dump_to``).  A flag set that compiles to the very programs of the
+default (a no-op) or of an earlier flag set (a duplicate) is timed in the first round only.
+The subprocesses run copies of this script and of ``mapjax`` taken when the run starts, so
+edits made during a long run do not mix versions.
 
     python benchmarks/xla_flags.py [--rounds 3] [--repeats 3] [--flag-sets default,ynn_eltwise,...]
                                    [--workloads smollm2,gpt2,minilm,decode] [--tiny] [--json out.json]

@@ -8,8 +8,8 @@ adds a flag only
 * if the user's own ``XLA_FLAGS`` does not already name that flag (a user's value always wins),
 * unless ``MAPJAX_XLA_DEFAULTS=0`` (or ``false``/``no``/``off``) is set in the environment.
 
-``DEFAULT_FLAGS`` holds the flags kept; see its comment for the measurement behind each one
-(``python benchmarks/xla_flags.py`` reruns it, with a flag set for exactly these defaults).
+``DEFAULT_FLAGS`` holds the flags kept, with the measurement behind them (``python benchmarks/xla_flags.py``
+reruns it, with a ``mapjax`` flag set for exactly these defaults when there are any).
 """
 
 from __future__ import annotations
@@ -28,9 +28,24 @@ OPT_OUT_VARIABLE = "MAPJAX_XLA_DEFAULTS"
 DEFAULT_FLAGS: dict[str, str] = {}
 """Flag name (without ``--``) -> value, added to ``XLA_FLAGS`` when mapjax is imported.
 
-Empty: on jaxlib 0.10.2 (2-core AMD EPYC, float32) no XLA:CPU flag set made the SmolLM2, GPT-2, MiniLM or
-decode workloads measurably faster than XLA's defaults while keeping outputs within 1e-5 (benchmarks/RESULTS.md,
-"XLA:CPU flags"); the encoder speed-up came from the model code instead (mapjax/models/encoder_layers.py).
+Empty, because no flag earned its place.  ``benchmarks/xla_flags.py`` (jaxlib 0.10.2, 2-core AMD EPYC, float32,
+2026-11-29; each flag set in its own process, interleaved, 3 rounds, CPU time per call) measured SmolLM2-135M
+and GPT-2 small forwards at 16 x 128 tokens, MiniLM-L6 at 64 x 128 and a SmolLM2 decode step at batch 64,
+against an A/A control whose spread was about +-5%:
+
+* ``--xla_cpu_experimental_ynn_fusion_type=+eltwise`` (elementwise ops into YNNPACK): 0.86x / 0.88x / 0.58x /
+  1.00x: it splits GELU and the norms into many small YNNPACK kernels;
+* YNNPACK off (``--xla_cpu_experimental_ynn_fusion_type=``), or only for fused dots (``=-individual_dot``):
+  forwards 0.98-1.01x, decode step 0.66x;
+* ``--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY``: no effect with YNNPACK on,
+  and with it off the very same program as YNNPACK off;
+* ``--xla_cpu_use_onednn=true``, ``--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME``,
+  ``--xla_llvm_disable_expensive_passes=true``: the same HLO and LLVM IR as the default (no-ops);
+* ``--xla_cpu_prefer_vector_width=512``, ``--xla_cpu_enable_fast_math=true``,
+  ``--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE``, ``--xla_backend_optimization_level=1``: different
+  code, outputs within 2e-6 of the default, speed 0.92-1.05x and compile time unchanged: noise.
+
+The mechanism stays (and is tested) so that a flag that does win on a later jaxlib goes in here with its numbers.
 """
 
 _FLAG_NAME = re.compile(r"--([A-Za-z0-9_]+)")

@@ -278,7 +278,7 @@ def encoder_activation(name: str, *, approximate_gelu: bool = False) -> Callable
 # (``lax.map`` over blocks of rows, ``ENCODER_BLOCK_TOKENS`` tokens per block).  Rows never interact in an
 # encoder, so the result is the same; the matrix products keep >= 1024 rows, enough for YNNPACK.  Measured
 # (MiniLM, float32, interleaved with PyTorch, load < 2): 64 x 128 tokens 1.57 s -> 1.18 s per forward
-# (0.89x -> 1.19x PyTorch), 16 x 512 tokens 2.42 s -> 1.55 s (0.64x -> 1.02x); blocks of 512 or 2048 tokens
+# (0.89x -> 1.19x PyTorch), 16 x 512 tokens 2.42 s -> 1.56 s (0.64x -> 1.00x); blocks of 512 or 2048 tokens
 # were 3-4% slower than 1024.  On accelerators the whole batch runs at once.
 #
 # Attention divides the [.., heads, head_dim] context by the softmax denominator instead of normalising the
@@ -386,8 +386,9 @@ def use_approximate_gelu(model: nnx.Module, enabled: bool = True) -> nnx.Module:
     """Opt in (or back out) of the tanh approximation of GELU in every block of a BERT-family ``model``.
 
     Off by default: the checkpoints were trained with the exact (erf) GELU, and the tanh form moves
-    all-MiniLM-L6-v2's outputs by up to about 1e-3 (see the accuracy table in ``benchmarks/RESULTS.md``),
-    ten times the parity tolerance with transformers.  It changes the model in place (and returns it); call it
+    all-MiniLM-L6-v2's mean-pooled embeddings by up to 1.9e-3 and coherence scores by up to 1.0e-3 (ten times
+    the parity tolerance with transformers) while saving nothing measurable on a 2-core CPU (accuracy table in
+    ``benchmarks/RESULTS.md``).  It changes the model in place (and returns it); call it
     before splitting the model for ``jax.jit`` (e.g. before building a reward on it), since the switch is part
     of the static graph.  Raises ``ModelError`` when the model has no encoder blocks or its activation is not
     the exact GELU.
