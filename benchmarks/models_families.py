@@ -37,6 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.suite_models import word_tokenizer  # noqa: E402  (the one word-level tokenizer)
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -113,19 +115,6 @@ def build_pair(family: Family, dtype: str, directory: Path, device: str) -> tupl
     if dtype == "bfloat16":
         torch_model = torch_model.to(torch.bfloat16)
     return torch_model.to(device), model
-
-
-def word_tokenizer(vocab: int) -> Any:
-    """A word-level tokenizer over ids: <pad>=0, <bos>=1 (prepended), <eos>=2, w3 ... (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    backend = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>")
 
 
 def random_prompts(count: int, vocab: int, seed: int = 0) -> list[str]:

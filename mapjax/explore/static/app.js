@@ -70,14 +70,19 @@
     } catch (error) {
       refuse(error, job);
     } finally {
-      busy = false;
-      if (queued) {
-        pump();
-      } else {
-        document.body.dataset.pending = "0";
-        refreshSamples();
-        document.dispatchEvent(new CustomEvent("mapjax:idle", { detail: { palette: state.good } }));
-      }
+      release();
+    }
+  }
+
+  // The solver is free again: run what queued meanwhile, or settle the page (samples, idle event).
+  function release() {
+    busy = false;
+    if (queued) {
+      pump();
+    } else {
+      document.body.dataset.pending = "0";
+      refreshSamples();
+      document.dispatchEvent(new CustomEvent("mapjax:idle", { detail: { palette: state.good } }));
     }
   }
 
@@ -502,15 +507,8 @@
     } catch (error) {
       refuse(error, { source: "typed" });
     } finally {
-      busy = false;
       button.disabled = state.priority.length === 0;
-      if (queued) {
-        pump();
-      } else {
-        document.body.dataset.pending = "0";
-        refreshSamples();
-        document.dispatchEvent(new CustomEvent("mapjax:idle", { detail: { palette: state.good } }));
-      }
+      release();
     }
   }
 
