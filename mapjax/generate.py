@@ -197,11 +197,13 @@ PREFILL_GROUP_ROWS = 16
 
 
 def prefill_cache(model: CausalLM, graphdef: Any, state: Any, sequences: Sequence[Sequence[int]], pad_id: int,
-                  width: int, cache_len: int) -> KVCache:
-    """A cache holding every token but the last of each row of ``sequences`` (sorted by length, shortest
-    first), left-padded to ``width`` tokens, with room for ``cache_len`` slots: the cache one left-padded
-    prefill of the whole batch would give, computed group by group (``PREFILL_GROUP_ROWS``) where the groups'
-    lengths differ."""
+                  new_tokens: int) -> KVCache:
+    """A cache holding every token but the last of each row of ``sequences`` (best sorted by length, so that
+    groups are short), left-padded to the batch's length bucket, with room for ``new_tokens`` more: the cache
+    one left-padded prefill of the whole batch would give, computed group by group (``PREFILL_GROUP_ROWS``)
+    where the groups' lengths differ."""
+    width = length_bucket(max(len(ids) for ids in sequences))
+    cache_len = width - 1 + new_tokens
     rows = len(sequences)
     group_rows = min(rows, PREFILL_GROUP_ROWS)
     groups = [sequences[start:start + group_rows] for start in range(0, rows, group_rows)]
@@ -370,8 +372,7 @@ def generate(model: CausalLM, tokenizer: Any, prompts: Sequence[str], *, max_new
     for batch in iterator:
         filled = batch + [batch[0]] * (rows_per_call - len(batch))   # filler rows start done
         sequences = [prompt_tokens[prompt_index[row]] for row in filled]
-        width = length_bucket(max(len(ids) for ids in sequences))
-        cache = prefill_cache(model, graphdef, state, sequences, pad_id, width, width - 1 + max_new_tokens)
+        cache = prefill_cache(model, graphdef, state, sequences, pad_id, max_new_tokens)
         done = np.arange(rows_per_call) >= len(batch)
         last_tokens = np.asarray([ids[-1] for ids in sequences], np.int32)
         out_tokens, out_logprobs, out_lengths, _ = _decode_jit(
@@ -497,7 +498,7 @@ def load_policy(path_or_id: str | os.PathLike, dtype: Any = "float32") -> tuple[
     """
     from mapjax.dtypes import resolve_dtype
 
-    dtype = resolve_dtype(dtype, error=GenerationError)
+    dtype = resolve_dtype(dtype, error=GenerationError)   # before the folder is even looked up
     path = Path(path_or_id).expanduser()
     if path.suffix.lower() == ".gguf":
         from mapjax.models import from_gguf
