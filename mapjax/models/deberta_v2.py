@@ -45,11 +45,10 @@ from mapjax.models.encoder_layers import (
     prepare_inputs,
     source_config_json,
 )
-from mapjax.models.layers import Embedding, LayerNorm, Linear
+from mapjax.models.layers import MASKED_LOGIT, Embedding, LayerNorm, Linear
 
 __all__ = ["DebertaV2Config", "DebertaV2ForSequenceClassification", "relative_position_index"]
 
-_MASKED_LOGIT = float(np.finfo(np.float32).min)
 RELATIVE_TERMS = ("c2p", "p2c")
 
 
@@ -273,7 +272,7 @@ class DisentangledSelfAttention(nnx.Module):
             # (transformers' p2c gather; its index -d(j, i) equals d(i, j) since the buckets are odd).
             gathered = jnp.take_along_axis(by_distance, relative_index.T[None, None], axis=-1)
             scores = scores + jnp.swapaxes(gathered, -1, -2) / scale
-        scores = jnp.where(key_allowed[:, None, None, :], scores, _MASKED_LOGIT)
+        scores = jnp.where(key_allowed[:, None, None, :], scores, MASKED_LOGIT)
         probs = jax.nn.softmax(scores, axis=-1)
         context = jnp.einsum("bhst,bthd->bshd", probs.astype(value.dtype), value)
         context = context.reshape(*hidden.shape[:-1], -1).astype(hidden.dtype)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from mapjax.errors import ModelError
 from mapjax.models.base import HFParameter
-from mapjax.models.layers import Embedding, LayerNorm, Linear, activation
+from mapjax.models.layers import MASKED_LOGIT, Embedding, LayerNorm, Linear, activation
 
 # ---------------------------------------------------------------------------------------
 # Configuration and outputs.
@@ -290,8 +290,6 @@ def encoder_activation(name: str, *, approximate_gelu: bool = False) -> Callable
 ENCODER_BLOCK_TOKENS = 1024
 """Tokens per block of rows that runs through the whole stack at once on CPU (0: the whole batch)."""
 
-_MASKED_LOGIT = float(jnp.finfo(jnp.float32).min)
-
 
 def rows_per_block(batch: int, row_size: int, budget: int) -> int:
     """Rows of a batch to process together: all of them off CPU or for a budget <= 0, else the largest
@@ -319,7 +317,7 @@ def encoder_attention(query: jax.Array, key: jax.Array, value: jax.Array, key_al
     query dtype.  A row whose keys are all masked gets uniform weights (not NaN), as in
     ``layers.dot_product_attention``."""
     logits = jnp.einsum("bshd,bthd->bhst", query, key, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(key_allowed[:, None, None, :], logits, _MASKED_LOGIT)
+    logits = jnp.where(key_allowed[:, None, None, :], logits, MASKED_LOGIT)
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     context = jnp.einsum("bhst,bthd->bshd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32)
     denominator = jnp.swapaxes(jnp.sum(weights, axis=-1), 1, 2)[..., None]  # [b, s, h, 1], each >= 1

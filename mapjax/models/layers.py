@@ -32,7 +32,7 @@ DType = Any
 # A large negative logit rather than -inf: a query row whose keys are all masked
 # (a pad query under left padding) then gets a uniform softmax instead of NaN,
 # and NaNs never leak into gradients of the real rows.
-_MASKED_LOGIT = float(np.finfo(np.float32).min)
+MASKED_LOGIT = float(np.finfo(np.float32).min)
 
 
 # --------------------------------------------------------------------------- #
@@ -533,12 +533,12 @@ def advance_cache(cache: KVCache, mask: Array, keys: list[Array], values: list[A
 def _masked_logits(query: Array, key: Array, allowed: Array, scale: float, logit_softcap: float | None = None
                    ) -> Array:
     """float32 logits ``[b, kv_heads, groups, s, t]`` of grouped queries ``[b, kv_heads, groups, s, d]`` against
-    keys ``[b, kv_heads, t, d]``; disallowed pairs get ``_MASKED_LOGIT``. With ``logit_softcap`` the scaled
+    keys ``[b, kv_heads, t, d]``; disallowed pairs get ``MASKED_LOGIT``. With ``logit_softcap`` the scaled
     logits pass through ``cap * tanh(logits / cap)`` first (Gemma 2)."""
     logits = jnp.einsum("bkgsd,bktd->bkgst", query, key, preferred_element_type=jnp.float32) * scale
     if logit_softcap is not None:
         logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-    return jnp.where(allowed[:, :, None, :, :], logits, _MASKED_LOGIT)
+    return jnp.where(allowed[:, :, None, :, :], logits, MASKED_LOGIT)
 
 
 def _within_window(query_slots: Array, key_slots: Array, sliding_window: int) -> Array:
@@ -627,7 +627,7 @@ def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, u
         return new_max, running_sum, accumulated * rescale[..., None] + update
 
     stats_shape = grouped.shape[:-1]
-    initial = (jnp.full(stats_shape, _MASKED_LOGIT, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+    initial = (jnp.full(stats_shape, MASKED_LOGIT, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
                jnp.zeros(grouped.shape, jnp.float32))
     chunks = (used + chunk - 1) // chunk
     first_chunk = 0
