@@ -12,21 +12,30 @@ included. When every chunk is done the pool is written to ``out`` (``.jsonl``,
 ``overwrite=True`` starts afresh, but an existing pool stays in ``out`` until the new one is complete and takes its
 place in one rename: an interrupted rebuild leaves the old pool whole (and resumes like any other build).
 
+Several processes under ``jax.distributed`` (one per host, :mod:`mapjax.distributed`) build one pool together:
+the chunks are cut into one contiguous part per process, each process writes its part to
+``<out>.part-<i>-of-<n>.jsonl.partial.jsonl`` with a manifest of its own (resumed like the single-process files),
+and once every part is done process 0 joins them in prompt order into ``out`` and ``<out>.manifest.json``: the
+same bytes a single process writes, since every chunk holds the same prompts and rows keep their keys.
+
 Records follow the authors' schema plus a grouping key: ``{prompt_id, prompt, generated, <value>: number}``
 where ``generated`` is the continuation only (the text of the new tokens); ``RewardPool.load`` reads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mapjax.distributed import contiguous_share
 from mapjax.dtypes import DEFAULT_DTYPE, DTYPES, dtype_name, model_dtype_name
 from mapjax.errors import BuildError  # re-exported: mapjax.build.BuildError keeps working
 from mapjax.generate import generate
@@ -73,13 +82,15 @@ def _columns(reward: Any, identity: str) -> list[ScoredValue]:
 
 
 def resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
-                   reward_options: Mapping[str, Mapping[str, Any]] | None, *, dtype: Any = None
+                   reward_options: Mapping[str, Mapping[str, Any]] | None, *, dtype: Any = None, mesh: Any = None
                    ) -> list[ScoredValue]:
     """The rewards for ``values`` (names, rewards, or a comma-separated string), ``perplexity`` under ``policy``;
     shared by pool building and finetuning's evaluation, so both score a value the same way.
 
     ``dtype`` (``"float32"`` or ``"bfloat16"``; None: each reward's default, float32) is the parameter dtype of
-    the reward models built by name; a ``dtype`` in a reward's ``reward_options`` wins over it.
+    the reward models built by name; a ``dtype`` in a reward's ``reward_options`` wins over it. ``mesh`` (a
+    ``jax.sharding.Mesh`` or spec) goes to every reward built by name that takes a ``mesh`` option, unless its
+    ``reward_options`` give one; scores do not depend on it, so no identity records it.
     """
     from mapjax.rewards.base import RewardError, get_reward, reward_takes_option
 
@@ -103,9 +114,12 @@ def resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
                 kwargs.update(model=policy, tokenizer=tokenizer)
             # The run's dtype is recorded once in the manifest's settings, not in every reward's identity.
             identity = f"registry:{value}:" + json.dumps(
-                {k: v for k, v in sorted(kwargs.items()) if isinstance(v, (str, int, float, bool, type(None)))})
+                {k: v for k, v in sorted(kwargs.items())
+                 if k != "mesh" and isinstance(v, (str, int, float, bool, type(None)))})
             if default_dtype is not None and "dtype" not in kwargs and reward_takes_option(value, "dtype"):
                 kwargs["dtype"] = default_dtype
+            if mesh is not None and "mesh" not in kwargs and reward_takes_option(value, "mesh"):
+                kwargs["mesh"] = mesh
             reward = get_reward(value, **kwargs)
             if len(getattr(reward, "names", None) or ()) > 1:
                 resolved.extend(_columns(reward, identity))
@@ -233,7 +247,7 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
                temperature: float = 1.0, batch_size: int = 16, eos_token_id: int | Sequence[int] | None = None,
                reward_options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
                overwrite: bool = False, format_prompt: Callable[[str], str] | None = None,
-               dtype: Any = None) -> RewardPool:
+               dtype: Any = None, mesh: Any = None) -> RewardPool:
     """Sample ``samples_per_prompt`` continuations per prompt, score each value, and return (and write) the pool.
 
     Args:
@@ -257,6 +271,18 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
         dtype: parameter dtype of the reward models built by name, ``"float32"`` or ``"bfloat16"`` (or a JAX
             dtype); None: the policy's dtype (load the policy with ``load_policy(path, dtype)``). Scores are
             float32 either way. The manifest records it and the policy's dtype: a resume with another is refused.
+        mesh: devices to shard the sampling and the reward models' batches over (a ``jax.sharding.Mesh``, a
+            spec like ``"data=8"`` or ``{"data": 8}``; see :func:`mapjax.sharding.as_mesh`); None: one device.
+            The pool does not depend on it, so a build may resume on another mesh. In a multi-process run a
+            spec covers this process's own devices (``jax.local_devices()``).
+
+    Under ``jax.distributed`` with several processes (:mod:`mapjax.distributed`) every process calls this with
+    the same arguments and ``out`` on a filesystem they all share. The chunks are split into one contiguous part
+    per process; each writes ``<out>.part-<i>-of-<n>.jsonl.partial.jsonl`` with its own manifest, then process 0
+    merges the parts in prompt order into ``out`` and its manifest, and every process returns the pool. Parts are
+    cut on chunk boundaries, so each chunk holds the same prompts as in a single-process build and the pool is
+    byte for byte the one a single process writes. An interrupted build resumes part by part, with any number of
+    processes (the parts keep the count they were started with).
 
     Raises:
         BuildError: ``out`` holds a build with other settings (resume refused), or bad arguments.
@@ -274,7 +300,13 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
     if dtype is None:
         dtype = policy_dtype if policy_dtype in DTYPES else DEFAULT_DTYPE
     dtype = dtype_name(dtype, error=BuildError)   # before any reward model is loaded
-    resolved = resolve_values(values, policy, tokenizer, reward_options, dtype=dtype)
+    out_path = check_output(out, overwrite=overwrite) if out is not None else None
+    processes = _process_count()
+    if out_path is None and processes > 1:
+        raise BuildError(f"a build on {processes} processes writes each process's part to files: give out= (a pool "
+                         "file on a filesystem every process shares)")
+    mesh = _local_mesh(mesh)
+    resolved = resolve_values(values, policy, tokenizer, reward_options, dtype=dtype, mesh=mesh)
     generation_options = dict(max_new_tokens=int(max_new_tokens), top_k=top_k, top_p=float(top_p),
                               temperature=float(temperature), batch_size=int(batch_size), seed=int(seed),
                               eos_token_id=eos_token_id if eos_token_id is None or isinstance(eos_token_id, int)
@@ -285,73 +317,197 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
                         [format_prompt(prompt) for prompt in prompts]),
                     prompt_count=len(prompts), policy=model_fingerprint(policy),
                     tokenizer=_tokenizer_fingerprint(tokenizer), dtype=dtype, policy_dtype=policy_dtype)
-
-    out_path = check_output(out, overwrite=overwrite) if out is not None else None
-    done_prompts = 0
-    records: list[dict[str, Any]] = []
-    if out_path is not None:
-        partial_path, manifest_path = _paths(out_path)
-        if overwrite:
-            # Start afresh, but leave a finished pool where it is: the new one replaces it (an atomic rename)
-            # only once it is complete, so an interrupted rebuild keeps the old pool.
-            for path in (partial_path, manifest_path):
-                path.unlink(missing_ok=True)
-        manifest = _read_manifest(manifest_path) if manifest_path.exists() else None
-        if manifest is not None:
-            differences = _differences(*_comparable(manifest.get("settings", {}), settings))
-            if differences:
-                raise BuildError(f"{out_path}: refusing to resume a build made with other settings ("
-                                 + "; ".join(differences) + "); pass overwrite=True (--overwrite) to start over, "
-                                 "or choose another output file")
-            if manifest.get("complete") and out_path.exists():
-                return RewardPool.load(out_path, value_names=[value.name for value in resolved])
-        if manifest is None:
-            manifest = {"version": MANIFEST_VERSION, "settings": settings, "prompts_done": 0, "bytes_done": 0,
-                        "complete": False}
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            partial_path.write_bytes(b"")
-            _write_manifest(manifest_path, manifest)
-        done_prompts = int(manifest["prompts_done"])
-        if not partial_path.exists():
-            raise BuildError(f"{partial_path} is missing but {manifest_path} says {done_prompts} prompts are done; "
-                             "pass overwrite=True to start over")
-        with partial_path.open("r+b") as handle:   # drop a chunk that was cut off mid-write
-            handle.truncate(int(manifest["bytes_done"]))
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), initial=done_prompts, desc="pool", unit="prompt")
-    try:
-        for start in range(done_prompts, len(prompts), chunk_size):
-            chunk = prompts[start:start + chunk_size]
-            shown = chunk if format_prompt is None else [format_prompt(prompt) for prompt in chunk]
-            generation = _generate_chunk(policy, tokenizer, shown, start, samples_per_prompt, generation_options)
-            chunk_prompts = [chunk[i] for i in generation.prompt_index]
-            scores = _score_chunk(resolved, chunk_prompts, generation.texts)
-            chunk_records = _records_for_chunk(start, prompts, generation, scores)
-            if out_path is None:
-                records.extend(chunk_records)
-            else:
-                payload = "".join(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
-                                  for record in chunk_records)
-                with partial_path.open("ab") as handle:
-                    handle.write(payload.encode("utf-8"))
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    size = handle.tell()
-                manifest.update(prompts_done=start + len(chunk), bytes_done=size)
-                _write_manifest(manifest_path, manifest)
-            if bar is not None:
-                bar.update(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
-
     names = [value.name for value in resolved]
+    work = _Work(policy, tokenizer, prompts, resolved, samples_per_prompt, chunk_size, generation_options,
+                 format_prompt, mesh)
+
     if out_path is None:
+        records: list[dict[str, Any]] = []
+        done = 0
+        with _progress_bar(progress, len(prompts), 0, "pool") as bar:
+            for now_done, chunk_records in work.chunks(0, len(prompts)):
+                records.extend(chunk_records)
+                bar.update(now_done - done)
+                done = now_done
         return RewardPool.from_records(records, value_names=names, source="build_pool")
+
+    if processes > 1:
+        _check_same_settings(settings, out_path)
+    partial_path, manifest_path = _paths(out_path)
+    if overwrite:
+        # Start afresh, but leave a finished pool where it is: the new one replaces it (an atomic rename) only once
+        # it is complete, so an interrupted rebuild keeps the old pool.
+        if _is_primary():
+            for path in (partial_path, manifest_path, *_part_files(out_path)):
+                path.unlink(missing_ok=True)
+        _barrier(f"mapjax.build: {out_path} cleared")
+    manifest = _read_manifest(manifest_path) if manifest_path.exists() else None
+    if manifest is not None:
+        _refuse_other_settings(out_path, manifest, settings)
+        if manifest.get("complete") and out_path.exists():
+            return RewardPool.load(out_path, value_names=names)
+
+    parts = _layout(out_path, manifest, len(prompts), chunk_size, processes)
+    mine = parts[contiguous_share(len(parts), _process_index(), processes)]
+    total = sum(part.end - part.first for part in mine)
+    label = "pool" if processes == 1 else f"pool (process {_process_index()} of {processes})"
+    failure: BaseException | None = None
+    try:
+        states = [_open_part(part, settings) for part in mine]
+        with _progress_bar(progress, total, sum(state["prompts_done"] for state in states), label) as bar:
+            for part, state in zip(mine, states):
+                _build_part(part, state, work, bar)
+    except BaseException as error:   # an interrupt included: the other processes must not wait for this one
+        failure = error
+    _agree(failure is None, "building its part")
+    if failure is not None:
+        raise failure
+
+    pool = None
+    if _is_primary():
+        try:
+            pool = _finish(out_path, parts, settings, names)
+        except BaseException as error:
+            failure = error
+    _agree(failure is None, "merging the parts into the pool")
+    if failure is not None:
+        raise failure
+    return pool if pool is not None else RewardPool.load(out_path, value_names=names)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """A contiguous run of whole chunks, built by one process into its own files: the whole prompt list in a
+    single-process build (``<out>.partial.jsonl`` and ``<out>.manifest.json``), else part ``index`` of ``count``
+    (``<out>.part-<index>-of-<count>.jsonl`` + ``.partial.jsonl`` / ``.manifest.json``)."""
+
+    index: int
+    count: int
+    first: int   # its first prompt's index in the whole list (a multiple of chunk_size)
+    end: int     # one past its last prompt
+    base: Path   # the pool file for a single part, else the part's own name
+
+    @property
+    def partial(self) -> Path:
+        return _paths(self.base)[0]
+
+    @property
+    def manifest(self) -> Path:
+        return _paths(self.base)[1]
+
+
+def _part_base(out_path: Path, index: int, count: int) -> Path:
+    return out_path.with_name(f"{out_path.name}.part-{index}-of-{count}.jsonl")
+
+
+def _part_files(out_path: Path) -> list[Path]:
+    """Every part file of ``out_path``'s multi-process builds, whatever their process count."""
+    prefix = out_path.name + ".part-"
+    if not out_path.parent.is_dir():
+        return []
+    return sorted(path for path in out_path.parent.iterdir() if path.name.startswith(prefix))
+
+
+def _layout(out_path: Path, manifest: dict[str, Any] | None, prompt_count: int, chunk_size: int,
+            processes: int) -> list[_Part]:
+    """The parts this build consists of: those an unfinished build started with (resumed with any number of
+    processes), else one per process (the single-process files when there is one process)."""
+    pattern = re.compile(re.escape(out_path.name) + r"\.part-(\d+)-of-(\d+)\.jsonl\.manifest\.json")
+    counts = {int(match.group(2)) for path in _part_files(out_path) if (match := pattern.fullmatch(path.name))}
+    if len(counts) > 1:
+        raise BuildError(f"{out_path}: unfinished builds on {sorted(counts)} processes left parts beside it; pass "
+                         "overwrite=True (--overwrite) to start over")
+    merging = manifest is not None and int(manifest.get("parts", 1)) > 1
+    if manifest is not None and not merging:   # an unfinished single-process build
+        if counts:
+            raise BuildError(f"{out_path}: both a single-process build and parts of a {counts.pop()}-process build "
+                             "are unfinished beside it; pass overwrite=True (--overwrite) to start over")
+        count = 1
+    elif merging:
+        count = int(manifest["parts"])
+    else:
+        count = counts.pop() if counts else processes
+    if count == 1:
+        return [_Part(0, 1, 0, prompt_count, out_path)]
+    chunks = -(-prompt_count // chunk_size)
+    shares = [contiguous_share(chunks, index, count) for index in range(count)]
+    return [_Part(index, count, min(share.start * chunk_size, prompt_count), min(share.stop * chunk_size, prompt_count),
+                  _part_base(out_path, index, count)) for index, share in enumerate(shares)]
+
+
+def _part_record(part: _Part) -> dict[str, int] | None:
+    return None if part.count == 1 else {"index": part.index, "count": part.count, "first_prompt": part.first,
+                                         "end_prompt": part.end}
+
+
+def _open_part(part: _Part, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The part's manifest, created with an empty partial file when new; a resumed one is checked against this
+    call's settings and its partial file cut back to the bytes it records (dropping a chunk cut off mid-write)."""
+    if part.manifest.exists():
+        manifest = _read_manifest(part.manifest)
+        _refuse_other_settings(part.base, manifest, settings)
+        if manifest.get("part") != _part_record(part):
+            raise BuildError(f"{part.manifest} records part {manifest.get('part')!r}, not {_part_record(part)!r}; "
+                             "pass overwrite=True (--overwrite) to start over")
+    else:
+        manifest = {"version": MANIFEST_VERSION, "settings": dict(settings), "prompts_done": 0, "bytes_done": 0,
+                    "complete": False}
+        if part.count > 1:
+            manifest["part"] = _part_record(part)
+        part.manifest.parent.mkdir(parents=True, exist_ok=True)
+        part.partial.write_bytes(b"")
+        _write_manifest(part.manifest, manifest)
+    if not part.partial.exists():
+        raise BuildError(f"{part.partial} is missing but {part.manifest} says {manifest['prompts_done']} prompts "
+                         "are done; pass overwrite=True to start over")
+    with part.partial.open("r+b") as handle:   # drop a chunk that was cut off mid-write
+        handle.truncate(int(manifest["bytes_done"]))
+    return manifest
+
+
+def _build_part(part: _Part, manifest: dict[str, Any], work: "_Work", bar: Any) -> None:
+    """Generate, score and append the part's unfinished chunks, recording each in its manifest once on disk."""
+    start = part.first + int(manifest["prompts_done"])
+    for done, chunk_records in work.chunks(start, part.end):
+        payload = "".join(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n" for record in chunk_records)
+        with part.partial.open("ab") as handle:
+            handle.write(payload.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+            size = handle.tell()
+        manifest.update(prompts_done=done - part.first, bytes_done=size)
+        _write_manifest(part.manifest, manifest)
+        bar.update(done - start)
+        start = done
+    if part.count > 1 and not manifest.get("complete"):
+        manifest.update(complete=True)
+        _write_manifest(part.manifest, manifest)
+
+
+def _finish(out_path: Path, parts: Sequence[_Part], settings: Mapping[str, Any], names: list[str]) -> RewardPool:
+    """Write the finished pool to ``out_path`` and mark its manifest complete; parts are first joined, in prompt
+    order, into the single-process partial file (so the pool is byte for byte a single process's)."""
+    partial_path, manifest_path = _paths(out_path)
+    if len(parts) > 1:
+        for part in parts:
+            manifest = _read_manifest(part.manifest) if part.manifest.exists() else None
+            if manifest is None or not manifest.get("complete") or not part.partial.exists() \
+                    or part.partial.stat().st_size != int(manifest["bytes_done"]):
+                raise BuildError(f"{part.manifest}: part {part.index} of {part.count} is not finished where process 0 "
+                                 "can see it; every process must write out= on a filesystem they all share")
+        with partial_path.open("wb") as merged:
+            for part in parts:
+                with part.partial.open("rb") as handle:
+                    while block := handle.read(1 << 20):
+                        merged.write(block)
+            merged.flush()
+            os.fsync(merged.fileno())
+            size = merged.tell()
+        manifest = {"version": MANIFEST_VERSION, "settings": dict(settings), "prompts_done": parts[-1].end,
+                    "bytes_done": size, "complete": False, "parts": len(parts)}
+        _write_manifest(manifest_path, manifest)   # an interrupted merge is redone from the parts
+    else:
+        manifest = _read_manifest(manifest_path)
     pool = RewardPool.load(partial_path, value_names=names)
     # Both ways replace an older pool in one rename: until then ``out`` holds the old pool whole.
     if out_path.suffix.lower() == ".jsonl":
@@ -361,13 +517,138 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
         partial_path.unlink()
     manifest.update(complete=True)
     _write_manifest(manifest_path, manifest)
+    for part in parts if len(parts) > 1 else ():
+        part.partial.unlink(missing_ok=True)
+        part.manifest.unlink(missing_ok=True)
     return pool
 
 
+def _refuse_other_settings(path: Path, manifest: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    differences = _differences(*_comparable(manifest.get("settings", {}), settings))
+    if differences:
+        raise BuildError(f"{path}: refusing to resume a build made with other settings (" + "; ".join(differences)
+                         + "); pass overwrite=True (--overwrite) to start over, or choose another output file")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Work:
+    """What every chunk is made with: the policy, the prompts, the rewards and the sampling options."""
+
+    policy: Any
+    tokenizer: Any
+    prompts: list[str]
+    resolved: Sequence[ScoredValue]
+    samples: int
+    chunk_size: int
+    options: Mapping[str, Any]
+    format_prompt: Callable[[str], str] | None
+    mesh: Any
+
+    def chunks(self, first: int, end: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """``(prompts done, records)`` for each chunk of ``prompts[first:end]`` (``first`` on a chunk boundary)."""
+        for start in range(first, end, self.chunk_size):
+            chunk = self.prompts[start:min(start + self.chunk_size, end)]
+            shown = chunk if self.format_prompt is None else [self.format_prompt(prompt) for prompt in chunk]
+            generation = _generate_chunk(self.policy, self.tokenizer, shown, start, self.samples, self.options,
+                                         self.mesh)
+            chunk_prompts = [chunk[i] for i in generation.prompt_index]
+            scores = _score_chunk(self.resolved, chunk_prompts, generation.texts)
+            yield start + len(chunk), _records_for_chunk(start, self.prompts, generation, scores)
+
+
+class _NoBar:
+    def update(self, count: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress_bar(show: bool, total: int, initial: int, label: str) -> Iterator[Any]:
+    if not show:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc=label, unit="prompt")
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------- processes and devices
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def _is_primary() -> bool:
+    return _process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    from mapjax.distributed import barrier
+
+    barrier(name)
+
+
+def _agree(ok: bool, doing: str) -> None:
+    """Every process learns whether all of them succeeded (a barrier that does not hang on a failed process);
+    the ones that did raise :class:`BuildError` naming the processes that did not."""
+    if _process_count() == 1:
+        return
+    from mapjax.distributed import gather
+
+    flags = gather(np.int32(ok))
+    failed = [index for index, flag in enumerate(np.asarray(flags).reshape(-1)) if not flag]
+    if failed and ok:
+        raise BuildError(f"process(es) {failed} of {_process_count()} stopped while {doing} (see their error); "
+                         "run the same command again to resume")
+
+
+def _check_same_settings(settings: Mapping[str, Any], out_path: Path) -> None:
+    """Every process of a multi-process build must build the same pool (same prompts, policy and options)."""
+    from mapjax.distributed import gather
+
+    digest = hashlib.sha256(json.dumps([str(out_path.name), dict(settings)], sort_keys=True).encode()).digest()
+    digests = np.asarray(gather(np.frombuffer(digest, dtype=np.uint8)))
+    differ = [index for index in range(digests.shape[0]) if not np.array_equal(digests[index], digests[0])]
+    if differ:
+        raise BuildError(f"processes {differ} of {digests.shape[0]} were given other prompts, values, policy or "
+                         f"options than process 0 for {out_path.name}; every process must run the same command")
+
+
+def _local_mesh(mesh: Any) -> Any:
+    """``mesh`` as a Mesh (None stays None): over all devices in a single process, over this process's own
+    devices when each of several processes builds its own part."""
+    if mesh is None:
+        return None
+    import jax
+
+    from mapjax.sharding import as_mesh
+
+    if jax.process_count() == 1:
+        return as_mesh(mesh)
+    if isinstance(mesh, jax.sharding.Mesh):
+        foreign = sorted({device.process_index for device in mesh.devices.flat} - {jax.process_index()})
+        if foreign:
+            raise BuildError(f"the mesh holds devices of processes {foreign}; in a multi-process build each process "
+                             "samples its own prompts on its own devices: give a mesh over jax.local_devices() "
+                             "or a spec such as 'data=8'")
+        return mesh
+    return as_mesh(mesh, jax.local_devices())
+
+
 def _generate_chunk(policy: Any, tokenizer: Any, chunk: list[str], start: int, samples: int,
-                    options: Mapping[str, Any]) -> Any:
+                    options: Mapping[str, Any], mesh: Any = None) -> Any:
     """``generate`` on one chunk, each row keyed by its index in the whole prompt list (chunking-invariant)."""
-    return generate(policy, tokenizer, chunk, num_samples=samples, prompt_index_offset=start, **options)
+    return generate(policy, tokenizer, chunk, num_samples=samples, prompt_index_offset=start, mesh=mesh, **options)
 
 
 def _score(value: ScoredValue, prompts: list[str], continuations: list[str]) -> np.ndarray:

@@ -6,15 +6,18 @@ sample is a draw from the self-normalised approximation of p_λ(·|x); the expec
 per-prompt reweighted means, which :func:`expected_levels` computes without sampling (the paper's numeric
 estimate).
 
-Every function takes the candidates as a RewardPool or a plain reward array ([prompts, k, values], or
-[n, values] for one candidate each; ``values`` names its columns), see :func:`mapjax.pool.as_pool`.
+Every function but :func:`decode` takes the candidates as a RewardPool or a plain reward array ([prompts, k,
+values], or [n, values] for one candidate each; ``values`` names its columns), see :func:`mapjax.pool.as_pool`.
+:func:`decode` draws and scores the candidates itself (with :func:`mapjax.build.build_pool`, so a ``mesh``
+shards the sampling and the reward models, and several ``jax.distributed`` processes share the prompts), then
+chooses among them; the choice is per-prompt numpy, the same on every process.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -167,3 +170,68 @@ def first_samples(candidates: PoolLike, *, values: Sequence[str] | None = None) 
     is compared with)."""
     pool = as_pool(candidates, values)
     return selected(pool, np.zeros(pool.num_prompts, dtype=int))
+
+
+def decode(
+    policy: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    lam: LambdaLike,
+    values: Sequence[Any] | str | None = None,
+    *,
+    k: int = 16,
+    rule: Rule = "softmax",
+    seed: int = 0,
+    candidates_out: Any = None,
+    max_new_tokens: int = 50,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    chunk_size: int = 64,
+    eos_token_id: int | Sequence[int] | None = None,
+    reward_options: Mapping[str, Mapping[str, Any]] | None = None,
+    format_prompt: Callable[[str], str] | None = None,
+    dtype: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    mesh: Any = None,
+) -> DecodeResult:
+    """MAP-D from prompts: draw ``k`` candidates per prompt from ``policy``, score them, keep one per prompt.
+
+    Args:
+        policy, tokenizer, prompts: the base model, its tokenizer and the prompt texts.
+        lam: λ as a Solution (its values are scored unless ``values`` is given), a ``{value: λ}`` mapping or a
+            vector in ``values``' order.
+        values: rewards to score the candidates with (names or Reward instances, as
+            :func:`mapjax.build.build_pool` takes them); default the Solution's or the mapping's value names.
+        k: candidates per prompt (the paper: 16).
+        rule: ``"softmax"`` draws from softmax(λᵀr) with ``seed``; ``"argmax"`` is best-of-k.
+        seed: seeds both the sampling and the choice.
+        candidates_out: a pool file to keep the candidates in (a rerun resumes their build); None: in memory.
+        max_new_tokens, top_k, top_p, temperature, batch_size, chunk_size, eos_token_id, reward_options,
+        format_prompt, dtype, overwrite, progress: as for :func:`mapjax.build.build_pool`.
+        mesh: a ``jax.sharding.Mesh`` or spec (``"data=8"``) the sampling and reward models are sharded over;
+            the result does not depend on it. Several processes (``jax.distributed``) need ``candidates_out``.
+
+    Raises:
+        DecodeError: a bad rule or k, an infeasible Solution, or λ that does not fit the values.
+    """
+    from mapjax.build import build_pool
+
+    if rule not in RULES:
+        raise DecodeError(f"rule must be 'softmax' or 'argmax', got {rule!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DecodeError(f"k (candidates per prompt) must be an integer >= 1, got {k!r}")
+    if isinstance(lam, Solution):   # refused when infeasible, before any sampling
+        lam = _solution_lambda(lam)
+    if values is None:
+        if not isinstance(lam, Mapping):
+            raise DecodeError("values is needed with λ given as a vector: name the rewards its entries weight")
+        values = list(lam)
+    candidates = build_pool(policy, tokenizer, prompts, values, samples_per_prompt=k, out=candidates_out,
+                            chunk_size=chunk_size, seed=seed, max_new_tokens=max_new_tokens, top_k=top_k,
+                            top_p=top_p, temperature=temperature, batch_size=batch_size, eos_token_id=eos_token_id,
+                            reward_options=reward_options, progress=progress, overwrite=overwrite,
+                            format_prompt=format_prompt, dtype=dtype, mesh=mesh)
+    return decode_pool(candidates, lam, rule=rule, seed=seed)

@@ -70,3 +70,8 @@ class ConfigError(MapjaxError):
 
 class OutputExistsError(MapjaxError, FileExistsError):
     """An output that exists and would be replaced without ``--overwrite``/``--force``."""
+
+
+class MeshError(MapjaxError):
+    """A device mesh spec that cannot be built (unknown or repeated axis, bad size, wrong device count), or
+    arrays that cannot be laid out on the mesh."""

@@ -224,7 +224,9 @@ def test_bad_input_is_a_clear_error(setup):
     with pytest.raises(FinetuneError, match="no prompts and generations texts"):
         finetune(model, tokenizer, make_pool(with_texts=False), LAM, progress=False)
     with pytest.raises(FinetuneError, match="method"):
-        finetune(model, tokenizer, pool, LAM, method="ppo", progress=False)
+        finetune(model, tokenizer, pool, LAM, method="sft", progress=False)
+    with pytest.raises(FinetuneError, match="takes an OnlineConfig"):
+        finetune(model, tokenizer, pool, LAM, method="ppo", config=FinetuneConfig(), progress=False)
     with pytest.raises(FinetuneError, match="grad_accum"):
         finetune(model, tokenizer, pool, LAM, config=FinetuneConfig(batch_size=3, grad_accum=2), progress=False)
     with pytest.raises(ValueError, match="λ"):

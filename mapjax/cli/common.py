@@ -56,6 +56,65 @@ def add_parser(subparsers: Any, name: str, help: str, **options: Any) -> argpars
                                  formatter_class=argparse.RawDescriptionHelpFormatter, **options)
 
 
+def add_mesh_arguments(command: argparse.ArgumentParser) -> None:
+    """``--mesh`` and the explicit multi-process form ``--coordinator/--num-processes/--process-id``, for every
+    command that does batched work; :func:`setup_devices` acts on them. Specs are checked while the command line
+    is parsed, before anything is loaded."""
+    group = command.add_argument_group(
+        "devices and processes",
+        "one process per host runs the same command; SLURM (srun), Open MPI (mpirun) and multi-host TPU slices are "
+        "detected, elsewhere give all three of --coordinator, --num-processes and --process-id")
+    group.add_argument("--mesh", type=mesh_spec, default=None, metavar="SPEC",
+                       help="shard the batched work over a device mesh, e.g. data=8 or data=2,fsdp=4 (axes: data, "
+                            "fsdp, model; sizes multiply to the device count); results do not depend on it "
+                            "(default: one device)")
+    group.add_argument("--coordinator", type=coordinator_address, default=None, metavar="HOST:PORT",
+                       help="process 0's address and a free port, the same on every process")
+    group.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
+                       help="how many processes take part")
+    group.add_argument("--process-id", type=non_negative_int, default=None, metavar="I",
+                       help="this process's id, 0..N-1")
+
+
+def check_device_arguments(args: argparse.Namespace) -> None:
+    """The multi-process flags name all three or none, and ``--process-id`` is below ``--num-processes``
+    (checked before any JAX call)."""
+    flags = {"--coordinator": getattr(args, "coordinator", None),
+             "--num-processes": getattr(args, "num_processes", None),
+             "--process-id": getattr(args, "process_id", None)}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given and len(given) < len(flags):
+        missing = [flag for flag in flags if flag not in given]
+        raise InputError(f"{', '.join(given)} given without {', '.join(missing)}: a multi-process run names all "
+                         "three (or none, on SLURM, Open MPI or a TPU slice, which are detected)")
+    if given and not flags["--process-id"] < flags["--num-processes"]:
+        raise InputError(f"--process-id {flags['--process-id']} must be below --num-processes "
+                         f"{flags['--num-processes']} (ids run 0..{flags['--num-processes'] - 1})")
+
+
+def setup_devices(args: argparse.Namespace, *, per_process: bool = False) -> Any:
+    """Start ``jax.distributed`` when the flags (or a detected cluster) ask for it, then return the ``--mesh`` as a
+    ``jax.sharding.Mesh`` (None without ``--mesh``). Call it before anything else uses JAX in the process.
+
+    ``per_process``: the mesh spans this process's own devices (commands where each process does its own share
+    of the prompts: ``pool``, ``decode``); otherwise every process's devices (one program over all of them, as
+    finetuning runs).
+    """
+    check_device_arguments(args)
+    from mapjax.distributed import initialize
+
+    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+               getattr(args, "process_id", None))
+    spec = getattr(args, "mesh", None)
+    if spec is None:
+        return None
+    import jax
+
+    from mapjax.sharding import as_mesh
+
+    return as_mesh(spec, jax.local_devices() if per_process else None)
+
+
 # ---------------------------------------------------------------------------------------------- argument types
 def _number(text: str, kind: type) -> Any:
     try:
@@ -111,6 +170,27 @@ def half_open_unit_interval(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
     return value
+
+
+def mesh_spec(text: str) -> dict[str, int]:
+    """A mesh spec ``axis=size,...`` (axes data, fsdp, model) as ``{axis: size}``."""
+    from mapjax.errors import MapjaxError
+    from mapjax.sharding import parse_mesh_spec
+
+    try:
+        return parse_mesh_spec(text)
+    except MapjaxError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def coordinator_address(text: str) -> str:
+    """``HOST:PORT`` of process 0 (see :func:`mapjax.distributed.check_coordinator`)."""
+    from mapjax.distributed import DistributedError, check_coordinator
+
+    try:
+        return check_coordinator(text)
+    except DistributedError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def name_list(text: str) -> list[str]:

@@ -3,6 +3,10 @@
 Every argument is checked before the pool is solved or the policy loaded: the output's format and that it does
 not exist, the palette, the values (known rewards, none twice, covering the palette), the prompt source and a
 local policy path.
+
+``--mesh`` shards the candidates' sampling and scoring over this process's devices; launched as several processes
+(SLURM/Open MPI, or ``--coordinator/--num-processes/--process-id``) each process builds its share of the
+candidates (``mapjax.build``), every process makes the same choice, and process 0 writes ``--out``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from mapjax.cli.common import (
     EXIT_NOT_REACHED,
     EXIT_OK,
     add_dtype_argument,
+    add_mesh_arguments,
     add_parser,
     add_policy_argument,
     add_prompts_argument,
@@ -27,6 +32,7 @@ from mapjax.cli.common import (
     name_list,
     normaliser,
     positive_int,
+    setup_devices,
 )
 
 
@@ -48,15 +54,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0)
     add_dtype_argument(command)
     command.add_argument("--overwrite", action="store_true")
+    add_mesh_arguments(command)
     command.set_defaults(run=run)
     return command
 
 
 def run(args: argparse.Namespace) -> int:
     from mapjax import solve
-    from mapjax.build import build_pool
     from mapjax.data import load_prompts
-    from mapjax.decode import decode_pool
+    from mapjax.decode import decode
+    from mapjax.distributed import is_primary
     from mapjax.dtypes import resolve_dtype
     from mapjax.generate import load_policy
     from mapjax.pool import RewardPool
@@ -68,23 +75,27 @@ def run(args: argparse.Namespace) -> int:
     check_palette(args.palette, args.values)
     if args.values:
         check_reward_names(args.values)
+    mesh = setup_devices(args, per_process=True)   # before anything else uses JAX
     pool = RewardPool.load(args.pool)
     values = args.values or list(pool.value_names)
     if not args.values:
         check_reward_names(values, "--values (default: the pool's values)")
     prompts = load_prompts(args.prompts, count=args.count)
 
+    primary = is_primary()   # every process solves and chooses alike; process 0 speaks and writes
     solution = solve(pool, args.palette, normaliser=normaliser(args.per_prompt))
-    print(solution.table())
+    if primary:
+        print(solution.table())
     if not solution.feasible:
-        print("\nthe palette is not reachable on this pool: try `mapjax adjust` for the nearest one that is")
+        if primary:
+            print("\nthe palette is not reachable on this pool: try `mapjax adjust` for the nearest one that is")
         return EXIT_NOT_REACHED
-    policy, tokenizer = load_policy(args.policy, resolve_dtype(args.dtype))
-    candidates = build_pool(policy, tokenizer, prompts, values, samples_per_prompt=args.k,
-                            out=candidates_path(out), max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, seed=args.seed, overwrite=args.overwrite,
-                            dtype=args.dtype)
-    result = decode_pool(candidates, solution, rule=args.rule, seed=args.seed)
+    policy, tokenizer = load_policy(args.policy, resolve_dtype(args.dtype), mesh=mesh)
+    result = decode(policy, tokenizer, prompts, solution, values, k=args.k, rule=args.rule, seed=args.seed,
+                    candidates_out=candidates_path(out), max_new_tokens=args.max_new_tokens,
+                    batch_size=args.batch_size, overwrite=args.overwrite, dtype=args.dtype, mesh=mesh)
+    if not primary:
+        return EXIT_OK
     result.result.save(out, overwrite=args.overwrite)
     print(f"\n{out}: {result.result.num_prompts} prompts; levels (realised, expected from the weights):")
     for name, realised, expected in zip(result.result.value_names, result.result.means(), result.expected):

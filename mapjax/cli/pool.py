@@ -1,4 +1,9 @@
-"""``mapjax pool``: sample a policy, score each value, write a reward pool (resumable; see ``mapjax.build``)."""
+"""``mapjax pool``: sample a policy, score each value, write a reward pool (resumable; see ``mapjax.build``).
+
+``--mesh`` shards each process's batches over its devices; launched as several processes (one per host, under
+SLURM/Open MPI or with ``--coordinator/--num-processes/--process-id``) each builds its share of the prompts and
+process 0 merges the parts into ``--out``, which must be on a filesystem every process sees.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Any
 from mapjax.cli.common import (
     EXIT_OK,
     add_dtype_argument,
+    add_mesh_arguments,
     add_parser,
     add_policy_argument,
     add_prompts_argument,
@@ -19,6 +25,7 @@ from mapjax.cli.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    setup_devices,
 )
 
 
@@ -42,6 +49,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     command.add_argument("--overwrite", action="store_true",
                          help="start afresh; an existing pool is replaced only once the new one is complete")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_mesh_arguments(command)
     command.set_defaults(run=run)
     return command
 
@@ -49,6 +57,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from mapjax.build import build_pool, check_output
     from mapjax.data import load_prompts
+    from mapjax.distributed import is_primary
     from mapjax.dtypes import resolve_dtype
     from mapjax.generate import load_policy
 
@@ -56,12 +65,14 @@ def run(args: argparse.Namespace) -> int:
     check_policy(args.policy)
     check_prompt_source(args.prompts)
     check_reward_names(args.values)
+    mesh = setup_devices(args, per_process=True)   # before anything else uses JAX
     prompts = load_prompts(args.prompts, count=args.count)
-    model, tokenizer = load_policy(args.policy, resolve_dtype(args.dtype))
+    model, tokenizer = load_policy(args.policy, resolve_dtype(args.dtype), mesh=mesh)
     pool = build_pool(model, tokenizer, prompts, args.values, samples_per_prompt=args.samples, out=args.out,
                       chunk_size=args.chunk_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
                       top_k=args.top_k or None, top_p=args.top_p, temperature=args.temperature,
                       batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
-                      dtype=args.dtype)
-    print(f"{args.out}: {pool.num_prompts} prompts, {pool.num_samples} samples, values {list(pool.value_names)}")
+                      dtype=args.dtype, mesh=mesh)
+    if is_primary():
+        print(f"{args.out}: {pool.num_prompts} prompts, {pool.num_samples} samples, values {list(pool.value_names)}")
     return EXIT_OK

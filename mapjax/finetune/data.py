@@ -4,6 +4,11 @@ Every sample of a pool is a (prompt, continuation) pair. Its weight is softmax(�
 (``mapjax.decode.selection_probabilities``): p_λ's self-normalised importance weights, which sum to 1 within a
 prompt. A DPO pair is the highest- and the lowest-λᵀr sample of a prompt.
 
+Prompts are tokenized as the pool's policy saw them when it sampled: ``format_prompt`` (e.g. the tokenizer's chat
+template, as ``build_pool(format_prompt=...)`` applied it; ``mapjax.finetune.evaluation.pool_prompt_format`` reads
+it from the pool's manifest) is applied before tokenizing, so the model learns p(y | x) on the very context y was
+sampled in. The pool keeps the raw prompts, which are what the rewards saw.
+
 Batches are right-padded to a power-of-two length bucket (``mapjax.models.padding.length_bucket``) so the
 jitted train step compiles once per bucket. ``loss_mask[i, t]`` is 1 where ``ids[i, t]`` is a continuation token
 (a target of the loss); prompt tokens and padding are 0.
@@ -12,7 +17,7 @@ jitted train step compiles once per bucket. ``loss_mask[i, t]`` is 1 where ``ids
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -62,12 +67,15 @@ def check_pool_texts(pool: RewardPool, source: str = "the pool") -> None:
                             "text (a pool file with 'prompt' and 'generated' columns, e.g. from `mapjax pool`)")
 
 
-def _encode(tokenizer: Any, pool: RewardPool, model: CausalLM | None, max_length: int | None
+def _encode(tokenizer: Any, pool: RewardPool, model: CausalLM | None, max_length: int | None,
+            format_prompt: Callable[[str], str] | None = None
             ) -> tuple[list[list[int]], list[list[list[int]]], list[np.ndarray]]:
-    """Prompt token ids per prompt row; continuation token ids per valid sample; the valid sample indices."""
+    """Prompt token ids per prompt row (of ``format_prompt(prompt)`` when given: the context the samples were
+    drawn in); continuation token ids per valid sample; the valid sample indices."""
     from mapjax.generate import tokenize_prompts
 
-    prompt_ids = tokenize_prompts(tokenizer, list(pool.prompts), model)
+    shown = list(pool.prompts) if format_prompt is None else [format_prompt(prompt) for prompt in pool.prompts]
+    prompt_ids = tokenize_prompts(tokenizer, shown, model)
     limit = model.max_positions if model is not None else None
     if max_length is not None:
         limit = max_length if limit is None else min(limit, max_length)
@@ -89,18 +97,20 @@ def _encode(tokenizer: Any, pool: RewardPool, model: CausalLM | None, max_length
 
 
 def weighted_examples(pool: RewardPool, tokenizer: Any, lam: Any, *, model: CausalLM | None = None,
-                      max_length: int | None = None, min_weight: float = 0.0) -> Examples:
+                      max_length: int | None = None, min_weight: float = 0.0,
+                      format_prompt: Callable[[str], str] | None = None) -> Examples:
     """Every sample of ``pool`` with weight softmax(λᵀr) within its prompt (λ: Solution, mapping or vector).
 
     Samples whose continuation encodes to no tokens are dropped (they carry no loss); so are samples with
     weight ≤ ``min_weight`` when it is positive. Continuations are cut to fit ``max_length`` tokens with their
-    prompt (and the model's position limit, when ``model`` is given).
+    prompt (and the model's position limit, when ``model`` is given). ``format_prompt``: how the pool's policy
+    saw each prompt when it sampled (None: raw), applied before tokenizing.
     """
     from mapjax.decode import selection_probabilities
 
     check_pool_texts(pool)
     probabilities = selection_probabilities(pool, lam)
-    prompt_ids, continuations, valid = _encode(tokenizer, pool, model, max_length)
+    prompt_ids, continuations, valid = _encode(tokenizer, pool, model, max_length, format_prompt)
     out_prompt, out_cont, weights, rows, samples = [], [], [], [], []
     for row in range(pool.num_prompts):
         for ids, sample in zip(continuations[row], valid[row]):
@@ -118,14 +128,14 @@ def weighted_examples(pool: RewardPool, tokenizer: Any, lam: Any, *, model: Caus
 
 
 def dpo_pairs(pool: RewardPool, tokenizer: Any, lam: Any, *, model: CausalLM | None = None,
-              max_length: int | None = None) -> Pairs:
+              max_length: int | None = None, format_prompt: Callable[[str], str] | None = None) -> Pairs:
     """Per prompt, (highest λᵀr sample, lowest λᵀr sample); prompts whose samples all score alike (or with
-    fewer than two non-empty samples) give no pair."""
+    fewer than two non-empty samples) give no pair. ``format_prompt`` as in :func:`weighted_examples`."""
     from mapjax.decode import selection_scores
 
     check_pool_texts(pool)
     scores = selection_scores(pool, lam)
-    prompt_ids, continuations, valid = _encode(tokenizer, pool, model, max_length)
+    prompt_ids, continuations, valid = _encode(tokenizer, pool, model, max_length, format_prompt)
     chosen, rejected = [], []
     for row in range(pool.num_prompts):
         candidates = [(float(scores[row, s]), int(s), ids) for ids, s in zip(continuations[row], valid[row]) if ids]

@@ -10,6 +10,15 @@ optax state, both flattened to ``{"00000": array}`` dicts, plus the step number,
 step ``s`` trains on positions ``s·B .. (s+1)·B`` of a stream of epochs, each a seeded permutation. A run killed
 at any point and started again with the same call restores the latest checkpoint and continues; its final
 parameters equal an uninterrupted run's bit for bit (the step is deterministic on a given device).
+
+On a device mesh (``finetune(..., mesh="data=2,fsdp=4")``, see :mod:`mapjax.sharding`) the float32 master
+parameters and the optimizer's moments are laid out by :func:`mapjax.sharding.parameter_sharding` (split over
+``fsdp``/``model`` by their logical axes), each micro-batch's rows are split over ``data`` x ``fsdp``, and the
+compiler reduces the gradients across devices from those shardings (the step is jitted with the state's
+shardings as its output shardings, so the layout never drifts). Checkpoints are written sharded by Orbax, each
+device its own shards, and restored onto the shardings of the mesh of the run that resumes: a run saved on 8
+devices continues on 4 or on 1. Resuming on the same layout is still exact; on another layout the sums run in
+another order, so it agrees to rounding.
 """
 
 from __future__ import annotations
@@ -21,13 +30,15 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mapjax.dtypes import dtype_name, known_dtype_name
 from mapjax.errors import FinetuneError
@@ -37,6 +48,9 @@ from mapjax.finetune import weighted as weighted_module
 from mapjax.jsonio import write_json
 from mapjax.models.base import CausalLM
 from mapjax.models.padding import pad_token_id
+
+if TYPE_CHECKING:
+    from mapjax.sharding import MeshLike
 
 METHODS = ("weighted", "dpo")
 
@@ -86,7 +100,7 @@ class FinetuneConfig:
 
     def validate(self, method: str) -> None:
         if method not in METHODS:
-            raise FinetuneError(f"method must be one of {list(METHODS)}, got {method!r}")
+            raise FinetuneError(f"method must be one of {list(METHODS)} (online: 'grpo', 'ppo'), got {method!r}")
         for name in ("batch_size", "grad_accum", "save_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -153,24 +167,74 @@ def optimizer(config: FinetuneConfig, total_steps: int) -> optax.GradientTransfo
 
 
 class Stepper:
-    """A model split into graph, trainable ``Param`` leaves and the rest, with the jitted train step."""
+    """A model split into graph, trainable ``Param`` leaves and the rest, with the jitted train step.
 
-    def __init__(self, model: CausalLM, method: str, config: FinetuneConfig, total_steps: int):
-        self.method, self.config = method, config
+    With a ``mesh`` (a ``Mesh`` from :func:`mapjax.sharding.as_mesh`) the parameters, the optimizer state and
+    the rest of the model live on it (see the module docstring); ``None``: one device, as always.
+    """
+
+    def __init__(self, model: CausalLM, method: str, config: FinetuneConfig, total_steps: int,
+                 mesh: Mesh | None = None):
+        self.method, self.config, self.mesh = method, config, mesh
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         leaves, self.treedef = jax.tree.flatten(params)
         self.param_dtypes = [leaf.dtype for leaf in leaves]
+        self.tx = optimizer(config, total_steps)
+        self.param_shardings: list[NamedSharding] | None = None
+        self.opt_shardings: Any = None
+        if mesh is not None:
+            # placed before the float32 copy, so that no whole float32 copy is made on one device
+            self.param_shardings = _parameter_shardings(params, mesh, len(leaves))
+            leaves = [_place(leaf, sharding) for leaf, sharding in zip(leaves, self.param_shardings)]
         # copies: the train step donates its parameters, and the caller's model must stay intact
         self.params = [jnp.array(leaf, jnp.float32 if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype,
                                  copy=True) for leaf in leaves]
-        self.tx = optimizer(config, total_steps)
-        self.opt_state = self.tx.init(self.params)
+        if mesh is None:
+            self.opt_state = self.tx.init(self.params)
+        else:
+            self._place_on_mesh(mesh)
         self.compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
         self.total_steps = total_steps
         # settings that do not change the compiled step are normalised away so that such runs share it
         step_config = dataclasses.replace(config, seed=0, save_every=1, steps=None, epochs=1.0, max_length=None)
         self._static = dict(graphdef=self.graphdef, treedef=self.treedef, method=method, config=step_config,
                             total_steps=total_steps)
+
+    def _place_on_mesh(self, mesh: Mesh) -> None:
+        """Lay the optimizer state and the rest of the model out on ``mesh`` (the parameters already are)."""
+        from mapjax.sharding import replicate
+
+        assert self.param_shardings is not None
+        self.rest = replicate(self.rest, mesh)
+        self.opt_shardings = _optimizer_shardings(self.tx, self.params, self.param_shardings, mesh)
+        # Made on the mesh in its layout: no whole copy of a moment ever sits on one device.
+        self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
+        self._mesh_step = _mesh_train_step(self.param_shardings, self.opt_shardings, mesh)
+
+    def place_like_params(self, leaves: list[Any]) -> list[Any]:
+        """``leaves`` (arrays shaped like the parameters, e.g. a frozen reference copy) in the parameters'
+        layout on the mesh; unchanged without one."""
+        if self.param_shardings is None:
+            return leaves
+        return [_place(leaf, sharding) for leaf, sharding in zip(leaves, self.param_shardings)]
+
+    def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A batch ``[accum, micro, ...]`` on device: on a mesh its micro axis (the rows) split over
+        ``data`` x ``fsdp``, the accumulation axis whole (the step scans over it)."""
+        if self.mesh is None:
+            return {key: jnp.asarray(value) for key, value in batch.items()}
+        from mapjax.sharding import rows_sharding
+
+        rows = NamedSharding(self.mesh, P(None, *rows_sharding(self.mesh).spec))
+        return {key: _place(value, rows) for key, value in batch.items()}
+
+    def place_rows(self, array: np.ndarray) -> jax.Array:
+        """An array whose leading axis is rows, split over ``data`` x ``fsdp`` on a mesh."""
+        if self.mesh is None:
+            return jnp.asarray(array)
+        from mapjax.sharding import rows_sharding
+
+        return _place(array, rows_sharding(self.mesh))
 
     def apply(self, params: Any, ids: jax.Array, attention: jax.Array) -> jax.Array:
         """The forward pass (float32 logits) of the model at ``params`` (a list of leaves)."""
@@ -185,9 +249,10 @@ class Stepper:
                               batch)
 
     def step(self, reference: Any, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        batch = {key: jnp.asarray(value) for key, value in batch.items()}
-        self.params, self.opt_state, metrics = _train_step_jit(self.params, self.opt_state, self.rest, reference,
-                                                               batch, **self._static)
+        batch = self.place_batch(batch)
+        train_step = _train_step_jit if self.mesh is None else self._mesh_step
+        self.params, self.opt_state, metrics = train_step(self.params, self.opt_state, self.rest, reference,
+                                                          batch, **self._static)
         return {key: float(value) for key, value in metrics.items()}
 
     def model(self) -> Any:
@@ -258,8 +323,56 @@ def _train_step(params, opt_state, rest, reference, batch, *, graphdef, treedef,
     return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-_train_step_jit = jax.jit(_train_step, donate_argnums=(0, 1),
-                          static_argnames=("graphdef", "treedef", "method", "config", "total_steps"))
+_STATIC = ("graphdef", "treedef", "method", "config", "total_steps")
+_train_step_jit = jax.jit(_train_step, donate_argnums=(0, 1), static_argnames=_STATIC)
+# The train step on a mesh, per layout: jitted with the state's shardings as output shardings, so that the
+# updated parameters and moments come back in the layout they went in (the compiler reduces the gradients).
+_MESH_STEPS: dict[Any, Callable] = {}
+
+
+def _mesh_train_step(param_shardings: list[NamedSharding], opt_shardings: Any, mesh: Mesh) -> Callable:
+    opt_leaves, opt_structure = jax.tree.flatten(opt_shardings)
+    key = (tuple(param_shardings), opt_structure, tuple(opt_leaves))
+    if key not in _MESH_STEPS:
+        replicated = NamedSharding(mesh, P())
+        _MESH_STEPS[key] = jax.jit(_train_step, donate_argnums=(0, 1), static_argnames=_STATIC,
+                                   out_shardings=(list(param_shardings), opt_shardings, replicated))
+    return _MESH_STEPS[key]
+
+
+def _parameter_shardings(params: nnx.State, mesh: Mesh, count: int) -> list[NamedSharding]:
+    """The sharding of each parameter leaf, in ``jax.tree.leaves(params)`` order. The logical axes are read from
+    the ``Param`` variables, so they come from the split State, not from the bare leaves."""
+    from mapjax.sharding import parameter_sharding
+
+    shardings = jax.tree.leaves(parameter_sharding(params, mesh), is_leaf=lambda node: isinstance(node, NamedSharding))
+    if len(shardings) != count:
+        raise FinetuneError(f"the mesh layout covers {len(shardings)} of the model's {count} parameter arrays")
+    return shardings
+
+
+def _optimizer_shardings(tx: optax.GradientTransformation, params: list[jax.Array],
+                         param_shardings: list[NamedSharding], mesh: Mesh) -> Any:
+    """The sharding of every leaf of ``tx``'s state: a sub-tree shaped like the parameter list (Adam's moments)
+    takes the parameters' shardings, leaf for leaf; anything else (step counts) is replicated. Matched by tree
+    structure, not by shape, since two parameters of one shape can be laid out differently."""
+    structure = jax.tree.structure(params)
+    replicated = NamedSharding(mesh, P())
+
+    def like_params(node: Any) -> bool:
+        return jax.tree.structure(node) == structure
+
+    return jax.tree.map(lambda node: list(param_shardings) if like_params(node) else replicated,
+                        jax.eval_shape(tx.init, params), is_leaf=like_params)
+
+
+def _place(value: Any, sharding: NamedSharding) -> jax.Array:
+    """``value`` laid out with ``sharding``; on a mesh spanning processes each process supplies its own shards
+    of the value it holds whole."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _resolve_lambda(pool: Any, lam: Any) -> np.ndarray:
@@ -291,13 +404,18 @@ def _fingerprint(method: str, config: FinetuneConfig, model: CausalLM, examples:
 
 
 def reference_logps(stepper: Stepper, pairs: data_module.Pairs, pad_id: int, rows: int = 8) -> np.ndarray:
-    """log π0 of each pair's chosen and rejected continuation, [pairs, 2] (frozen base model)."""
+    """log π0 of each pair's chosen and rejected continuation, [pairs, 2] (frozen base model); on the stepper's
+    mesh, ``rows`` is rounded up to a multiple of its ``data`` x ``fsdp`` devices and split over them."""
+    if stepper.mesh is not None:
+        from mapjax.sharding import round_up_rows
+
+        rows = round_up_rows(rows, stepper.mesh)
     out = np.zeros((len(pairs), 2), np.float32)
     for start in range(0, len(pairs), rows):
         index = np.arange(start, start + rows) % len(pairs)
         batch = data_module.dpo_batch(pairs, out, index, 1, pad_id)
-        values = stepper._logps(stepper.params, jnp.asarray(batch["ids"][0]), jnp.asarray(batch["attention"][0]),
-                                jnp.asarray(batch["loss_mask"][0]))
+        values = stepper._logps(stepper.params, stepper.place_rows(batch["ids"][0]),
+                                stepper.place_rows(batch["attention"][0]), stepper.place_rows(batch["loss_mask"][0]))
         count = min(rows, len(pairs) - start)
         out[start:start + count] = np.asarray(values)[:count]
     return out
@@ -306,7 +424,8 @@ def reference_logps(stepper: Stepper, pairs: data_module.Pairs, pad_id: int, row
 def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: str = "weighted",
              config: FinetuneConfig | None = None, out: str | os.PathLike | None = None,
              callback: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
-             overwrite: bool = False, export: bool = True) -> FinetuneResult:
+             overwrite: bool = False, export: bool = True, mesh: "MeshLike" = None,
+             format_prompt: Callable[[str], str] | None = None) -> FinetuneResult:
     """Finetune ``model`` towards p_λ on ``pool``'s samples; returns the trained model (a new module).
 
     Args:
@@ -315,7 +434,10 @@ def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: st
         lam: a Solution, a {value: λ} mapping (numbers), a λ vector in the pool's value order, or a palette
             spec string such as ``"humor>=q0.8, diversity>=mean"`` (solved on the pool with the per-prompt
             normaliser; an unreachable palette is an error).
-        method: ``"weighted"`` (reward-weighted likelihood) or ``"dpo"`` (DPO on highest- vs lowest-λᵀr pairs).
+        method: ``"weighted"`` (reward-weighted likelihood), ``"dpo"`` (DPO on highest- vs lowest-λᵀr pairs),
+            or an online route, ``"grpo"`` / ``"ppo"``: the policy samples the pool's prompts itself and is scored
+            by the pool's values (reward names) at every step (:func:`mapjax.finetune.online.finetune_online`,
+            with ``config`` an :class:`~mapjax.finetune.online.OnlineConfig`).
         out: run folder: ``checkpoints/`` (Orbax; resumed when present), ``model/`` (HF format, at the end),
             ``losses.json``. ``None``: no checkpoints.
         callback: called as ``callback(step, metrics)`` after each step (step counts from 1).
@@ -323,22 +445,41 @@ def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: st
             run is made in ``<out>.replacing`` beside it (resumed there after an interruption) and takes the
             place of ``out`` only once it is complete, so ``out`` never mixes the two runs and the old one
             survives an interrupted replacement.
+        mesh: a device mesh (or its spec, e.g. ``"data=2,fsdp=4"``; None: one device): parameters and optimizer
+            state sharded over its ``fsdp``/``model`` axes, each micro-batch's rows over ``data`` x ``fsdp``
+            (``batch_size / grad_accum`` must be a multiple of their product). Checkpoints are saved sharded and
+            restored onto this mesh, whatever mesh saved them.
+        format_prompt: how the pool's policy saw each prompt when it sampled (e.g. its chat template;
+            ``mapjax.finetune.evaluation.pool_prompt_format(pool_file, tokenizer)`` reads it from the pool's
+            manifest): prompts are tokenized (and, online, sampled) through it. None: raw (the paper's setting).
     """
+    from mapjax.finetune import online
+
+    if method in online.METHODS:
+        if config is not None and not isinstance(config, online.OnlineConfig):
+            raise FinetuneError(f"method {method!r} takes an OnlineConfig, got {type(config).__name__}")
+        return online.finetune_online(model, tokenizer, list(pool.prompts), list(pool.value_names), lam,
+                                      method=method, config=config, out=out, format_prompt=format_prompt,
+                                      mesh=mesh, callback=callback, progress=progress, overwrite=overwrite,
+                                      pool=pool, export=export)
     config = config or FinetuneConfig()
     config.validate(method)
+    mesh = _check_mesh(config, mesh)
     lam_vector = _resolve_lambda(pool, lam)
     if method == "weighted":
         examples = data_module.weighted_examples(pool, tokenizer, lam_vector, model=model,
-                                                 max_length=config.max_length)
+                                                 max_length=config.max_length, format_prompt=format_prompt)
     else:
-        examples = data_module.dpo_pairs(pool, tokenizer, lam_vector, model=model, max_length=config.max_length)
+        examples = data_module.dpo_pairs(pool, tokenizer, lam_vector, model=model, max_length=config.max_length,
+                                         format_prompt=format_prompt)
     count = len(examples)
     total_steps = config.steps or max(1, math.ceil(config.epochs * count / config.batch_size))
     pad_id = pad_token_id(tokenizer, model)
-    stepper = Stepper(model, method, config, total_steps)
+    stepper = Stepper(model, method, config, total_steps, mesh)
     reference = None
     if method == "weighted" and config.kl_coef:
-        reference = [jnp.array(leaf, copy=True) for leaf in stepper.params]   # frozen p0 (params are donated)
+        # frozen p0 (params are donated), in the parameters' layout
+        reference = stepper.place_like_params([jnp.array(leaf, copy=True) for leaf in stepper.params])
     ref_logps = reference_logps(stepper, examples, pad_id) if method == "dpo" else None
 
     manager, losses, start = None, [], 0
@@ -378,8 +519,10 @@ def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: st
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
-    trained = stepper.model()
-    if run_folder is not None:
+    trained = _whole_on_every_process(stepper.model())
+    from mapjax.distributed import barrier, is_primary
+
+    if run_folder is not None and is_primary():   # one writer: every process holds the same run
         write_json(run_folder / "losses.json", {"method": method, "config": dataclasses.asdict(config),
                                                 "losses": losses})
         if export:
@@ -390,7 +533,36 @@ def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: st
                 tokenizer.save_pretrained(str(run_folder / "model"))
         if run_folder != out:
             _replace_folder(run_folder, out)
+    if run_folder is not None:
+        barrier("mapjax-finetune-written")   # no process returns before the run's files are in place
     return FinetuneResult(trained, losses, total_steps, start, out, count)
+
+
+def _whole_on_every_process(model: Any) -> Any:
+    """``model`` itself in one process. Under ``jax.distributed`` its sharded arrays span hosts that each hold a
+    part, so the parameters are gathered: every process gets the whole trained model on its own devices (to
+    export, evaluate, or keep training from)."""
+    if jax.process_count() == 1:
+        return model
+    from jax.experimental import multihost_utils
+
+    def whole(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return jnp.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return leaf
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(whole, state))   # same leaf order on every process
+
+
+def _check_mesh(config: FinetuneConfig, mesh: "MeshLike") -> Mesh | None:
+    """The run's mesh (``mesh`` coerced), refused before any work when a micro-batch's rows cannot be split
+    evenly over its ``data`` x ``fsdp`` devices."""
+    from mapjax.sharding import mesh_for_micro_batches
+
+    micro = config.batch_size // config.grad_accum
+    return mesh_for_micro_batches(mesh, micro, f"batch_size {config.batch_size} / grad_accum {config.grad_accum}",
+                                  "batch_size / grad_accum", FinetuneError)
 
 
 def _run_folder(out: Path, overwrite: bool) -> Path:
@@ -437,7 +609,9 @@ def _open_checkpoints(out: Path, fingerprint: str, stepper: Stepper, config: Fin
             return _open_checkpoints(out, fingerprint, stepper, config)
         raise FinetuneError(f"{directory} holds checkpoints of another run (other model, pool, λ or settings); "
                             "use another --out or pass overwrite=True (--overwrite) to replace it")
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), stepper.state_tree())
+    # Restored onto this run's layout (its mesh's shardings, or its one device), whatever layout saved it.
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),
+                          stepper.state_tree())
     restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     stepper.load_state_tree(restored)
     return manager, int(meta["step"]), list(meta["losses"])

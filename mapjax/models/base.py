@@ -95,14 +95,17 @@ def parameter_shape(param: nnx.Variable) -> tuple[int, ...]:
 
 
 def load_parameters(mapping: Iterable[HFParameter], tensors: dict[str, np.ndarray], dtype: Any) -> None:
-    """Fill each ``(hf_name, param, layout)`` of ``mapping`` from ``tensors`` (consuming them)."""
+    """Fill each ``(hf_name, param, layout)`` of ``mapping`` from ``tensors`` (consuming them). Inside
+    ``mapjax.sharding.loading_onto(mesh)`` each tensor's shards go straight to their devices."""
+    from mapjax.sharding import place_loaded_parameter
+
     for hf_name, param, layout in mapping:
         shape = parameter_shape(param)
         expected = shape[::-1] if layout == "transpose" else shape
         array = take_tensor(tensors, hf_name, expected)
         if layout == "transpose":
             array = array.T
-        param.set_value(jnp.asarray(array, dtype=dtype))
+        param.set_value(place_loaded_parameter(param, array, dtype))
 
 
 def export_parameters(mapping: Iterable[HFParameter]) -> dict[str, np.ndarray]:

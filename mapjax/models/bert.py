@@ -45,7 +45,7 @@ from mapjax.models.encoder_layers import (
     prepare_inputs,
     source_config_json,
 )
-from mapjax.models.layers import Linear
+from mapjax.models.layers import EMBED, LABELS, Linear
 
 __all__ = [
     "BertForSequenceClassification",
@@ -112,7 +112,8 @@ class BertModel(PretrainedModel, nnx.Module):
         self.config = config
         self.encoder = EncoderStack(config, dtype=dtype, rngs=rngs)
         self.pooler = (
-            Linear(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs) if add_pooling_layer else None
+            Linear(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, None))
+            if add_pooling_layer else None
         )
 
     def __call__(
@@ -164,7 +165,7 @@ class BertForSequenceClassification(PretrainedModel, nnx.Module):
             raise ModelError(f"a sequence classifier needs num_labels >= 1; the config has {config.num_labels}")
         self.config = config
         self.bert = BertModel(config, add_pooling_layer=True, dtype=dtype, rngs=rngs)
-        self.classifier = Linear(config.hidden_size, config.num_labels, dtype=dtype, rngs=rngs)
+        self.classifier = Linear(config.hidden_size, config.num_labels, dtype=dtype, rngs=rngs, axes=(EMBED, LABELS))
 
     def __call__(
         self,

@@ -45,7 +45,19 @@ from mapjax.models.encoder_layers import (
     prepare_inputs,
     source_config_json,
 )
-from mapjax.models.layers import MASKED_LOGIT, Embedding, LayerNorm, Linear
+from mapjax.models.layers import (
+    EMBED,
+    HEADS,
+    KV_HEADS,
+    LABELS,
+    MASKED_LOGIT,
+    MLP,
+    POSITION,
+    Embedding,
+    LayerNorm,
+    Linear,
+    param,
+)
 
 __all__ = ["DebertaV2Config", "DebertaV2ForSequenceClassification", "relative_position_index"]
 
@@ -198,12 +210,12 @@ class DebertaEmbeddings(nnx.Module):
     def __init__(self, config: DebertaV2Config, *, dtype: Any, rngs: nnx.Rngs):
         width = config.embedding_size or config.hidden_size
         self.word_embeddings = Embedding(config.vocab_size, width, dtype=dtype, rngs=rngs)
-        self.position_embeddings = (Embedding(config.max_position_embeddings, width, dtype=dtype, rngs=rngs)
-                                    if config.position_biased_input else None)
-        self.token_type_embeddings = (Embedding(config.type_vocab_size, width, dtype=dtype, rngs=rngs)
-                                      if config.type_vocab_size > 0 else None)
-        self.embed_proj = (Linear(width, config.hidden_size, use_bias=False, dtype=dtype, rngs=rngs)
-                           if width != config.hidden_size else None)
+        self.position_embeddings = (Embedding(config.max_position_embeddings, width, dtype=dtype, rngs=rngs,
+                                              axes=(POSITION, EMBED)) if config.position_biased_input else None)
+        self.token_type_embeddings = (Embedding(config.type_vocab_size, width, dtype=dtype, rngs=rngs,
+                                                axes=(None, EMBED)) if config.type_vocab_size > 0 else None)
+        self.embed_proj = (Linear(width, config.hidden_size, use_bias=False, dtype=dtype, rngs=rngs,
+                                  axes=(None, EMBED)) if width != config.hidden_size else None)
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
 
     def __call__(self, input_ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None,
@@ -239,15 +251,15 @@ class DisentangledSelfAttention(nnx.Module):
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.relative_terms = config.pos_att_type if config.relative_attention else ()
         self.share_att_key = config.share_att_key
-        self.query_proj = Linear(hidden, width, dtype=dtype, rngs=rngs)
-        self.key_proj = Linear(hidden, width, dtype=dtype, rngs=rngs)
-        self.value_proj = Linear(hidden, width, dtype=dtype, rngs=rngs)
+        self.query_proj = Linear(hidden, width, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
+        self.key_proj = Linear(hidden, width, dtype=dtype, rngs=rngs, axes=(EMBED, KV_HEADS))
+        self.value_proj = Linear(hidden, width, dtype=dtype, rngs=rngs, axes=(EMBED, KV_HEADS))
         separate = config.relative_attention and not config.share_att_key
-        self.pos_key_proj = Linear(hidden, width, dtype=dtype, rngs=rngs) if separate and "c2p" in \
-            config.pos_att_type else None
-        self.pos_query_proj = Linear(hidden, width, dtype=dtype, rngs=rngs) if separate and "p2c" in \
-            config.pos_att_type else None
-        self.dense = Linear(width, hidden, dtype=dtype, rngs=rngs)
+        self.pos_key_proj = Linear(hidden, width, dtype=dtype, rngs=rngs, axes=(EMBED, KV_HEADS)) \
+            if separate and "c2p" in config.pos_att_type else None
+        self.pos_query_proj = Linear(hidden, width, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS)) \
+            if separate and "p2c" in config.pos_att_type else None
+        self.dense = Linear(width, hidden, dtype=dtype, rngs=rngs, axes=(HEADS, EMBED))
         self.LayerNorm = LayerNorm(hidden, eps=config.layer_norm_eps, dtype=dtype)
 
     def _heads(self, x: jax.Array) -> jax.Array:
@@ -293,8 +305,8 @@ class DebertaLayer(nnx.Module):
         hidden = config.hidden_size
         self.hidden_act = config.hidden_act
         self.attention = DisentangledSelfAttention(config, dtype=dtype, rngs=rngs)
-        self.intermediate = Linear(hidden, config.intermediate_size, dtype=dtype, rngs=rngs)
-        self.output = Linear(config.intermediate_size, hidden, dtype=dtype, rngs=rngs)
+        self.intermediate = Linear(hidden, config.intermediate_size, dtype=dtype, rngs=rngs, axes=(EMBED, MLP))
+        self.output = Linear(config.intermediate_size, hidden, dtype=dtype, rngs=rngs, axes=(MLP, EMBED))
         self.output_norm = LayerNorm(hidden, eps=config.layer_norm_eps, dtype=dtype)
 
     def __call__(self, hidden: jax.Array, key_allowed: jax.Array, relative_table: jax.Array | None,
@@ -316,9 +328,9 @@ class DebertaConv(nnx.Module):
     def __init__(self, config: DebertaV2Config, *, dtype: Any, rngs: nnx.Rngs):
         hidden, kernel, groups = config.hidden_size, config.conv_kernel_size, config.conv_groups
         self.groups, self.conv_act = groups, config.conv_act
-        self.weight = nnx.Param((jax.random.normal(rngs.params(), (hidden, hidden // groups, kernel)) * 0.02
-                                 ).astype(dtype))
-        self.bias = nnx.Param(jnp.zeros((hidden,), dtype))
+        self.weight = param((jax.random.normal(rngs.params(), (hidden, hidden // groups, kernel)) * 0.02
+                             ).astype(dtype), (EMBED, None, None))
+        self.bias = param(jnp.zeros((hidden,), dtype), (EMBED,))
         self.LayerNorm = LayerNorm(hidden, eps=config.layer_norm_eps, dtype=dtype)
 
     def __call__(self, embedded: jax.Array, residual: jax.Array, mask: jax.Array) -> jax.Array:
@@ -346,8 +358,8 @@ class DebertaEncoder(nnx.Module):
         self.embeddings = DebertaEmbeddings(config, dtype=dtype, rngs=rngs)
         self.layer = nnx.List([DebertaLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
         relative = config.relative_attention
-        self.rel_embeddings = (Embedding(2 * config.relative_span, config.hidden_size, dtype=dtype, rngs=rngs)
-                               if relative else None)
+        self.rel_embeddings = (Embedding(2 * config.relative_span, config.hidden_size, dtype=dtype, rngs=rngs,
+                                         axes=(POSITION, EMBED)) if relative else None)
         self.rel_norm = (LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
                          if relative and "layer_norm" in config.norm_rel_ebd else None)
         self.conv = DebertaConv(config, dtype=dtype, rngs=rngs) if config.conv_kernel_size > 0 else None
@@ -399,8 +411,8 @@ class DebertaV2ForSequenceClassification(PretrainedModel, nnx.Module):
             raise ModelError(f"a sequence classifier needs num_labels >= 1; the config has {config.num_labels}")
         self.config = config
         self.deberta = DebertaEncoder(config, dtype=dtype, rngs=rngs)
-        self.pooler = Linear(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.classifier = Linear(config.hidden_size, config.num_labels, dtype=dtype, rngs=rngs)
+        self.pooler = Linear(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, None))
+        self.classifier = Linear(config.hidden_size, config.num_labels, dtype=dtype, rngs=rngs, axes=(EMBED, LABELS))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None) -> jax.Array:

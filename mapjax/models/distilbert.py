@@ -41,7 +41,7 @@ from mapjax.models.encoder_layers import (
     prepare_inputs,
     source_config_json,
 )
-from mapjax.models.layers import Linear
+from mapjax.models.layers import EMBED, LABELS, Linear
 
 __all__ = [
     "DistilBertForSequenceClassification",
@@ -161,8 +161,9 @@ class DistilBertForSequenceClassification(PretrainedModel, nnx.Module):
             raise ModelError(f"a sequence classifier needs num_labels >= 1; the config has {config.num_labels}")
         self.config = config
         self.distilbert = DistilBertModel(config, dtype=dtype, rngs=rngs)
-        self.pre_classifier = Linear(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.classifier = Linear(config.hidden_size, config.num_labels, dtype=dtype, rngs=rngs)
+        self.pre_classifier = Linear(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs,
+                                     axes=(EMBED, None))
+        self.classifier = Linear(config.hidden_size, config.num_labels, dtype=dtype, rngs=rngs, axes=(EMBED, LABELS))
 
     def __call__(
         self,

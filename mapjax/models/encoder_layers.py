@@ -31,7 +31,18 @@ from flax import nnx
 
 from mapjax.errors import ModelError
 from mapjax.models.base import HFParameter
-from mapjax.models.layers import MASKED_LOGIT, Embedding, LayerNorm, Linear, activation
+from mapjax.models.layers import (
+    EMBED,
+    HEADS,
+    KV_HEADS,
+    MASKED_LOGIT,
+    MLP,
+    POSITION,
+    Embedding,
+    LayerNorm,
+    Linear,
+    activation,
+)
 
 # ---------------------------------------------------------------------------------------
 # Configuration and outputs.
@@ -330,10 +341,10 @@ class SelfAttention(nnx.Module):
     def __init__(self, config: EncoderConfig, *, dtype: Any, rngs: nnx.Rngs):
         hidden = config.hidden_size
         self.num_heads = config.num_heads
-        self.query = Linear(hidden, hidden, dtype=dtype, rngs=rngs)
-        self.key = Linear(hidden, hidden, dtype=dtype, rngs=rngs)
-        self.value = Linear(hidden, hidden, dtype=dtype, rngs=rngs)
-        self.output = Linear(hidden, hidden, dtype=dtype, rngs=rngs)
+        self.query = Linear(hidden, hidden, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
+        self.key = Linear(hidden, hidden, dtype=dtype, rngs=rngs, axes=(EMBED, KV_HEADS))
+        self.value = Linear(hidden, hidden, dtype=dtype, rngs=rngs, axes=(EMBED, KV_HEADS))
+        self.output = Linear(hidden, hidden, dtype=dtype, rngs=rngs, axes=(HEADS, EMBED))
 
     def __call__(self, hidden: jax.Array, allowed: jax.Array) -> jax.Array:
         batch, seq, width = hidden.shape
@@ -358,8 +369,8 @@ class EncoderBlock(nnx.Module):
         self.approximate_gelu = False  # opt-in only, see ``use_approximate_gelu``
         self.attention = SelfAttention(config, dtype=dtype, rngs=rngs)
         self.attention_norm = LayerNorm(hidden, eps=eps, dtype=dtype)
-        self.intermediate = Linear(hidden, inner, dtype=dtype, rngs=rngs)
-        self.output = Linear(inner, hidden, dtype=dtype, rngs=rngs)
+        self.intermediate = Linear(hidden, inner, dtype=dtype, rngs=rngs, axes=(EMBED, MLP))
+        self.output = Linear(inner, hidden, dtype=dtype, rngs=rngs, axes=(MLP, EMBED))
         self.output_norm = LayerNorm(hidden, eps=eps, dtype=dtype)
 
     def hf_parameters(self, names: BlockNames) -> Iterator[HFParameter]:
@@ -408,9 +419,11 @@ class EncoderEmbeddings(nnx.Module):
     def __init__(self, config: EncoderConfig, *, dtype: Any, rngs: nnx.Rngs):
         hidden = config.hidden_size
         self.word = Embedding(config.vocab_size, hidden, dtype=dtype, rngs=rngs)
-        self.position = Embedding(config.max_position_embeddings, hidden, dtype=dtype, rngs=rngs)
+        self.position = Embedding(config.max_position_embeddings, hidden, dtype=dtype, rngs=rngs,
+                                  axes=(POSITION, EMBED))
         self.token_type = (
-            Embedding(config.type_vocab_size, hidden, dtype=dtype, rngs=rngs) if config.type_vocab_size else None
+            Embedding(config.type_vocab_size, hidden, dtype=dtype, rngs=rngs, axes=(None, EMBED))
+            if config.type_vocab_size else None
         )
         self.norm = LayerNorm(hidden, eps=config.layer_norm_eps, dtype=dtype)
 

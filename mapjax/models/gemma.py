@@ -141,7 +141,7 @@ class GemmaRMSNorm(nnx.Module):
 
     def __init__(self, features: int, *, eps: float = 1e-6, dtype: Any = jnp.float32):
         self.eps = eps
-        self.weight = nnx.Param(jnp.zeros((features,), dtype))
+        self.weight = layers.param(jnp.zeros((features,), dtype), (layers.NORM,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

@@ -163,21 +163,25 @@ def tokenizer_from_gguf(path: Any) -> Any:
         return _tokenizer_from_gguf_vocab(path)
 
 
-def from_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, *, with_tokenizer: bool = True
-              ) -> tuple[LlamaForCausalLM, Any]:
+def from_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, *, with_tokenizer: bool = True,
+              mesh: Any = None) -> tuple[LlamaForCausalLM, Any]:
     """Load a Llama-architecture GGUF file; returns ``(model, tokenizer)`` (``tokenizer`` is ``None`` when
     ``with_tokenizer=False``).
 
     Quantised tensors are dequantised to float32 with ``gguf.quants.dequantize``; see ``read_gguf_llama`` for
-    the name map and the q/k row permutation.
+    the name map and the q/k row permutation. ``mesh``: load each weight straight onto a device mesh (see
+    ``mapjax.models.from_pretrained``).
     """
     from mapjax.dtypes import resolve_dtype
+    from mapjax.sharding import as_mesh, loading_onto
 
     dtype = resolve_dtype(dtype, error=ModelError)
+    mesh = as_mesh(mesh)
     if not Path(path).is_file():
         raise ModelNotFoundError(f"GGUF file {path} does not exist")
     config, tensors = read_gguf_llama(path)
-    model = LlamaForCausalLM.from_hf_tensors(config, tensors, dtype)
+    with loading_onto(mesh):
+        model = LlamaForCausalLM.from_hf_tensors(config, tensors, dtype)
     if tensors:
         raise UnexpectedTensorsError(f"{path}: unexpected tensors {sorted(tensors)[:10]}")
     return model, (tokenizer_from_gguf(path) if with_tokenizer else None)

@@ -100,11 +100,12 @@ class GPT2Block(nnx.Module):
         self.scale = scale
         self.activation_name = config.activation_function
         self.ln_1 = layers.LayerNorm(embed, eps=config.layer_norm_epsilon, dtype=dtype)
-        self.c_attn = layers.Linear(embed, 3 * embed, dtype=dtype, rngs=rngs)
-        self.attn_c_proj = layers.Linear(embed, embed, dtype=dtype, rngs=rngs)
+        self.c_attn = layers.Linear(embed, 3 * embed, dtype=dtype, rngs=rngs, axes=(layers.EMBED, layers.HEADS))
+        self.attn_c_proj = layers.Linear(embed, embed, dtype=dtype, rngs=rngs, axes=(layers.HEADS, layers.EMBED))
         self.ln_2 = layers.LayerNorm(embed, eps=config.layer_norm_epsilon, dtype=dtype)
-        self.c_fc = layers.Linear(embed, config.inner_dim, dtype=dtype, rngs=rngs)
-        self.mlp_c_proj = layers.Linear(config.inner_dim, embed, dtype=dtype, rngs=rngs)
+        self.c_fc = layers.Linear(embed, config.inner_dim, dtype=dtype, rngs=rngs, axes=(layers.EMBED, layers.MLP))
+        self.mlp_c_proj = layers.Linear(config.inner_dim, embed, dtype=dtype, rngs=rngs,
+                                        axes=(layers.MLP, layers.EMBED))
 
     def __call__(self, x: jax.Array, context: layers.AttentionContext,
                  layer_cache: tuple[jax.Array, jax.Array] | None):
@@ -139,7 +140,8 @@ class GPT2Model(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.wte = layers.Embedding(config.vocab_size, config.n_embd, dtype=dtype, rngs=rngs)
-        self.wpe = layers.Embedding(config.n_positions, config.n_embd, dtype=dtype, rngs=rngs)
+        self.wpe = layers.Embedding(config.n_positions, config.n_embd, dtype=dtype, rngs=rngs,
+                                    axes=(layers.POSITION, layers.EMBED))
         self.h = nnx.List([GPT2Block(config, i, dtype=dtype, rngs=rngs) for i in range(config.n_layer)])
         self.ln_f = layers.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=dtype)
 
@@ -176,7 +178,8 @@ class GPT2LMHeadModel(CausalLMBase, nnx.Module):
         self.dtype = dtype
         self.transformer = GPT2Model(config, dtype=dtype, rngs=rngs)
         self.lm_head = (None if config.tie_word_embeddings else
-                        layers.Linear(config.n_embd, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs))
+                        layers.Linear(config.n_embd, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs,
+                                      axes=(layers.EMBED, layers.VOCAB)))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  cache: KVCache | None = None, positions: jax.Array | None = None) -> CausalLMOutput:
@@ -225,7 +228,8 @@ class GPT2ForSequenceClassification(PretrainedModel, nnx.Module):
     def __init__(self, config: GPT2Config, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.transformer = GPT2Model(config, dtype=dtype, rngs=rngs)
-        self.score = layers.Linear(config.n_embd, config.num_labels, use_bias=False, dtype=dtype, rngs=rngs)
+        self.score = layers.Linear(config.n_embd, config.num_labels, use_bias=False, dtype=dtype, rngs=rngs,
+                                   axes=(layers.EMBED, layers.LABELS))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         hidden, _ = self.transformer(input_ids, attention_mask)

@@ -11,6 +11,11 @@ and per row in ``token_count`` (the next position id), so a left-padded prefill
 followed by one-token decode steps gives the same logits as one full forward.
 Its arrays are kv-head major (``[batch, kv_heads, slots, head_dim]``) and a cached call
 attends only over the slots written so far, chunk by chunk (``cached_attention``).
+
+Every parameter names its dimensions (NNX metadata ``logical_axes``, MaxText's vocabulary: ``EMBED``,
+``VOCAB``, ``HEADS``, ``KV_HEADS``, ``MLP``, ...); ``mapjax.sharding`` maps the names to device-mesh axes.
+``Linear`` takes ``axes=(input name, output name)``, as a kernel ``[in, out]`` would be named, and stores the
+names of its ``[out, in]`` weight accordingly.
 """
 
 from __future__ import annotations
@@ -36,6 +41,41 @@ MASKED_LOGIT = float(np.finfo(np.float32).min)
 
 
 # --------------------------------------------------------------------------- #
+# Logical axis names (mapped to mesh axes by ``mapjax.sharding.DEFAULT_RULES``)
+# --------------------------------------------------------------------------- #
+EMBED = "embed"          # the model width (hidden size)
+VOCAB = "vocab"          # token ids of embedding tables and output heads
+HEADS = "heads"          # query heads x head_dim (and fused q/k/v projections)
+KV_HEADS = "kv_heads"    # key/value heads x head_dim
+MLP = "mlp"              # the feed-forward width
+NORM = "norm"            # norm scales and shifts (replicated)
+POSITION = "position"    # position and relative-position tables
+LABELS = "labels"        # classifier outputs
+LOGICAL_AXES = "logical_axes"   # the metadata key (``mapjax.sharding.LOGICAL_AXES``)
+
+Axes = tuple[str | None, ...]
+
+
+def param(value: Array, axes: Axes | None) -> nnx.Param:
+    """``nnx.Param(value)`` whose dimensions are named ``axes`` (one name, or ``None``, per dimension)."""
+    if axes is None:
+        return nnx.Param(value)
+    if len(axes) != len(value.shape):
+        raise ModelError(f"{len(axes)} axis names {axes} for a parameter of shape {tuple(value.shape)}")
+    return nnx.Param(value, **{LOGICAL_AXES: tuple(axes)})
+
+
+def name_axes(parameter: nnx.Variable | None, axes: Axes) -> None:
+    """Name (or rename) the dimensions of an existing parameter; ``None`` is skipped (an optional layer)."""
+    if parameter is None:
+        return
+    if len(axes) != len(parameter.get_value().shape):
+        raise ModelError(f"{len(axes)} axis names {axes} for a parameter of shape "
+                         f"{tuple(parameter.get_value().shape)}")
+    parameter.set_metadata(**{LOGICAL_AXES: tuple(axes)})
+
+
+# --------------------------------------------------------------------------- #
 # Parametrised layers
 # --------------------------------------------------------------------------- #
 def _normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: DType, stddev: float = 0.02) -> Array:
@@ -43,14 +83,22 @@ def _normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: DType, stddev: f
 
 
 class Linear(nnx.Module):
-    """``y = x W^T + b`` with ``W`` stored ``[out, in]`` like ``torch.nn.Linear``."""
+    """``y = x W^T + b`` with ``W`` stored ``[out, in]`` like ``torch.nn.Linear``.
+
+    ``axes=(in_name, out_name)`` names the input and output dimensions (e.g. ``(EMBED, MLP)`` for an MLP's
+    first projection): the weight is named ``(out_name, in_name)`` and the bias ``(out_name,)``. Without
+    ``axes`` the parameters carry no names (``mapjax.sharding`` then shards the weight over ``fsdp`` on its
+    largest dimension).
+    """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-                 dtype: DType = jnp.float32, rngs: nnx.Rngs):
+                 dtype: DType = jnp.float32, rngs: nnx.Rngs, axes: tuple[str | None, str | None] | None = None):
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nnx.Param(_normal_init(rngs, (out_features, in_features), dtype))
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+        self.weight = param(_normal_init(rngs, (out_features, in_features), dtype),
+                            None if axes is None else (axes[1], axes[0]))
+        self.bias = param(jnp.zeros((out_features,), dtype), None if axes is None else (axes[1],)) \
+            if use_bias else None
 
     def __call__(self, x: Array, *, float32_output: bool = False) -> Array:
         """``float32_output``: accumulate and return float32 whatever the weights' dtype (output heads: the
@@ -66,10 +114,12 @@ class Linear(nnx.Module):
 class Embedding(nnx.Module):
     """Token/position table ``[num_embeddings, features]``; ``attend`` is the tied output head."""
 
-    def __init__(self, num_embeddings: int, features: int, *, dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, num_embeddings: int, features: int, *, dtype: DType = jnp.float32, rngs: nnx.Rngs,
+                 axes: tuple[str | None, str | None] = (VOCAB, EMBED)):
+        """``axes``: names of the table's ``[num_embeddings, features]`` (a position table: ``(POSITION, EMBED)``)."""
         self.num_embeddings = num_embeddings
         self.features = features
-        self.weight = nnx.Param(_normal_init(rngs, (num_embeddings, features), dtype))
+        self.weight = param(_normal_init(rngs, (num_embeddings, features), dtype), axes)
 
     def __call__(self, ids: Array) -> Array:
         return jnp.take(self.weight.get_value(), ids, axis=0)
@@ -88,8 +138,8 @@ class LayerNorm(nnx.Module):
                  dtype: DType = jnp.float32, rngs: nnx.Rngs | None = None):
         del rngs  # deterministic init, accepted for a uniform constructor signature
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((features,), dtype)) if use_scale else None
-        self.bias = nnx.Param(jnp.zeros((features,), dtype)) if use_bias else None
+        self.weight = param(jnp.ones((features,), dtype), (NORM,)) if use_scale else None
+        self.bias = param(jnp.zeros((features,), dtype), (NORM,)) if use_bias else None
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
@@ -110,7 +160,7 @@ class RMSNorm(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         del rngs
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((features,), dtype))
+        self.weight = param(jnp.ones((features,), dtype), (NORM,))
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)

@@ -101,15 +101,21 @@ class LlamaDecoderLayer(nnx.Module):
         self.rope = config.rope
         self.activation_name = config.hidden_act
         attn_bias, mlp_bias = config.attention_bias, config.mlp_bias
-        self.q_proj = layers.Linear(hidden, self.num_heads * head_dim, use_bias=attn_bias, dtype=dtype, rngs=rngs)
+        embed, heads, kv_heads, mlp = layers.EMBED, layers.HEADS, layers.KV_HEADS, layers.MLP
+        self.q_proj = layers.Linear(hidden, self.num_heads * head_dim, use_bias=attn_bias, dtype=dtype, rngs=rngs,
+                                    axes=(embed, heads))
         self.k_proj = layers.Linear(hidden, self.num_kv_heads * head_dim, use_bias=attn_bias, dtype=dtype,
-                                    rngs=rngs)
+                                    rngs=rngs, axes=(embed, kv_heads))
         self.v_proj = layers.Linear(hidden, self.num_kv_heads * head_dim, use_bias=attn_bias, dtype=dtype,
-                                    rngs=rngs)
-        self.o_proj = layers.Linear(self.num_heads * head_dim, hidden, use_bias=attn_bias, dtype=dtype, rngs=rngs)
-        self.gate_proj = layers.Linear(hidden, config.intermediate_size, use_bias=mlp_bias, dtype=dtype, rngs=rngs)
-        self.up_proj = layers.Linear(hidden, config.intermediate_size, use_bias=mlp_bias, dtype=dtype, rngs=rngs)
-        self.down_proj = layers.Linear(config.intermediate_size, hidden, use_bias=mlp_bias, dtype=dtype, rngs=rngs)
+                                    rngs=rngs, axes=(embed, kv_heads))
+        self.o_proj = layers.Linear(self.num_heads * head_dim, hidden, use_bias=attn_bias, dtype=dtype, rngs=rngs,
+                                    axes=(heads, embed))
+        self.gate_proj = layers.Linear(hidden, config.intermediate_size, use_bias=mlp_bias, dtype=dtype, rngs=rngs,
+                                       axes=(embed, mlp))
+        self.up_proj = layers.Linear(hidden, config.intermediate_size, use_bias=mlp_bias, dtype=dtype, rngs=rngs,
+                                     axes=(embed, mlp))
+        self.down_proj = layers.Linear(config.intermediate_size, hidden, use_bias=mlp_bias, dtype=dtype, rngs=rngs,
+                                       axes=(mlp, embed))
         self.input_layernorm = layers.RMSNorm(hidden, eps=config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = layers.RMSNorm(hidden, eps=config.rms_norm_eps, dtype=dtype)
 
@@ -160,7 +166,7 @@ class LlamaForCausalLM(CausalLMBase, nnx.Module):
         self.norm = layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.lm_head = (None if config.tie_word_embeddings else
                         layers.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
-                                      rngs=rngs))
+                                      rngs=rngs, axes=(layers.EMBED, layers.VOCAB)))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  cache: KVCache | None = None, positions: jax.Array | None = None) -> CausalLMOutput:

@@ -251,7 +251,7 @@ def build_from_tensors(hf_config: Any, tensors: dict[str, np.ndarray], dtype: An
 
 
 def from_pretrained(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, *,
-                    architecture: str | None = None) -> nnx.Module:
+                    architecture: str | None = None, mesh: Any = None) -> nnx.Module:
     """Load an HF checkpoint folder (or cached hub id) as a mapjax NNX model.
 
     Args:
@@ -260,14 +260,19 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, *,
       dtype: parameter dtype, ``"float32"`` or ``"bfloat16"`` (or ``jnp.float32`` / ``jnp.bfloat16``).
       architecture: override ``config.architectures[0]`` (e.g. load a base
         checkpoint into a classifier class).
+      mesh: a device mesh or its spec (``mapjax.sharding.as_mesh``): each weight goes straight to its devices,
+        laid out by its logical axes, so a model larger than one device loads. None: one device.
     """
     from mapjax.dtypes import resolve_dtype
+    from mapjax.sharding import as_mesh, loading_onto
 
     dtype = resolve_dtype(dtype, error=ModelError)   # a bad value is named before any file is read
+    mesh = as_mesh(mesh)
     directory = resolve_model_directory(path_or_id)
     hf_config = load_hf_config(directory)
     tensors = read_checkpoint_tensors(directory)
-    return build_from_tensors(hf_config, tensors, dtype, architecture, source=str(directory))
+    with loading_onto(mesh):
+        return build_from_tensors(hf_config, tensors, dtype, architecture, source=str(directory))
 
 
 # --------------------------------------------------------------------------- #

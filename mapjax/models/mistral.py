@@ -161,7 +161,7 @@ class MistralForCausalLM(LlamaForCausalLM):
         self.norm = self.make_norm(config, dtype)
         self.lm_head = (None if config.tie_word_embeddings else
                         layers.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
-                                      rngs=rngs))
+                                      rngs=rngs, axes=(layers.EMBED, layers.VOCAB)))
 
     @staticmethod
     def make_norm(config: LlamaConfig, dtype: Any) -> nnx.Module:

@@ -96,13 +96,14 @@ class OPTDecoderLayer(nnx.Module):
         self.activation_name = config.activation_function
         bias = config.enable_bias
         affine = config.layer_norm_elementwise_affine
-        self.q_proj = layers.Linear(hidden, hidden, use_bias=bias, dtype=dtype, rngs=rngs)
-        self.k_proj = layers.Linear(hidden, hidden, use_bias=bias, dtype=dtype, rngs=rngs)
-        self.v_proj = layers.Linear(hidden, hidden, use_bias=bias, dtype=dtype, rngs=rngs)
-        self.out_proj = layers.Linear(hidden, hidden, use_bias=bias, dtype=dtype, rngs=rngs)
+        embed, heads, kv_heads, mlp = layers.EMBED, layers.HEADS, layers.KV_HEADS, layers.MLP
+        self.q_proj = layers.Linear(hidden, hidden, use_bias=bias, dtype=dtype, rngs=rngs, axes=(embed, heads))
+        self.k_proj = layers.Linear(hidden, hidden, use_bias=bias, dtype=dtype, rngs=rngs, axes=(embed, kv_heads))
+        self.v_proj = layers.Linear(hidden, hidden, use_bias=bias, dtype=dtype, rngs=rngs, axes=(embed, kv_heads))
+        self.out_proj = layers.Linear(hidden, hidden, use_bias=bias, dtype=dtype, rngs=rngs, axes=(heads, embed))
         self.self_attn_layer_norm = layers.LayerNorm(hidden, use_scale=affine, use_bias=affine, dtype=dtype)
-        self.fc1 = layers.Linear(hidden, config.ffn_dim, use_bias=bias, dtype=dtype, rngs=rngs)
-        self.fc2 = layers.Linear(config.ffn_dim, hidden, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.fc1 = layers.Linear(hidden, config.ffn_dim, use_bias=bias, dtype=dtype, rngs=rngs, axes=(embed, mlp))
+        self.fc2 = layers.Linear(config.ffn_dim, hidden, use_bias=bias, dtype=dtype, rngs=rngs, axes=(mlp, embed))
         self.final_layer_norm = layers.LayerNorm(hidden, use_scale=affine, use_bias=affine, dtype=dtype)
 
     def __call__(self, x: jax.Array, context: layers.AttentionContext,
@@ -161,19 +162,21 @@ class OPTForCausalLM(CausalLMBase, nnx.Module):
         self.dtype = dtype
         self.embed_tokens = layers.Embedding(config.vocab_size, config.embed_dim, dtype=dtype, rngs=rngs)
         self.embed_positions = layers.Embedding(config.max_position_embeddings + POSITION_OFFSET,
-                                                config.hidden_size, dtype=dtype, rngs=rngs)
+                                                config.hidden_size, dtype=dtype, rngs=rngs,
+                                                axes=(layers.POSITION, layers.EMBED))
         # Only when the word embeddings are narrower than the model (opt-350m).
         self.project_in = (layers.Linear(config.embed_dim, config.hidden_size, use_bias=False, dtype=dtype,
-                                         rngs=rngs) if config.has_projections else None)
+                                         rngs=rngs, axes=(None, layers.EMBED)) if config.has_projections else None)
         self.project_out = (layers.Linear(config.hidden_size, config.embed_dim, use_bias=False, dtype=dtype,
-                                          rngs=rngs) if config.has_projections else None)
+                                          rngs=rngs, axes=(layers.EMBED, None)) if config.has_projections else None)
         self.layers = nnx.List([OPTDecoderLayer(config, dtype=dtype, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
         affine = config.layer_norm_elementwise_affine
         self.final_layer_norm = (layers.LayerNorm(config.hidden_size, use_scale=affine, use_bias=affine,
                                                   dtype=dtype) if config.has_final_layer_norm else None)
         self.lm_head = (None if config.tie_word_embeddings else
-                        layers.Linear(config.embed_dim, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs))
+                        layers.Linear(config.embed_dim, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs,
+                                      axes=(layers.EMBED, layers.VOCAB)))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  cache: KVCache | None = None, positions: jax.Array | None = None) -> CausalLMOutput:

@@ -78,11 +78,14 @@ class Phi3DecoderLayer(MistralDecoderLayer):
         self.attention_scale = head_dim ** -0.5
         self.logit_softcap = None
         fused = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        self.qkv_proj = layers.Linear(hidden, fused, use_bias=False, dtype=dtype, rngs=rngs)
-        self.o_proj = layers.Linear(self.num_heads * head_dim, hidden, use_bias=False, dtype=dtype, rngs=rngs)
+        self.qkv_proj = layers.Linear(hidden, fused, use_bias=False, dtype=dtype, rngs=rngs,
+                                      axes=(layers.EMBED, layers.HEADS))
+        self.o_proj = layers.Linear(self.num_heads * head_dim, hidden, use_bias=False, dtype=dtype, rngs=rngs,
+                                    axes=(layers.HEADS, layers.EMBED))
         self.gate_up_proj = layers.Linear(hidden, 2 * config.intermediate_size, use_bias=False, dtype=dtype,
-                                          rngs=rngs)
-        self.down_proj = layers.Linear(config.intermediate_size, hidden, use_bias=False, dtype=dtype, rngs=rngs)
+                                          rngs=rngs, axes=(layers.EMBED, layers.MLP))
+        self.down_proj = layers.Linear(config.intermediate_size, hidden, use_bias=False, dtype=dtype, rngs=rngs,
+                                       axes=(layers.MLP, layers.EMBED))
         self.input_layernorm = layers.RMSNorm(hidden, eps=config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = layers.RMSNorm(hidden, eps=config.rms_norm_eps, dtype=dtype)
 

@@ -48,7 +48,7 @@ class Qwen2DecoderLayer(MistralDecoderLayer):
     def __init__(self, config: Qwen2Config, layer_index: int, *, dtype: Any, rngs: nnx.Rngs):
         super().__init__(config, layer_index, dtype=dtype, rngs=rngs)
         self.o_proj = layers.Linear(self.num_heads * self.head_dim, config.hidden_size, use_bias=False,
-                                    dtype=dtype, rngs=rngs)
+                                    dtype=dtype, rngs=rngs, axes=(layers.HEADS, layers.EMBED))
 
 
 @register_model

@@ -25,7 +25,7 @@ from mapjax.errors import ModelError
 from mapjax.models.base import HFParameter, PretrainedModel, add_prefix_if_missing, register_model, rename_in_place
 from mapjax.models.bert import BertModel, bert_config_from_hf
 from mapjax.models.encoder_layers import EncoderConfig, bert_embedding_names, first_real_token, linear_entries
-from mapjax.models.layers import Linear
+from mapjax.models.layers import EMBED, LABELS, Linear
 
 __all__ = [
     "RobertaForSequenceClassification",
@@ -55,8 +55,8 @@ class RobertaClassificationHead(nnx.Module):
     """``out_proj(tanh(dense(x)))`` applied to the ``<s>`` token's hidden state."""
 
     def __init__(self, config: EncoderConfig, *, dtype: Any, rngs: nnx.Rngs):
-        self.dense = Linear(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.out_proj = Linear(config.hidden_size, config.num_labels, dtype=dtype, rngs=rngs)
+        self.dense = Linear(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, None))
+        self.out_proj = Linear(config.hidden_size, config.num_labels, dtype=dtype, rngs=rngs, axes=(EMBED, LABELS))
 
     def __call__(self, start_token: jax.Array) -> jax.Array:
         return self.out_proj(jnp.tanh(self.dense(start_token)))

@@ -120,7 +120,7 @@ class DecoderForSequenceClassification(PretrainedModel, nnx.Module):
         body_config = dataclasses.replace(config.decoder, tie_word_embeddings=True)
         self.backbone = self.backbone_class(body_config, dtype=dtype, rngs=rngs)
         self.score = layers.Linear(config.decoder.hidden_size, config.num_labels, use_bias=False, dtype=dtype,
-                                   rngs=rngs)
+                                   rngs=rngs, axes=(layers.EMBED, layers.LABELS))
 
     def last_token_index(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
         """``[batch]`` index of each row's rightmost real, non-pad token."""

@@ -4,6 +4,10 @@ Every model-based reward tokenizes its texts without padding, sorts the rows by 
 batches right-padded to a power-of-two length (capped at the model's maximum) and a power-of-two batch size
 (capped at ``batch_size``), with the buckets of ``mapjax.models.padding``. Only a handful of shapes ever occur,
 so the jitted forward pass compiles a few times and is then reused for every later call.
+
+On a device mesh (``JittedForward(..., mesh=)``, see :mod:`mapjax.sharding`) the rows of a batch are split over
+the mesh's ``data`` x ``fsdp`` axes, so a batch holds a multiple of ``row_multiple(mesh)`` rows, and the model's
+parameters are laid out by their logical axes; scores are the unsharded ones up to float rounding.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flax import nnx
 from mapjax.models.errors import CheckpointError
 from mapjax.models.padding import length_bucket, pad_rows, rows_per_batch
 from mapjax.rewards.base import RewardError
+from mapjax.sharding import MeshLike, as_mesh, row_multiple, shard_model_state, shard_rows
 
 
 def resolve_model_folder(reward_name: str, path_or_id: str | os.PathLike) -> Path:
@@ -96,20 +101,24 @@ def tokenize(reward_name: str, tokenizer: Any, texts: Sequence[str], max_length:
     return ids
 
 
-def padded_batches(token_ids: Sequence[Sequence[int]], batch_size: int, cap: int, pad_id: int
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def padded_batches(token_ids: Sequence[Sequence[int]], batch_size: int, cap: int, pad_id: int, *,
+                   multiple: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(row_indices, input_ids, attention_mask)`` batches, right padded, rows sorted by length.
 
     Rows are grouped by length so little padding is wasted; the batch is filled up to a power of two with
-    copies of its first row (their scores are dropped) so the batch dimension also repeats.
+    copies of its last row (their scores are dropped) so the batch dimension also repeats. ``multiple``: every
+    batch's row count is a multiple of it (a mesh's ``row_multiple``; ``batch_size`` is rounded up to one).
     """
     if batch_size < 1:
         raise RewardError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
+        raise RewardError(f"multiple must be a positive integer, got {multiple!r}")
+    batch_size = -(-batch_size // multiple) * multiple
     order = np.argsort([len(row) for row in token_ids], kind="stable")
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         length = length_bucket(max(len(token_ids[index]) for index in indices), cap)
-        rows = rows_per_batch(len(indices), batch_size)
+        rows = -(-rows_per_batch(len(indices), batch_size) // multiple) * multiple
         filled = [token_ids[indices[min(slot, len(indices) - 1)]][:length] for slot in range(rows)]
         input_ids, attention_mask = pad_rows(filled, length, pad_id, side="right")
         yield indices, input_ids, attention_mask
@@ -119,11 +128,17 @@ class JittedForward:
     """``forward(model, input_ids, attention_mask) -> array`` compiled once per shape.
 
     The model is split into its graph definition (static) and its state (an argument), so the weights are
-    not baked into the compiled program as constants.
+    not baked into the compiled program as constants. With a ``mesh`` the state is laid out on it by its
+    logical axes (arrays already so placed do not move: see ``mapjax.sharding.shard_model``) and each call's
+    rows, a multiple of ``row_multiple``, are split over ``data`` x ``fsdp``.
     """
 
-    def __init__(self, model: nnx.Module, forward: Callable[[nnx.Module, jax.Array, jax.Array], jax.Array]):
-        self.graphdef, self.state = nnx.split(model)
+    def __init__(self, model: nnx.Module, forward: Callable[[nnx.Module, jax.Array, jax.Array], jax.Array],
+                 mesh: MeshLike = None):
+        self.mesh = as_mesh(mesh)
+        self.row_multiple = row_multiple(self.mesh)
+        self.graphdef, state = nnx.split(model)
+        self.state = shard_model_state(state, self.mesh)
 
         def run(state: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
             return forward(nnx.merge(self.graphdef, state), input_ids, attention_mask)
@@ -131,14 +146,19 @@ class JittedForward:
         self._compiled = jax.jit(run)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return np.asarray(self._compiled(self.state, jnp.asarray(input_ids), jnp.asarray(attention_mask)))
+        if self.mesh is None:
+            return np.asarray(self._compiled(self.state, jnp.asarray(input_ids), jnp.asarray(attention_mask)))
+        return np.asarray(self._compiled(self.state, *shard_rows((np.asarray(input_ids), np.asarray(attention_mask)),
+                                                                  self.mesh)))
 
 
 def run_batched(token_ids: Sequence[Sequence[int]], forward: JittedForward, *, batch_size: int, cap: int,
                 pad_id: int) -> np.ndarray:
-    """Run ``forward`` over all rows in length buckets; outputs back in the input order (float32)."""
+    """Run ``forward`` over all rows in length buckets; outputs back in the input order (float32). Batches hold a
+    multiple of ``forward.row_multiple`` rows (a forward without one: any number)."""
     outputs: np.ndarray | None = None
-    for indices, input_ids, attention_mask in padded_batches(token_ids, batch_size, cap, pad_id):
+    multiple = int(getattr(forward, "row_multiple", 1))
+    for indices, input_ids, attention_mask in padded_batches(token_ids, batch_size, cap, pad_id, multiple=multiple):
         result = np.asarray(forward(input_ids, attention_mask), dtype=np.float32)[:len(indices)]
         if outputs is None:
             outputs = np.zeros((len(token_ids), *result.shape[1:]), np.float32)

@@ -27,6 +27,7 @@ from mapjax.dtypes import dtype_name, resolve_dtype
 from mapjax.models.padding import pad_token_id
 from mapjax.rewards import batching
 from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
+from mapjax.sharding import MeshLike, as_mesh, shard_model
 
 Scale = Literal["logit", "log_prob", "prob"]
 TextPart = Literal["full", "continuation"]
@@ -104,13 +105,16 @@ class ClassifierReward:
       name: the reward's name in errors and pools (default: the model id).
       dtype: parameter dtype, ``"float32"`` or ``"bfloat16"`` (or ``jnp.float32`` / ``jnp.bfloat16``);
         logits and scores are float32 either way.
+      mesh: a device mesh (``"data=8"``, ``{"data": 2, "fsdp": 4}``, a ``Mesh``; see :mod:`mapjax.sharding`): the
+        model is laid out on it (in place) and each batch's rows split over ``data`` x ``fsdp``; same scores.
     """
 
     def __init__(self, model_id_or_path: str | os.PathLike, *, label: int | str = 1, scale: Scale = "logit",
                  text: TextPart = "full", batch_size: int = 32, max_length: int | None = None,
-                 name: str | None = None, dtype: Any = "float32"):
+                 name: str | None = None, dtype: Any = "float32", mesh: MeshLike = None):
         self.name = name or str(model_id_or_path)
         self.dtype = dtype_name(dtype, what=f"reward {self.name!r}: dtype", error=RewardError)
+        self.mesh = as_mesh(mesh)
         if scale not in SCALES:
             raise RewardError(f"reward {self.name!r}: scale must be one of {SCALES}, got {scale!r}")
         if text not in TEXT_PARTS:
@@ -125,7 +129,7 @@ class ClassifierReward:
         self.scale, self.text, self.batch_size = scale, text, batch_size
         self.max_length = batching.truncation_length(self.tokenizer, self.model, max_length)
         self.pad_id = pad_token_id(self.tokenizer, self.model)
-        self._forward = batching.JittedForward(self.model, classifier_logits)
+        self._forward = batching.JittedForward(shard_model(self.model, self.mesh), classifier_logits, mesh=self.mesh)
 
     def _count_labels(self) -> int:
         count = getattr(self.model.config, "num_labels", 0)
@@ -150,31 +154,31 @@ class ClassifierReward:
 
 def classifier_reward(model_id_or_path: str | os.PathLike, label: int | str = 1, scale: Scale = "logit",
                       text: TextPart = "full", *, batch_size: int = 32, max_length: int | None = None,
-                      name: str | None = None, dtype: Any = "float32") -> ClassifierReward:
+                      name: str | None = None, dtype: Any = "float32", mesh: MeshLike = None) -> ClassifierReward:
     """A reward from a model id plus a scoring rule; see :class:`ClassifierReward` for the options."""
     return ClassifierReward(model_id_or_path, label=label, scale=scale, text=text, batch_size=batch_size,
-                            max_length=max_length, name=name, dtype=dtype)
+                            max_length=max_length, name=name, dtype=dtype, mesh=mesh)
 
 
 def humor_reward(model: str | os.PathLike = HUMOR_MODEL, *, label: int | str = 1, scale: Scale = "logit",
                  text: TextPart = "full", batch_size: int = 32, max_length: int | None = None,
-                 name: str = "humor", dtype: Any = "float32") -> ClassifierReward:
+                 name: str = "humor", dtype: Any = "float32", mesh: MeshLike = None) -> ClassifierReward:
     """``humor``: logit of class 1 of ``mohameddhiab/humor-no-humor`` on the full text (the paper's)."""
     return classifier_reward(model, label, scale, text, batch_size=batch_size, max_length=max_length, name=name,
-                             dtype=dtype)
+                             dtype=dtype, mesh=mesh)
 
 
 def positive_reward(model: str | os.PathLike = POSITIVE_MODEL, *, label: int | str = 1,
                     scale: Scale = "log_prob", text: TextPart = "full", batch_size: int = 32,
-                    max_length: int | None = None, name: str = "positive", dtype: Any = "float32"
-                    ) -> ClassifierReward:
+                    max_length: int | None = None, name: str = "positive", dtype: Any = "float32",
+                    mesh: MeshLike = None) -> ClassifierReward:
     """``positive``: log p(class 1 = positive) of ``lvwerra/distilbert-imdb`` on the full text.
 
     log p is the one scale used for this value, so a palette level mean + log(1 + κ) means "positive is
     (1 + κ) times as likely".
     """
     return classifier_reward(model, label, scale, text, batch_size=batch_size, max_length=max_length, name=name,
-                             dtype=dtype)
+                             dtype=dtype, mesh=mesh)
 
 
 register_reward_factory("humor", humor_reward)

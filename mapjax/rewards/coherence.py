@@ -24,6 +24,7 @@ from mapjax.models.encoder_layers import first_real_token, mean_pool
 from mapjax.models.padding import pad_token_id
 from mapjax.rewards import batching
 from mapjax.rewards.base import RewardError, check_pairs, check_scores, register_reward_factory
+from mapjax.sharding import MeshLike, as_mesh, shard_model
 
 Pooling = Literal["mean", "pooler", "cls"]
 POOLINGS = ("mean", "pooler", "cls")
@@ -82,13 +83,16 @@ class CoherenceReward:
       name: the reward's name in errors and pools.
       dtype: encoder parameter dtype, ``"float32"`` or ``"bfloat16"`` (or a JAX dtype); the pooled embeddings
         and the cosine similarities are computed in float32 (float64 for the cosine) either way.
+      mesh: a device mesh (``"data=8"``, ``{"data": 2, "fsdp": 4}``, a ``Mesh``; see :mod:`mapjax.sharding`): the
+        model is laid out on it (in place) and each batch's rows split over ``data`` x ``fsdp``; same scores.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, pooling: Pooling | None = None,
                  batch_size: int = 64, max_length: int | None = None, name: str = "coherence",
-                 dtype: Any = "float32"):
+                 dtype: Any = "float32", mesh: MeshLike = None):
         self.name = name
         self.dtype = dtype_name(dtype, what=f"reward {name!r}: dtype", error=RewardError)
+        self.mesh = as_mesh(mesh)
         folder = packaged_minilm_folder() if model is None else batching.resolve_model_folder(name, model)
         pooling = pooling or ("mean" if model is None else "pooler")
         if pooling not in POOLINGS:
@@ -107,7 +111,8 @@ class CoherenceReward:
                                                      max_length or sentence_transformers_length(folder))
         self.pad_id = pad_token_id(self.tokenizer, self.model)
         self._forward = batching.JittedForward(
-            self.model, lambda encoder, ids, mask: embed(encoder, ids, mask, pooling))
+            shard_model(self.model, self.mesh), lambda encoder, ids, mask: embed(encoder, ids, mask, pooling),
+            mesh=self.mesh)
 
     def embeddings(self, texts: Sequence[str]) -> np.ndarray:
         """Sentence embeddings ``[n, hidden]`` (float32) for ``texts``."""
@@ -127,18 +132,18 @@ class CoherenceReward:
 
 def coherence_reward(model: str | os.PathLike | None = None, *, pooling: Pooling | None = None,
                      batch_size: int = 64, max_length: int | None = None, name: str = "coherence",
-                     dtype: Any = "float32") -> CoherenceReward:
+                     dtype: Any = "float32", mesh: MeshLike = None) -> CoherenceReward:
     """``coherence``: default the packaged MiniLM with mean pooling (offline)."""
     return CoherenceReward(model, pooling=pooling, batch_size=batch_size, max_length=max_length, name=name,
-                           dtype=dtype)
+                           dtype=dtype, mesh=mesh)
 
 
 def simcse_coherence_reward(model: str | os.PathLike = SIMCSE_MODEL, *, pooling: Pooling = "pooler",
                             batch_size: int = 64, max_length: int | None = None, name: str = "coherence-simcse",
-                            dtype: Any = "float32") -> CoherenceReward:
+                            dtype: Any = "float32", mesh: MeshLike = None) -> CoherenceReward:
     """``coherence-simcse``: the paper's encoder, SimCSE BERT-base, at its pooler output."""
     return CoherenceReward(model, pooling=pooling, batch_size=batch_size, max_length=max_length, name=name,
-                           dtype=dtype)
+                           dtype=dtype, mesh=mesh)
 
 
 register_reward_factory("coherence", coherence_reward)

@@ -42,6 +42,7 @@ from mapjax.models.padding import pad_token_id
 from mapjax.rewards import batching
 from mapjax.rewards.base import RewardError, check_pairs, register_reward_factory
 from mapjax.rewards.classifier import classifier_logits
+from mapjax.sharding import MeshLike, as_mesh, shard_model
 
 __all__ = ["FORMATS", "PairRewardModel", "RewardModel", "chat_texts", "dialogue_question", "gpt2_harmless_reward",
            "gpt2_helpful_reward", "model_labels", "read_names", "reward_model"]
@@ -127,6 +128,8 @@ class RewardModel:
       batch_size: pairs per forward pass.
       max_length: truncation length in tokens (default: the tokenizer's and the model's limit).
       dtype: parameter dtype, ``"float32"`` or ``"bfloat16"`` (or a JAX dtype); scores are float32 either way.
+      mesh: a device mesh (``"data=8"``, ``{"data": 2, "fsdp": 4}``, a ``Mesh``; see :mod:`mapjax.sharding`): the
+        model is laid out on it (in place) and each batch's rows split over ``data`` x ``fsdp``; same scores.
 
     ``scores(prompts, continuations)`` is float32 ``[n, k]``; calling the reward gives ``[n]`` when k == 1.
     """
@@ -135,9 +138,10 @@ class RewardModel:
                  outputs: Sequence[int | str] | int | str | None = None,
                  names: Sequence[str] | str | os.PathLike | None = None, name: str | None = None,
                  system_prompt: str | None = None, batch_size: int = 16, max_length: int | None = None,
-                 dtype: Any = "float32"):
+                 dtype: Any = "float32", mesh: MeshLike = None):
         self.name = name or str(model_id_or_path)
         self.dtype = dtype_name(dtype, what=f"reward {self.name!r}: dtype", error=RewardError)
+        self.mesh = as_mesh(mesh)
         if format not in FORMATS:
             raise RewardError(f"reward {self.name!r}: format must be one of {FORMATS}, got {format!r}")
         if system_prompt is not None and format != "chat":
@@ -167,7 +171,7 @@ class RewardModel:
         self.names = (self.name,) if len(selected) == 1 else tuple(f"{self.name}/{label}" for label in selected)
         self.max_length = batching.truncation_length(self.tokenizer, self.model, max_length)
         self.pad_id = pad_token_id(self.tokenizer, self.model)
-        self._forward = batching.JittedForward(self.model, classifier_logits)
+        self._forward = batching.JittedForward(shard_model(self.model, self.mesh), classifier_logits, mesh=self.mesh)
 
     def _select(self, outputs: Sequence[int | str] | int | str | None, labels: tuple[str, ...]) -> tuple[int, ...]:
         if outputs is None:
@@ -231,11 +235,11 @@ def reward_model(path: str | os.PathLike, *, format: Format = "chat",
                  outputs: Sequence[int | str] | int | str | None = None,
                  names: Sequence[str] | str | os.PathLike | None = None, name: str | None = None,
                  system_prompt: str | None = None, batch_size: int = 16, max_length: int | None = None,
-                 dtype: Any = "float32") -> RewardModel:
+                 dtype: Any = "float32", mesh: MeshLike = None) -> RewardModel:
     """A reward from any sequence-classifier reward model by folder or hub id; see :class:`RewardModel`.
     Registered as ``"reward_model"``: ``get_reward("reward_model", path=..., format="pair")``."""
     return RewardModel(path, format=format, outputs=outputs, names=names, name=name, system_prompt=system_prompt,
-                       batch_size=batch_size, max_length=max_length, dtype=dtype)
+                       batch_size=batch_size, max_length=max_length, dtype=dtype, mesh=mesh)
 
 
 register_reward_factory("reward_model", reward_model)
@@ -261,12 +265,14 @@ class PairRewardModel(RewardModel):
       batch_size: pairs per forward pass.
       max_length: truncation length in tokens (the paper's 1024; lowered to the model's limit if smaller).
       dtype: parameter dtype, ``"float32"`` or ``"bfloat16"`` (or a JAX dtype); scores are float32.
+      mesh: a device mesh (``"data=8"``, ``{"data": 2, "fsdp": 4}``, a ``Mesh``; see :mod:`mapjax.sharding`): the
+        model is laid out on it (in place) and each batch's rows split over ``data`` x ``fsdp``; same scores.
     """
 
     def __init__(self, model_id_or_path: str | os.PathLike, *, name: str | None = None, batch_size: int = 16,
-                 max_length: int = TRUNCATION, dtype: Any = "float32"):
+                 max_length: int = TRUNCATION, dtype: Any = "float32", mesh: MeshLike = None):
         super().__init__(model_id_or_path, format="pair", name=name, batch_size=batch_size, max_length=max_length,
-                         dtype=dtype)
+                         dtype=dtype, mesh=mesh)
         if len(self.labels) != 1:
             raise RewardError(f"reward {self.name!r}: expected a reward model with one output, "
                               f"{model_id_or_path} has {len(self.labels)}")
@@ -279,17 +285,17 @@ class PairRewardModel(RewardModel):
 
 
 def gpt2_helpful_reward(model: str | os.PathLike = HELPFUL_MODEL, *, batch_size: int = 16,
-                        max_length: int = TRUNCATION, name: str = "gpt2-helpful", dtype: Any = "float32"
-                        ) -> PairRewardModel:
+                        max_length: int = TRUNCATION, name: str = "gpt2-helpful", dtype: Any = "float32",
+                        mesh: MeshLike = None) -> PairRewardModel:
     """``gpt2-helpful``: raw score of ``Ray2333/gpt2-large-helpful-reward_model``."""
-    return PairRewardModel(model, name=name, batch_size=batch_size, max_length=max_length, dtype=dtype)
+    return PairRewardModel(model, name=name, batch_size=batch_size, max_length=max_length, dtype=dtype, mesh=mesh)
 
 
 def gpt2_harmless_reward(model: str | os.PathLike = HARMLESS_MODEL, *, batch_size: int = 16,
-                         max_length: int = TRUNCATION, name: str = "gpt2-harmless", dtype: Any = "float32"
-                         ) -> PairRewardModel:
+                         max_length: int = TRUNCATION, name: str = "gpt2-harmless", dtype: Any = "float32",
+                         mesh: MeshLike = None) -> PairRewardModel:
     """``gpt2-harmless``: raw score of ``Ray2333/gpt2-large-harmless-reward_model``."""
-    return PairRewardModel(model, name=name, batch_size=batch_size, max_length=max_length, dtype=dtype)
+    return PairRewardModel(model, name=name, batch_size=batch_size, max_length=max_length, dtype=dtype, mesh=mesh)
 
 
 register_reward_factory("gpt2-helpful", gpt2_helpful_reward)

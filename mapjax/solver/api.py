@@ -4,6 +4,10 @@
 Each takes reward data as a RewardPool or a plain [n, values] array (:func:`mapjax.pool.as_pool`) and palettes
 in any form (:func:`mapjax.palette.palette_targets`), checks every setting before any work, then runs
 coercion -> :class:`~mapjax.problem.DualProblem` -> driver (exact kernel or reference replica) -> assembly.
+
+Each also takes ``mesh`` (a ``jax.sharding.Mesh``, a spec such as ``"data=8"`` or ``{"data": 2, "model": 4}``,
+or None for one device; see :mod:`mapjax.sharding`): the pool's samples are split over its ``data``/``fsdp``
+axes and a batch of palettes over its ``model`` axis (:mod:`mapjax.solver.placement`); λ is the one-device λ.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
@@ -21,8 +25,12 @@ from mapjax.pool import PoolLike, RewardPool, as_pool, unique_names
 from mapjax.problem import DTYPES, NORMALISERS, DType, DualProblem, Normaliser
 from mapjax.solver.assemble import assemble
 from mapjax.solver.driver import DEFAULT_TOLERANCE, exact_sequential, measured, solve_exact
+from mapjax.solver.placement import Placement
 from mapjax.solver.reference import REFERENCE_STEPS, reference_lambdas, reference_sequential
 from mapjax.solver.solution import INFEASIBLE, NOT_CONVERGED, OPTIMAL, Solution, Solutions
+
+if TYPE_CHECKING:
+    from mapjax.sharding import MeshLike
 
 Method = Literal["exact", "reference"]
 METHODS: tuple[str, ...] = ("exact", "reference")
@@ -40,6 +48,7 @@ def solve_many(
     max_iter: int = 100,
     sensitivity: bool = False,
     certify: bool = False,
+    mesh: "MeshLike" = None,
 ) -> Solutions:
     """Solve MAP's dual for a batch of palettes, all as rows of one compiled program.
 
@@ -57,15 +66,20 @@ def solve_many(
         max_iter: Newton iterations at most.
         sensitivity: also return dλ/dc.
         certify: run the LP certificate on every palette (otherwise only where the solver could not decide).
+        mesh: a device mesh (or its spec, e.g. ``"data=8"``; None: one device): the samples are split over its
+            ``data``/``fsdp`` axes, the palettes over its ``model`` axis, and the sums over samples are reduced
+            across devices. The λ is the one-device λ (to rounding). The reference method's Adam loop itself
+            runs on one device; only its measurements use the mesh.
     """
     tol = check_settings(method=method, dtype=dtype, normaliser=normaliser, tol=tol, max_iter=max_iter)
+    placement = Placement.of(mesh)
     pool, palette_values = _coerce(data, values)
     targets = palette_targets(pool, palettes, palette_values)
     problem = DualProblem.from_pool(pool, normaliser)
     if method == "reference":
-        return _reference_solutions(pool, problem, targets, sensitivity, certify)
-    solved = solve_exact(problem, targets, dtype, tol, max_iter)
-    return assemble(problem, targets, solved, "exact", dtype, sensitivity, certify)
+        return _reference_solutions(pool, problem, targets, sensitivity, certify, placement)
+    solved = solve_exact(problem, targets, dtype, tol, max_iter, placement)
+    return assemble(problem, targets, solved, "exact", dtype, sensitivity, certify, placement)
 
 
 def solve(
@@ -80,12 +94,13 @@ def solve(
     max_iter: int = 100,
     sensitivity: bool = False,
     certify: bool = True,
+    mesh: "MeshLike" = None,
 ) -> Solution:
     """Solve MAP's dual for one palette.
 
     ``data`` is a RewardPool or a plain array [n, values]; ``palette`` a spec (string, dict) or a vector of
     levels over ``values`` (or over all values, NaN where unconstrained). The LP certificate is attached by
-    default. See :func:`solve_many` for the other arguments.
+    default. See :func:`solve_many` for the other arguments (``mesh`` included).
     """
     count = _palette_count(palette)
     if count != 1:
@@ -101,6 +116,7 @@ def solve(
         max_iter=max_iter,
         sensitivity=sensitivity,
         certify=certify,
+        mesh=mesh,
     )[0]
 
 
@@ -113,6 +129,7 @@ def solve_sequential(
     method: Method = "exact",
     normaliser: Normaliser = "pooled",
     tol: float | None = None,
+    mesh: "MeshLike" = None,
 ) -> list[Solution]:
     """Align one value at a time, each against the model the previous steps produced (Theorem 5).
 
@@ -120,10 +137,11 @@ def solve_sequential(
     the authors' 150 Adam steps restarted at λ_i = 1 for method="reference"), in the palette's written order (a
     vector of levels: the order of ``values``, else the pool's); a round visits every constrained value once.
     Returns the solution after each round: with enough rounds the exact variant converges to the joint λ.
-    ``data``, ``palette`` and ``values`` are as for :func:`solve`.
+    ``data``, ``palette``, ``values`` and ``mesh`` are as for :func:`solve`.
     """
     tol = check_settings(method=method, normaliser=normaliser, tol=tol)
     rounds = _positive_integer(rounds, "rounds")
+    placement = Placement.of(mesh)
     pool, palette_values = _coerce(data, values)
     count = _palette_count(palette)
     if count != 1:
@@ -134,15 +152,17 @@ def solve_sequential(
     history: list[Solution] = []
     if method == "reference":
         for round_number, (lam, failed) in enumerate(reference_sequential(pool, targets, order, rounds), start=1):
-            solved = measured(problem, targets, lam, [INFEASIBLE if failed else OPTIMAL], [round_number])
-            history.append(assemble(problem, targets, solved, "reference", "float32", False, False)[0])
+            solved = measured(
+                problem, targets, lam, [INFEASIBLE if failed else OPTIMAL], [round_number], placement
+            )
+            history.append(assemble(problem, targets, solved, "reference", "float32", False, False, placement)[0])
         return history
-    for round_number, lam in enumerate(exact_sequential(problem, targets, order, rounds, tol), start=1):
-        solved = measured(problem, targets, lam, [OPTIMAL], [round_number])
+    for round_number, lam in enumerate(exact_sequential(problem, targets, order, rounds, tol, placement), start=1):
+        solved = measured(problem, targets, lam, [OPTIMAL], [round_number], placement)
         # Coordinate ascent that has not reached the joint optimum yet says so rather than "optimal".
         if solved.residual[0] > tol:
             solved = dataclasses.replace(solved, status=np.array([NOT_CONVERGED]))
-        history.append(assemble(problem, targets, solved, "exact", "float64", False, False)[0])
+        history.append(assemble(problem, targets, solved, "exact", "float64", False, False, placement)[0])
     return history
 
 
@@ -152,13 +172,16 @@ def evaluate_lambdas(
     *,
     values: Sequence[str] | None = None,
     normaliser: Normaliser = "pooled",
+    mesh: "MeshLike" = None,
 ) -> Solutions:
     """The palettes that given λ solve: c = E_{p_λ} r for each row of ``lambdas`` (e.g. MORL's random λ).
 
     ``data`` is a RewardPool or a plain [n, values] array; ``lambdas`` is [batch, len(values)] (or one vector)
-    over the named values (default: all of the pool's values, or for a plain array all of its columns).
+    over the named values (default: all of the pool's values, or for a plain array all of its columns);
+    ``mesh`` is as for :func:`solve_many`.
     """
     check_settings(normaliser=normaliser)
+    placement = Placement.of(mesh)
     pool, lambda_values = _coerce(data, values)
     names = pool.value_names if lambda_values is None else unique_names(lambda_values, "values", SolverError)
     try:
@@ -174,7 +197,9 @@ def evaluate_lambdas(
     full[:, columns] = lambdas
     problem = DualProblem.from_pool(pool, normaliser)
     unconstrained = np.full(full.shape, np.nan)  # the palettes are what λ reaches: no residual to measure
-    solved = measured(problem, unconstrained, full, np.full(len(full), OPTIMAL), np.zeros(len(full), int))
+    solved = measured(
+        problem, unconstrained, full, np.full(len(full), OPTIMAL), np.zeros(len(full), int), placement
+    )
     targets = np.full(full.shape, np.nan)
     targets[:, columns] = problem.to_raw_levels(solved.mean)[:, columns]
     return assemble(problem, targets, solved, "given", "float64", False, False)
@@ -239,11 +264,13 @@ def _value_order(pool: RewardPool, palette: Palettes, values: Sequence[str] | No
     return [pool.index_of(name) for name in names if not np.isnan(targets[pool.index_of(name)])]
 
 
-def _reference_solutions(pool: RewardPool, problem: DualProblem, targets, want_sensitivity, certify) -> Solutions:
+def _reference_solutions(
+    pool: RewardPool, problem: DualProblem, targets, want_sensitivity, certify, placement: Placement
+) -> Solutions:
     lam, failed = reference_lambdas(pool, targets)
     codes = np.where(failed, INFEASIBLE, OPTIMAL)
-    solved = measured(problem, targets, lam, codes, np.full(len(targets), REFERENCE_STEPS))
-    return assemble(problem, targets, solved, "reference", "float32", want_sensitivity, certify)
+    solved = measured(problem, targets, lam, codes, np.full(len(targets), REFERENCE_STEPS), placement)
+    return assemble(problem, targets, solved, "reference", "float32", want_sensitivity, certify, placement)
 
 
 __all__ = ["METHODS", "Method", "check_settings", "evaluate_lambdas", "solve", "solve_many", "solve_sequential"]

@@ -20,6 +20,7 @@ from mapjax.certificate import MARGIN_TOLERANCE, Certificate
 from mapjax.certificate import certify as lp_certificate
 from mapjax.problem import DualProblem
 from mapjax.solver.driver import Solved, levels_at, measure
+from mapjax.solver.placement import ONE_DEVICE, Placement
 from mapjax.solver.solution import INFEASIBLE, NOT_CONVERGED, OPTIMAL, STATUSES, Solutions
 
 # How far (in sd) the levels are raised for the room-to-spare check, tried in turn on the rows not yet shown to
@@ -36,15 +37,17 @@ def assemble(
     dtype: str,
     want_sensitivity: bool,
     certify: bool,
+    placement: Placement = ONE_DEVICE,
 ) -> Solutions:
-    """Solutions for a solved batch; for method="exact" the statuses are settled as the module docstring says."""
+    """Solutions for a solved batch; for method="exact" the statuses are settled as the module docstring says
+    (the measurements that needs run on ``placement``, the solve's devices)."""
     status = solved.status.astype(int).copy()
     certificates: dict[int, Certificate] = {}
     if certify:
         for row in range(len(targets)):
             certificates[row] = lp_certificate(problem, targets[row])
     if method == "exact":
-        _settle(problem, targets, solved, status, certificates)
+        _settle(problem, targets, solved, status, certificates, placement)
     infeasible = status == INFEASIBLE
     nan_rows = infeasible[:, None]
     lam = np.where(nan_rows, np.nan, solved.lam)
@@ -71,11 +74,18 @@ def assemble(
     )
 
 
-def _settle(problem: DualProblem, targets: np.ndarray, solved: Solved, status: np.ndarray, certificates: dict) -> None:
+def _settle(
+    problem: DualProblem,
+    targets: np.ndarray,
+    solved: Solved,
+    status: np.ndarray,
+    certificates: dict,
+    placement: Placement = ONE_DEVICE,
+) -> None:
     """Settle the exact method's statuses in place (see the module docstring); add the certificates used."""
     optimal = np.flatnonzero((status == OPTIMAL) & ~np.isin(np.arange(len(targets)), list(certificates)))
     roomy = has_room(problem, targets[optimal], solved.scaled_lam[optimal], solved.mean[optimal],
-                     solved.covariance[optimal]) if optimal.size else np.zeros(0, bool)
+                     solved.covariance[optimal], placement) if optimal.size else np.zeros(0, bool)
     needs_lp = set(np.flatnonzero(status == NOT_CONVERGED).tolist()) | set(optimal[~roomy].tolist())
     for row in range(len(targets)):
         if row in needs_lp and row not in certificates:
@@ -88,7 +98,12 @@ def _settle(problem: DualProblem, targets: np.ndarray, solved: Solved, status: n
 
 
 def has_room(
-    problem: DualProblem, targets: np.ndarray, scaled_lam: np.ndarray, mean: np.ndarray, covariance: np.ndarray
+    problem: DualProblem,
+    targets: np.ndarray,
+    scaled_lam: np.ndarray,
+    mean: np.ndarray,
+    covariance: np.ndarray,
+    placement: Placement = ONE_DEVICE,
 ) -> np.ndarray:
     """[B] whether a reweighting is shown to clear every constrained level by more than the LP's tolerance.
 
@@ -109,10 +124,10 @@ def has_room(
             if not rows.size:
                 break
             if attempt:  # the next step needs the moments where the last one landed
-                levels, moments, _, _ = measure(problem, problem.to_raw_lambda(lam))
+                levels, moments, _, _ = measure(problem, problem.to_raw_lambda(lam), placement)
             lam = lam + _newton_steps(moments, goal - levels, constrained[rows])
             finite = np.all(np.isfinite(lam), axis=1)
-            reached = levels_at(problem, np.where(finite[:, None], lam, 0.0))
+            reached = levels_at(problem, np.where(finite[:, None], lam, 0.0), placement)
             clearance = np.min(np.where(constrained[rows], reached - scaled_targets[rows], np.inf), axis=1)
             cleared = finite & (clearance > MARGIN_TOLERANCE)
             shown[rows[cleared]] = True

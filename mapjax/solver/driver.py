@@ -3,12 +3,13 @@
 Data flow: targets (raw) -> :func:`newton_batch` (standardize, run :func:`mapjax.solver.newton.projected_newton`
 in rounds on the rows still going) -> :class:`Solved` (numpy, float64, raw λ); :func:`solve_exact` adds the
 float64 retry of float32 rows, :func:`exact_sequential` the coordinate-ascent variant, and :func:`measured`
-builds a :class:`Solved` for λ found elsewhere (the reference, given λ).
+builds a :class:`Solved` for λ found elsewhere (the reference, given λ). Each takes a
+:class:`~mapjax.solver.placement.Placement`: one device (the default) or a mesh that splits the samples and the
+palettes.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import jax
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mapjax.problem import DualProblem, precision
-from mapjax.solver.newton import NewtonResult, mean_at, measure_at, projected_newton
+from mapjax.solver.newton import NewtonResult
+from mapjax.solver.placement import ONE_DEVICE, Placement
 from mapjax.solver.solution import NOT_CONVERGED
 
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-8}
@@ -24,9 +26,6 @@ DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-8}
 SMALL_POOL = 1 << 20
 # Iterations of the first round; each later round runs twice as many on the rows still going.
 FIRST_ROUND = 2
-
-# Device copies of each problem's arrays, per dtype, so repeated solves on one pool transfer them once.
-_ON_DEVICE: "weakref.WeakKeyDictionary[DualProblem, dict]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -65,15 +64,12 @@ class Solved:
 _ARRAY_FIELDS = ("scaled_lam", "mean", "covariance", "ess", "kl", "residual", "worst_margin", "status", "iterations")
 
 
-def device_arrays(problem: DualProblem, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(scaled, log_base, group_weight) of the problem on device in ``dtype``, transferred once per problem."""
-    copies = _ON_DEVICE.setdefault(problem, {})
-    key = jnp.dtype(dtype).name
-    if key not in copies:
-        copies[key] = tuple(
-            jnp.asarray(array, dtype) for array in (problem.scaled, problem.log_base, problem.group_weight)
-        )
-    return copies[key]
+def device_arrays(
+    problem: DualProblem, dtype, placement: Placement = ONE_DEVICE
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scaled, log_base, group_weight) of the problem on device in ``dtype``, transferred once per problem
+    (and mesh: see :meth:`Placement.problem_arrays`)."""
+    return placement.problem_arrays(problem, dtype)
 
 
 def bucket(batch: int, pool_size: int) -> int:
@@ -83,9 +79,11 @@ def bucket(batch: int, pool_size: int) -> int:
     return max(smallest, 1 << (batch - 1).bit_length())
 
 
-def _padded(rows: np.ndarray, pool_size: int) -> np.ndarray:
-    """``rows`` padded to its bucket by repeating the first row."""
-    padding = bucket(rows.size, pool_size) - rows.size
+def _padded(rows: np.ndarray, pool_size: int, multiple: int = 1) -> np.ndarray:
+    """``rows`` padded to its bucket (rounded up to a multiple of the devices a batch is split over) by
+    repeating the first row."""
+    size = bucket(rows.size, pool_size)
+    padding = size + (-size % multiple) - rows.size
     return np.concatenate([rows, np.repeat(rows[:1], padding)])
 
 
@@ -97,6 +95,7 @@ def newton_batch(
     max_iter: int,
     movable: np.ndarray | None = None,
     start: np.ndarray | None = None,
+    placement: Placement = ONE_DEVICE,
 ) -> Solved:
     """Run the kernel on a batch of raw targets [B, values] (NaN = unconstrained); raw ``start`` λ.
 
@@ -113,18 +112,19 @@ def newton_batch(
     iterations = np.zeros(targets.shape[0], dtype=np.int64)
     remaining = np.arange(targets.shape[0])
     budget, round_length = int(max_iter), FIRST_ROUND
+    projected_newton, _, _ = placement.kernels()
     with precision(dtype) as jdtype:
-        inputs = device_arrays(problem, jdtype)
+        inputs = device_arrays(problem, jdtype, placement)
         while remaining.size:
             steps = min(round_length, budget)
-            rows = _padded(remaining, problem.scaled.size)
+            rows = _padded(remaining, problem.scaled.size, placement.palette_devices)
             result = projected_newton(
                 *inputs,
-                jnp.asarray(scaled_targets[rows], jdtype),
-                jnp.asarray(movable[rows]),
-                jnp.asarray(scaled_lam[rows], jdtype),
-                jnp.asarray(tol, jdtype),
-                jnp.asarray(steps, jnp.int32),
+                placement.palettes(scaled_targets[rows], jdtype),
+                placement.palettes(movable[rows]),
+                placement.palettes(scaled_lam[rows], jdtype),
+                placement.scalar(tol, jdtype),
+                placement.scalar(steps, jnp.int32),
             )
             result = _first_rows(result, remaining.size)
             out = _scatter(out, result, remaining, targets.shape[0])
@@ -165,22 +165,39 @@ def _scatter(out: NewtonResult | None, result: NewtonResult, rows: np.ndarray, t
     return out
 
 
-def solve_exact(problem: DualProblem, targets: np.ndarray, dtype: str, tol: float, max_iter: int) -> Solved:
+def solve_exact(
+    problem: DualProblem,
+    targets: np.ndarray,
+    dtype: str,
+    tol: float,
+    max_iter: int,
+    placement: Placement = ONE_DEVICE,
+) -> Solved:
     """The exact batch solve; float32 rows that miss ``tol`` are solved again in float64 from scratch."""
-    solved = newton_batch(problem, targets, dtype, tol, max_iter)
+    solved = newton_batch(problem, targets, dtype, tol, max_iter, placement=placement)
     if dtype == "float32":
         # float32 rounding can stall a hard row short of tol; finish those in float64.
         retry = np.flatnonzero(solved.status == NOT_CONVERGED)
         if retry.size:
             again = newton_batch(
-                problem, targets[retry], "float64", min(tol, DEFAULT_TOLERANCE["float64"] * 1e4), max_iter * 2
+                problem,
+                targets[retry],
+                "float64",
+                min(tol, DEFAULT_TOLERANCE["float64"] * 1e4),
+                max_iter * 2,
+                placement=placement,
             )
             solved = solved.replace_rows(retry, again)
     return solved
 
 
 def exact_sequential(
-    problem: DualProblem, targets: np.ndarray, order: list[int], rounds: int, tol: float
+    problem: DualProblem,
+    targets: np.ndarray,
+    order: list[int],
+    rounds: int,
+    tol: float,
+    placement: Placement = ONE_DEVICE,
 ) -> list[np.ndarray]:
     """Coordinate ascent on g for one palette: each step re-solves one λ_i exactly with the others held, in
     ``order``; a round visits each once. Returns raw λ [1, values] after each round."""
@@ -190,35 +207,51 @@ def exact_sequential(
         for column in order:
             movable = np.zeros((1, problem.num_values), dtype=bool)
             movable[0, column] = True
-            lam = newton_batch(problem, targets, "float64", tol, 100, movable=movable, start=lam).lam
+            lam = newton_batch(
+                problem, targets, "float64", tol, 100, movable=movable, start=lam, placement=placement
+            ).lam
         history.append(lam)
     return history
 
 
-def measure(problem: DualProblem, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def measure(
+    problem: DualProblem, lam: np.ndarray, placement: Placement = ONE_DEVICE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(mean, covariance, ESS, KL) of p_λ for raw λ [B, values], float64, scaled frame."""
-    rows = _padded(np.arange(lam.shape[0]), problem.scaled.size)
+    rows = _padded(np.arange(lam.shape[0]), problem.scaled.size, placement.palette_devices)
+    _, measure_at, _ = placement.kernels()
     with precision("float64") as jdtype:
         mean, covariance, ess, kl = measure_at(
-            *device_arrays(problem, jdtype), jnp.asarray(problem.to_scaled_lambda(lam)[rows], jdtype)
+            *device_arrays(problem, jdtype, placement),
+            placement.palettes(problem.to_scaled_lambda(lam)[rows], jdtype),
         )
         count = lam.shape[0]
         return tuple(np.asarray(array)[:count] for array in (mean, covariance, ess, kl))
 
 
-def levels_at(problem: DualProblem, scaled_lam: np.ndarray) -> np.ndarray:
+def levels_at(problem: DualProblem, scaled_lam: np.ndarray, placement: Placement = ONE_DEVICE) -> np.ndarray:
     """E_{p_λ} r̃ [B, values] for scaled λ̃ [B, values], float64: the levels a reweighting reaches."""
-    rows = _padded(np.arange(scaled_lam.shape[0]), problem.scaled.size)
+    rows = _padded(np.arange(scaled_lam.shape[0]), problem.scaled.size, placement.palette_devices)
+    _, _, mean_at = placement.kernels()
     with precision("float64") as jdtype:
-        mean = mean_at(*device_arrays(problem, jdtype), jnp.asarray(scaled_lam[rows], jdtype))
+        mean = mean_at(
+            *device_arrays(problem, jdtype, placement), placement.palettes(scaled_lam[rows], jdtype)
+        )
         return np.asarray(mean)[: scaled_lam.shape[0]]
 
 
-def measured(problem: DualProblem, targets: np.ndarray, lam: np.ndarray, status, iterations) -> Solved:
+def measured(
+    problem: DualProblem,
+    targets: np.ndarray,
+    lam: np.ndarray,
+    status,
+    iterations,
+    placement: Placement = ONE_DEVICE,
+) -> Solved:
     """A :class:`Solved` for raw λ found elsewhere (reference, sequential, given λ), measured in float64;
     rows with non-finite λ are measured at 0 (their status says what happened)."""
     finite = np.all(np.isfinite(lam), axis=1)
-    mean, covariance, ess, kl = measure(problem, np.where(finite[:, None], lam, 0.0))
+    mean, covariance, ess, kl = measure(problem, np.where(finite[:, None], lam, 0.0), placement)
     return Solved(
         problem=problem,
         scaled_lam=problem.to_scaled_lambda(lam),

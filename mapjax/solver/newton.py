@@ -16,6 +16,12 @@ Minimise f(λ̃) = −g(λ̃) = Σ_g a_g log Σ_{k in g} p0_k exp(λ̃ᵀr̃_k) 
 
 The loop state, the line search's state and the result are typed pytrees (:class:`NewtonState`,
 :class:`LineSearch`, :class:`NewtonResult`).
+
+Every sum over samples (the log-sum-exp, the moments, the Hessian) is a reduction over the problem's group or
+slot axis, so the same code runs on a pool sharded over a device mesh: the driver places the arrays with
+``NamedSharding`` and the compiler inserts the cross-device reductions. The kernels are plain functions
+(:func:`newton_kernel`, :func:`measure_kernel`, :func:`mean_kernel`), jitted once here for one device and by
+the driver with replicated outputs for each mesh.
 """
 
 from __future__ import annotations
@@ -151,8 +157,7 @@ def select_rows(mask, if_true, if_false):
     return jax.tree_util.tree_map(pick, if_true, if_false)
 
 
-@jax.jit
-def projected_newton(scaled, log_base, group_weight, targets, movable, lam0, tol, max_iter) -> NewtonResult:
+def newton_kernel(scaled, log_base, group_weight, targets, movable, lam0, tol, max_iter) -> NewtonResult:
     """Projected Newton on f for a batch of palettes; see the module docstring.
 
     Args:
@@ -280,8 +285,7 @@ def projected_newton(scaled, log_base, group_weight, targets, movable, lam0, tol
     )
 
 
-@jax.jit
-def measure_at(scaled, log_base, group_weight, lam):
+def measure_kernel(scaled, log_base, group_weight, lam):
     """Mean, covariance, ESS and KL of p_λ at given scaled λ̃ [B, m] (no solving)."""
     objective, tilt, _ = evaluate(scaled, log_base, group_weight, jnp.zeros_like(lam), lam)
     mean, covariance, ess = moments(scaled, group_weight, tilt)
@@ -289,8 +293,13 @@ def measure_at(scaled, log_base, group_weight, lam):
     return mean, covariance, ess, kl
 
 
-@jax.jit
-def mean_at(scaled, log_base, group_weight, lam):
+def mean_kernel(scaled, log_base, group_weight, lam):
     """E_{p_λ} r̃ at given scaled λ̃ [B, m]: the levels a reweighting reaches (cheaper than :func:`measure_at`)."""
     weights = group_tilt(scaled, log_base, lam).weights
     return jnp.einsum("g,bgm->bm", group_weight, jnp.einsum("bgk,gkm->bgm", weights, scaled))
+
+
+# One device: the kernels jitted as they are (the arrays' placement decides where they run).
+projected_newton = jax.jit(newton_kernel)
+measure_at = jax.jit(measure_kernel)
+mean_at = jax.jit(mean_kernel)
