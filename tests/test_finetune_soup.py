@@ -390,3 +390,31 @@ def test_online_mapf_benchmark_tiny(tmp_path):
                  ["--tiny", "--set", "grpo.group_size"], ["--tiny", "--budget", "0"]):
         with pytest.raises(SystemExit):
             benchmark.main(argv)
+
+
+def test_pool_command_samples_through_the_chat_template(tiny_policy_folder, tmp_path, capsys):
+    """``mapjax pool --chat-template`` builds what ``build_pool(format_prompt=chat_formatter(tokenizer))`` builds,
+    and its manifest tells ``mapjax finetune`` so; a tokenizer without a template is refused."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from mapjax.cli import main
+    from mapjax.finetune.evaluation import pool_prompt_format
+
+    plain = tiny_policy_folder("gpt2")
+    policy = tmp_path / "policy"
+    shutil.copytree(plain, policy)
+    tokenizer = AutoTokenizer.from_pretrained(str(policy))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(policy))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w17 w33\nw8\n")
+    arguments = ["pool", "--prompts", str(prompts), "--values", "diversity", "--samples", "2",
+                 "--max-new-tokens", "4", "--quiet", "--chat-template"]
+    assert main(arguments + ["--policy", str(policy), "--out", str(tmp_path / "chat.jsonl")]) == 0
+    formatter = pool_prompt_format(tmp_path / "chat.jsonl", AutoTokenizer.from_pretrained(str(policy)))
+    assert formatter is not None and formatter("w8") == "w97 w8 w98 w99"
+    assert main(arguments + ["--policy", str(plain), "--out", str(tmp_path / "raw.jsonl")]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    assert not (tmp_path / "raw.jsonl").exists()

@@ -27,6 +27,7 @@ from mapjax.cli.common import (
     positive_int,
     setup_devices,
 )
+from mapjax.errors import InputError
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -46,6 +47,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     command.add_argument("--batch-size", type=positive_int, default=16)
     command.add_argument("--chunk-size", type=positive_int, default=64, help="prompts per saved chunk")
     add_dtype_argument(command)
+    command.add_argument("--chat-template", action="store_true",
+                         help="show the policy each prompt wrapped in its tokenizer's chat template (instruct models, "
+                              "as `mapjax demo` does); the rewards and the pool keep the raw prompt, and the build "
+                              "manifest records it so `mapjax finetune` samples the same way")
     command.add_argument("--overwrite", action="store_true",
                          help="start afresh; an existing pool is replaced only once the new one is complete")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,7 +61,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from mapjax.build import build_pool, check_output
-    from mapjax.data import load_prompts
+    from mapjax.data import chat_formatter, load_prompts
     from mapjax.distributed import is_primary
     from mapjax.dtypes import resolve_dtype
     from mapjax.generate import load_policy
@@ -68,11 +73,16 @@ def run(args: argparse.Namespace) -> int:
     mesh = setup_devices(args, per_process=True)   # before anything else uses JAX
     prompts = load_prompts(args.prompts, count=args.count)
     model, tokenizer = load_policy(args.policy, resolve_dtype(args.dtype), mesh=mesh)
+    format_prompt = None
+    if args.chat_template:
+        format_prompt = chat_formatter(tokenizer)
+        if format_prompt is None:
+            raise InputError(f"--chat-template: the tokenizer of {args.policy} has no chat template")
     pool = build_pool(model, tokenizer, prompts, args.values, samples_per_prompt=args.samples, out=args.out,
                       chunk_size=args.chunk_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
                       top_k=args.top_k or None, top_p=args.top_p, temperature=args.temperature,
                       batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
-                      dtype=args.dtype, mesh=mesh)
+                      dtype=args.dtype, mesh=mesh, format_prompt=format_prompt)
     if is_primary():
         print(f"{args.out}: {pool.num_prompts} prompts, {pool.num_samples} samples, values {list(pool.value_names)}")
     return EXIT_OK
