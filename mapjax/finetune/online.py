@@ -82,7 +82,16 @@ from mapjax.errors import FinetuneError
 from mapjax.finetune import grpo as grpo_module
 from mapjax.finetune import ppo as ppo_module
 from mapjax.finetune.data import collate, step_indices
-from mapjax.finetune.train import FinetuneResult, _check_finite, _replace_folder, _run_folder, optimizer
+from mapjax.finetune.train import (
+    FinetuneResult,
+    _check_finite,
+    _replace_folder,
+    _run_folder,
+    open_checkpoints,
+    optimizer,
+    restore_state,
+    save_checkpoint,
+)
 from mapjax.finetune.weighted import target_logprobs
 from mapjax.jsonio import write_json
 from mapjax.models.base import CausalLM
@@ -931,38 +940,14 @@ def _fingerprint(method, config, model, tokenizer, prompts, shown, identities, l
 def _open_checkpoints(out: Path, fingerprint: str, trainer: _Trainer, run: _Run, config: OnlineConfig, *,
                       discard_other: bool = False) -> Any:
     """The checkpoint manager of ``out/checkpoints``, with ``trainer`` and ``run`` restored from its latest
-    checkpoint. Checkpoints of another run are refused, or deleted with ``discard_other``."""
-    import shutil
-
-    import orbax.checkpoint as ocp
-
-    directory = (out / "checkpoints").absolute()
-    options = ocp.CheckpointManagerOptions(save_interval_steps=config.save_every, max_to_keep=2, create=True)
-    manager = ocp.CheckpointManager(directory, options=options)
-    latest = manager.latest_step()
-    if latest is None:
-        return manager
-    meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta.get("fingerprint") != fingerprint:
-        manager.close()
-        if discard_other:
-            shutil.rmtree(directory)
-            return _open_checkpoints(out, fingerprint, trainer, run, config)
-        raise FinetuneError(f"{directory} holds checkpoints of another run (other model, prompts, values, λ or "
-                            "settings); use another --out or pass overwrite=True (--overwrite) to replace it")
-    restored = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(trainer.restore_target())))["state"]
-    trainer.load_state_tree(restored)
-    run.load_json(meta["run"])
+    checkpoint (``mapjax.finetune.train.open_checkpoints`` refuses, or discards, another run's)."""
+    manager, latest, meta = open_checkpoints(out, fingerprint, config.save_every, discard_other=discard_other,
+                                             what="model, prompts, values, λ or settings")
+    if latest is not None:
+        trainer.load_state_tree(restore_state(manager, latest, trainer.restore_target()))
+        run.load_json(meta["run"])
     return manager
 
 
 def _save(manager: Any, step: int, trainer: _Trainer, fingerprint: str, run: _Run, force: bool) -> None:
-    import orbax.checkpoint as ocp
-
-    if not (force or manager.should_save(step)):
-        return
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(trainer.state_tree()),
-        meta=ocp.args.JsonSave({"fingerprint": fingerprint, "run": run.to_json()})), force=force)
-    manager.wait_until_finished()
+    save_checkpoint(manager, step, trainer.state_tree(), {"fingerprint": fingerprint, "run": run.to_json()}, force)

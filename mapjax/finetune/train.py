@@ -587,42 +587,64 @@ def _replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(retired)
 
 
-def _open_checkpoints(out: Path, fingerprint: str, stepper: Stepper, config: FinetuneConfig, *,
-                      discard_other: bool = False):
-    """The checkpoint manager of ``out/checkpoints`` and the run's (step, losses) to resume from. Checkpoints of
-    another run are refused, or deleted with ``discard_other``."""
+def open_checkpoints(out: Path, fingerprint: str, save_every: int, *, discard_other: bool = False,
+                     what: str = "model, pool, λ or settings") -> tuple[Any, int | None, dict[str, Any] | None]:
+    """The checkpoint manager of ``out/checkpoints``, the latest step and its JSON ``meta`` (None, None: nothing to
+    resume), for every finetuning route. Checkpoints of another run (another ``fingerprint``; ``what`` says what
+    it covers) are refused, or deleted with ``discard_other``."""
     import shutil
 
     import orbax.checkpoint as ocp
 
     directory = (out / "checkpoints").absolute()
-    options = ocp.CheckpointManagerOptions(save_interval_steps=config.save_every, max_to_keep=2, create=True)
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=2, create=True)
     manager = ocp.CheckpointManager(directory, options=options)
     latest = manager.latest_step()
     if latest is None:
-        return manager, 0, []
+        return manager, None, None
     meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if meta.get("fingerprint") != fingerprint:
         manager.close()
         if discard_other:
             shutil.rmtree(directory)
-            return _open_checkpoints(out, fingerprint, stepper, config)
-        raise FinetuneError(f"{directory} holds checkpoints of another run (other model, pool, λ or settings); "
-                            "use another --out or pass overwrite=True (--overwrite) to replace it")
-    # Restored onto this run's layout (its mesh's shardings, or its one device), whatever layout saved it.
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),
-                          stepper.state_tree())
-    restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    stepper.load_state_tree(restored)
-    return manager, int(meta["step"]), list(meta["losses"])
+            return open_checkpoints(out, fingerprint, save_every, what=what)
+        raise FinetuneError(f"{directory} holds checkpoints of another run (other {what}); use another --out or "
+                            "pass overwrite=True (--overwrite) to replace it")
+    return manager, latest, meta
 
 
-def _save(manager: Any, step: int, stepper: Stepper, fingerprint: str, losses: list[float], force: bool) -> None:
+def restore_state(manager: Any, step: int, target: Any) -> Any:
+    """The state tree saved at ``step``, restored onto ``target``'s shapes, dtypes and shardings."""
+    import orbax.checkpoint as ocp
+
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+
+
+def save_checkpoint(manager: Any, step: int, state: Any, meta: dict[str, Any], force: bool) -> None:
+    """Save ``state`` (a tree of arrays) and ``meta`` (JSON) at ``step`` when the manager's interval says so, or
+    ``force``; returns once it is on disk."""
     import orbax.checkpoint as ocp
 
     if not (force or manager.should_save(step)):
         return
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(stepper.state_tree()),
-        meta=ocp.args.JsonSave({"step": step, "fingerprint": fingerprint, "losses": list(losses)})), force=force)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                 force=force)
     manager.wait_until_finished()
+
+
+def _open_checkpoints(out: Path, fingerprint: str, stepper: Stepper, config: FinetuneConfig, *,
+                      discard_other: bool = False):
+    """The checkpoint manager of ``out/checkpoints`` and the run's (step, losses) to resume from."""
+    manager, latest, meta = open_checkpoints(out, fingerprint, config.save_every, discard_other=discard_other)
+    if latest is None:
+        return manager, 0, []
+    # Restored onto this run's layout (its mesh's shardings, or its one device), whatever layout saved it.
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),
+                          stepper.state_tree())
+    stepper.load_state_tree(restore_state(manager, latest, target))
+    return manager, int(meta["step"]), list(meta["losses"])
+
+
+def _save(manager: Any, step: int, stepper: Stepper, fingerprint: str, losses: list[float], force: bool) -> None:
+    save_checkpoint(manager, step, stepper.state_tree(), {"step": step, "fingerprint": fingerprint,
+                                                          "losses": list(losses)}, force)
