@@ -1,5 +1,7 @@
 """``mapjax explore`` latency per slider move: on the OPT pilot (2,312 samples) and a synthetic pool of 200,000.
 
+No PyTorch side: the authors have no explorer, so this times mapjax alone (absolute latencies, no ratio).
+
 A slider move is answered in two steps (see ``mapjax/explore/session.py``): the fast answer (verdict, λ,
 realised levels, KL, ESS, aligned histograms) and then the LP certificate (the margin in sd). For a sweep of
 one value's level across its upper range (every move a new palette, so nothing comes from the cache) this

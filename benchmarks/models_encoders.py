@@ -13,7 +13,7 @@ file directly for the encoder tables alone::
   continuation, batch 64, the pilot set's prompts) against the same computation in PyTorch;
 * ``gelu-accuracy``: how far the opt-in tanh GELU (``encoder_layers.use_approximate_gelu``)
   moves MiniLM's embeddings and coherence scores from the exact GELU, on random and on the
-  real weights, and what it saves in time.
+  real weights, and what it saves in time (mapjax against itself: this part has no PyTorch side).
 
 Timed calls alternate between the contestants round by round (medians), and the process CPU
 time per call is reported beside the wall time: on a shared machine the wall time also counts

@@ -1,5 +1,8 @@
 """MAP-F routes at equal wall time: reward-weighted likelihood, DPO, GRPO and PPO toward one palette's p_λ.
 
+No PyTorch side: every route is mapjax's; the table compares the routes with each other (the PyTorch
+comparison of the training step itself is ``benchmarks/finetune.py``).
+
 The demo setting (``mapjax demo``'s): the packaged SmolLM2-135M-Instruct policy fed through its chat template, the
 shipped everyday requests split as the demo splits them (32 for the pool, 16 held out), k = 8 samples of 40 new
 tokens per pool request scored by sentiment, coherence, diversity and perplexity, and the demo palette solved on
@@ -14,7 +17,7 @@ that pool with the per-prompt normaliser. Each method then trains from the base 
 Every trained model, and the base, is evaluated on fresh samples of the held-out requests (``--eval-samples``
 per request, sampled through the chat template as the pool was): realised levels with prompt-clustered standard
 errors against the palette's targets (``mapjax.evaluate.realised_levels``), and the KL to the base model
-estimated from the model's own samples (mean of log p_θ − log p0; ``mapjax.finetune.evaluation.kl_to_base``).
+estimated from the model's own samples (mean of log p_θ − log p0; ``mapjax.finetune.against_base.kl_to_base``).
 
     python benchmarks/online_mapf.py --budget 600 --out runs/online-mapf [--methods weighted,dpo,grpo,ppo]
                                      [--set grpo.learning_rate=2e-5] [--json results.json]
@@ -103,10 +106,10 @@ def _rewards(names_or_rewards: Sequence[Any], policy: Any, tokenizer: Any) -> li
 
 
 def demo_setting(args: argparse.Namespace) -> Setting:
-    from mapjax.data import chat_formatter
     from mapjax.demo import DEFAULT_PALETTE, DEFAULT_VALUES, DemoSettings, demo_prompts, split_prompts
     from mapjax.models import from_gguf
     from mapjax.models.packaged import smollm2_gguf_path
+    from mapjax.prompts import chat_formatter
 
     demo = DemoSettings(out=Path("."))
     pool_prompts, heldout = split_prompts(demo_prompts(), demo.pool_prompts, demo.heldout_prompts, args.seed)
@@ -125,7 +128,7 @@ def tiny_setting(args: argparse.Namespace) -> Setting:
     tokenizer = word_tokenizer(spec.vocab_size)
     tokenizer.chat_template = ("{% for message in messages %}w500 {{ message['content'] }} w501 {% endfor %}"
                                "{% if add_generation_prompt %}w502{% endif %}")
-    from mapjax.data import chat_formatter
+    from mapjax.prompts import chat_formatter
 
     prompts = word_prompts(8, 4, spec.vocab_size, args.seed)
     return Setting("--tiny (a random toy Llama, word tokenizer)", policy, tokenizer, prompts[:4], prompts[4:6],
@@ -238,7 +241,7 @@ def evaluate(setting: Setting, model: Any, targets: dict[str, float], args: argp
 
     from mapjax.build import resolve_values
     from mapjax.evaluate import realised_levels
-    from mapjax.finetune.evaluation import kl_to_base, sample_and_score
+    from mapjax.finetune.against_base import kl_to_base, sample_and_score
     from mapjax.pool import RewardPool
 
     scored = resolve_values(setting.values, setting.policy, setting.tokenizer, None)

@@ -1,5 +1,7 @@
 """Sharded JAX against one-device JAX: sampling, reward scoring and the λ solver on a device mesh.
 
+No PyTorch side: both columns are mapjax (on a mesh and on one device).
+
     PYTHONPATH=. python benchmarks/scaling.py                       # CPU: 1, 2, 4, 8 host devices
     PYTHONPATH=. python benchmarks/scaling.py --tiny                # toy sizes, seconds per device count
     PYTHONPATH=. python benchmarks/scaling.py --devices 1,8 --axis fsdp --out DIR

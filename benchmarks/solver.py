@@ -1,14 +1,28 @@
 """λ solver benchmark: mapjax's exact batched solver against the authors' PyTorch solver, same run.
 
 On the OPT-1.3B pilot set, 1000 random palettes (c_i ~ U(c0_i, max r_i), the paper's random-palette draw) for
-m = 3 and m = 6 values. Prints palettes per second for both and the ratio, verdict agreement, how far the
-reference's λ miss their own palettes, and whether every exact λ is certified. Then one solve on a synthetic
-pool of 10^6 samples x 8 values. Then the LP certificate of a per-prompt palette on a synthetic pool of
-12,500 prompts x 16 samples x 6 values (as every ``finetune`` run certifies per prompt), with the LP over every
-sample's weight ("primal", the definition) timed on 1,000 and 3,000 prompts for comparison.
+m = 3 and m = 6 values. Three solvers: mapjax's exact ``solve_many`` (float64 and float32), the authors' Adam
+solver in PyTorch (``benchmarks/torch_reference.py``, one palette at a time as their code runs) and mapjax's JAX
+replica of it (``method="reference"``, all palettes in one vmapped call). Every side is timed the same way:
+untimed calls first (JAX compiles; PyTorch warms up and picks the faster of 1 thread and all cores on the first
+20 palettes, or on the large pool's one palette; ``--torch-threads`` pins a count), then the best of
+``--repeats`` calls. The speed table gives palettes per second and the ratios.
+
+The verdict table compares each reference's own output on the palettes PyTorch solved
+(``--reference-palettes``): PyTorch's verdicts and λ against the exact solver's and against the JAX replica's,
+and the replica's against the exact solver's: verdict agreement, palettes the reference calls infeasible that
+the exact solver solves (and the reverse), how far the λ a reference returns misses its own palette (in standard
+deviations of each value), and how far its λ is from the exact λ. Every exact verdict is also checked against
+the LP certificate on 100 palettes.
+
+Then one palette on a synthetic pool of 10^6 samples x 8 values (all three solvers, same timing). Then the LP
+certificate of a per-prompt palette on a synthetic pool of 12,500 prompts x 16 samples x 6 values (as every
+``finetune`` run certifies per prompt), with the LP over every sample's weight ("primal", the definition) timed
+on 1,000 and 3,000 prompts for comparison: this section has no PyTorch side (the authors' code has no
+certificate); it compares mapjax's two formulations of the LP.
 
     python benchmarks/solver.py                       # the full run recorded in RESULTS.md
-    python benchmarks/solver.py --reference-palettes 50   # quicker: time the reference on a subset
+    python benchmarks/solver.py --reference-palettes 200 --repeats 2   # quicker: PyTorch on a subset
     python benchmarks/solver.py --sections certificate    # only the per-prompt certificate
 """
 
@@ -33,7 +47,8 @@ import torch
 
 from benchmarks import torch_reference
 from benchmarks.machine import cpu_name
-from mapjax import RewardPool, solve_many
+from benchmarks.models import pick_torch_threads, threads_label, torch_thread_counts, torch_threads
+from mapjax import RewardPool, evaluate_lambdas, solve_many
 from mapjax.certificate import certify
 from mapjax.problem import DualProblem
 from mapjax.solver import reference_lambdas
@@ -41,6 +56,7 @@ from mapjax.solver import reference_lambdas
 VALUES = ("humor", "gpt2-helpful", "gpt2-harmless", "diversity", "coherence", "perplexity")
 DEFAULT_PILOT = REPO_ROOT / "data" / "opt1.3b-anthropic-harmless.json.gz"
 SECTIONS = ("palettes", "large", "certificate")
+PROBE_PALETTES = 20  # palettes on which PyTorch's faster thread count is picked
 
 
 def machine() -> str:
@@ -51,7 +67,7 @@ def machine() -> str:
 
 
 def timed(function, repeats: int = 1):
-    """(result, best seconds over repeats)."""
+    """(result of the last call, best seconds over ``repeats`` calls)."""
     best, result = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
@@ -60,24 +76,85 @@ def timed(function, repeats: int = 1):
     return result, best
 
 
+def torch_timed(function, probe, repeats: int, thread_counts: list[int | None]) -> dict:
+    """The PyTorch side: its thread count picked on ``probe`` (a short piece of the work, run once to warm up
+    and once timed at each count: that is its untimed first call), then the best of ``repeats`` calls of
+    ``function`` at that count. Returns {"result", "seconds", "threads", "probe_seconds"}."""
+    threads, probe_seconds = pick_torch_threads(probe, thread_counts)
+    with torch_threads(threads):
+        result, seconds = timed(function, repeats)
+    return {"result": result, "seconds": seconds, "threads": threads, "probe_seconds": probe_seconds}
+
+
+def jax_timed(function, repeats: int):
+    """(result, best seconds of ``repeats`` calls) after one untimed call (tracing and compilation)."""
+    function()
+    return timed(function, repeats)
+
+
 def random_palettes(pool: RewardPool, values, count: int, seed: int) -> np.ndarray:
     columns = [pool.index_of(name) for name in values]
     rng = np.random.default_rng(seed)
     return rng.uniform(pool.means()[columns], pool.flat().max(axis=0)[columns], size=(count, len(columns)))
 
 
-def palette_benchmark(pool: RewardPool, m: int, count: int, reference_count: int, seed: int) -> dict:
+def realised_levels(pool: RewardPool, lam: np.ndarray) -> np.ndarray:
+    """E_{p_λ} r for each row of raw λ [palettes, values] (NaN rows stay NaN): what each λ actually reaches."""
+    realised = np.full(lam.shape, np.nan)
+    finite = np.all(np.isfinite(lam), axis=1)
+    if finite.any():
+        realised[finite] = evaluate_lambdas(pool, lam[finite]).realised
+    return realised
+
+
+def misses_in_sd(targets: np.ndarray, realised: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """[palettes] the largest shortfall max(0, c_i − E_{p_λ} r_i) / sd_i over the values of each palette."""
+    return np.max(np.maximum(targets - realised, 0.0) / scale, axis=1)
+
+
+def compare_solvers(feasible: np.ndarray, lam: np.ndarray, other_feasible: np.ndarray, other_lam: np.ndarray,
+                    ) -> dict:
+    """One solver's verdicts and λ against another's on the same palettes: verdict agreement, palettes it calls
+    infeasible that the other solves ("false infeasible" when the other is exact) and the reverse, and over the
+    palettes both solve: the largest |Δλ| and the median ‖Δλ‖ / ‖λ_other‖."""
+    both = feasible & other_feasible
+    gaps = np.abs(lam[both] - other_lam[both])
+    norms = np.linalg.norm(other_lam[both], axis=1)
+    return {
+        "verdict_agreement": float(np.mean(feasible == other_feasible)),
+        "infeasible_where_other_feasible": int(np.sum(~feasible & other_feasible)),
+        "feasible_where_other_infeasible": int(np.sum(feasible & ~other_feasible)),
+        "both_feasible": int(both.sum()),
+        "max_abs_lambda_difference": float(gaps.max()) if both.any() else 0.0,
+        "median_relative_lambda_difference": (float(np.median(np.linalg.norm(lam[both] - other_lam[both], axis=1)
+                                                              / np.maximum(norms, 1e-300))) if both.any() else 0.0),
+    }
+
+
+def quality(feasible: np.ndarray, misses: np.ndarray) -> dict:
+    """How far the λ a solver returns for the palettes it calls feasible miss those palettes (sd)."""
+    misses = misses[feasible]
+    return {
+        "feasible": int(feasible.sum()),
+        "share_violating_1e-3sd": float(np.mean(misses > 1e-3)) if misses.size else 0.0,
+        "median_violation_sd": float(np.median(misses)) if misses.size else 0.0,
+        "max_violation_sd": float(misses.max()) if misses.size else 0.0,
+    }
+
+
+def palette_benchmark(pool: RewardPool, m: int, count: int, reference_count: int, seed: int, repeats: int,
+                      thread_counts: list[int | None]) -> dict:
     values = VALUES[:m]
     sub = pool.select(values)
     palettes = random_palettes(sub, values, count, seed)
-    results: dict = {"m": m, "palettes": count}
+    results: dict = {"m": m, "palettes": count, "repeats": repeats}
 
     for dtype in ("float64", "float32"):
         start = time.perf_counter()
         solve_many(sub, palettes[:8], dtype=dtype)  # compile the small bucket...
         solve_many(sub, palettes, dtype=dtype)  # ... and the full one
         results[f"compile_{dtype}_s"] = time.perf_counter() - start
-        solutions, seconds = timed(partial(solve_many, sub, palettes, dtype=dtype), repeats=3)
+        solutions, seconds = timed(partial(solve_many, sub, palettes, dtype=dtype), repeats)
         results[f"exact_{dtype}_s"] = seconds
         results[f"exact_{dtype}_per_s"] = count / seconds
         if dtype == "float64":
@@ -87,33 +164,39 @@ def palette_benchmark(pool: RewardPool, m: int, count: int, reference_count: int
     results["exact_max_kkt"] = float(np.nanmax(exact.kkt_residual)) if exact.feasible.any() else 0.0
     results["exact_max_iterations"] = int(exact.iterations.max())
 
-    # The authors' solver in PyTorch, one palette at a time as they run it.
+    # The authors' solver in PyTorch, one palette at a time as they run it, on the first reference_count palettes.
     subset = palettes[:reference_count]
-    (torch_lam, torch_ok), torch_seconds = timed(lambda: torch_reference.reference_lambdas(sub.flat(), subset))
+    probe = palettes[:min(PROBE_PALETTES, reference_count)]
+    torch_run = torch_timed(lambda: torch_reference.reference_lambdas(sub.flat(), subset),
+                            lambda: torch_reference.reference_lambdas(sub.flat(), probe), repeats, thread_counts)
+    torch_lam, torch_ok = torch_run["result"]
+    torch_lam = np.where(torch_ok[:, None], torch_lam, np.nan)
     results["reference_torch_palettes"] = reference_count
-    results["reference_torch_s"] = torch_seconds
-    results["reference_torch_per_s"] = reference_count / torch_seconds
-    results["speedup_exact_float64"] = results["exact_float64_per_s"] / results["reference_torch_per_s"]
-    results["speedup_exact_float32"] = results["exact_float32_per_s"] / results["reference_torch_per_s"]
+    results["reference_torch_threads"] = torch_run["threads"]
+    results["reference_torch_probe_s"] = {str(k): v for k, v in torch_run["probe_seconds"].items()}
+    results["reference_torch_per_s"] = reference_count / torch_run["seconds"]
 
-    # The same reference replicated in JAX and vmapped (mapjax's method="reference"), all palettes.
-    reference_lambdas(sub, palettes[:8])
-    (jax_lam, jax_failed), jax_seconds = timed(lambda: reference_lambdas(sub, palettes))
+    # The same reference replicated in JAX and vmapped (mapjax's method="reference"), all palettes at once.
+    (jax_lam, jax_failed), jax_seconds = jax_timed(lambda: reference_lambdas(sub, palettes), repeats)
     results["reference_jax_per_s"] = count / jax_seconds
-    results["reference_jax_vs_torch_max_abs_lambda"] = float(
-        np.nanmax(np.abs(jax_lam[:reference_count][torch_ok] - torch_lam[torch_ok])) if torch_ok.any() else 0.0
-    )
+    for dtype in ("float64", "float32"):
+        results[f"speedup_exact_{dtype}"] = results[f"exact_{dtype}_per_s"] / results["reference_torch_per_s"]
+    results["speedup_reference_jax"] = results["reference_jax_per_s"] / results["reference_torch_per_s"]
 
-    # Agreement and the quality of the reference's λ, over all palettes (JAX replica, equal to torch's).
-    reference = solve_many(sub, palettes, method="reference")
-    results["verdict_agreement"] = float(np.mean(reference.feasible == exact.feasible))
-    results["reference_false_infeasible"] = int((~reference.feasible & exact.feasible).sum())
-    results["reference_false_feasible"] = int((reference.feasible & ~exact.feasible).sum())
+    # Each reference's own verdicts and λ, on the palettes PyTorch solved: against the exact solver and each other.
+    jax_ok = ~jax_failed[:reference_count]
+    jax_lam = jax_lam[:reference_count]
+    exact_ok, exact_lam = exact.feasible[:reference_count], exact.lam[:reference_count]
     scale = sub.flat().std(axis=0)
-    misses = np.nanmax(reference.violations()[reference.feasible] / scale, axis=1)
-    results["reference_share_violating_1e-3sd"] = float(np.mean(misses > 1e-3)) if misses.size else 0.0
-    results["reference_median_violation_sd"] = float(np.median(misses)) if misses.size else 0.0
-    results["reference_max_violation_sd"] = float(misses.max()) if misses.size else 0.0
+    misses = {name: misses_in_sd(subset, realised_levels(sub, lam), scale)
+              for name, lam in (("torch", torch_lam), ("jax", jax_lam))}
+    results["comparison_palettes"] = reference_count
+    results["exact_feasible_compared"] = int(exact_ok.sum())
+    results["torch_vs_exact"] = compare_solvers(torch_ok, torch_lam, exact_ok, exact_lam)
+    results["torch_vs_jax"] = compare_solvers(torch_ok, torch_lam, jax_ok, jax_lam)
+    results["jax_vs_exact"] = compare_solvers(jax_ok, jax_lam, exact_ok, exact_lam)
+    results["torch_quality"] = quality(torch_ok, misses["torch"])
+    results["jax_quality"] = quality(jax_ok, misses["jax"])
 
     # Every exact verdict, checked against the LP on a sample of palettes.
     problem = DualProblem.from_pool(sub)
@@ -123,7 +206,7 @@ def palette_benchmark(pool: RewardPool, m: int, count: int, reference_count: int
     return results
 
 
-def large_pool_benchmark(samples: int, values: int, seed: int) -> dict:
+def large_pool_benchmark(samples: int, values: int, seed: int, repeats: int, thread_counts: list[int | None]) -> dict:
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(values, values)) / np.sqrt(values) + np.eye(values)
     rewards = rng.normal(size=(samples, values)) @ mixing
@@ -132,21 +215,36 @@ def large_pool_benchmark(samples: int, values: int, seed: int) -> dict:
     start = time.perf_counter()
     solve_many(pool, target)
     compile_and_run = time.perf_counter() - start
-    solution, seconds = timed(lambda: solve_many(pool, target)[0], repeats=3)
-    (torch_lam, torch_ok), torch_seconds = timed(
-        lambda: torch_reference.reference_lambdas(rewards.astype(np.float32), target)
-    )
+    solution, seconds = timed(lambda: solve_many(pool, target)[0], repeats)
+    rewards32 = rewards.astype(np.float32)
+    reference = partial(torch_reference.reference_lambdas, rewards32, target)
+    torch_run = torch_timed(reference, reference, repeats, thread_counts)
+    torch_lam, torch_ok = torch_run["result"]
+    (jax_lam, jax_failed), jax_seconds = jax_timed(lambda: reference_lambdas(pool, target), repeats)
+    scale = rewards.std(axis=0)
+    torch_miss = misses_in_sd(target, realised_levels(pool, torch_lam), scale)[0] if torch_ok[0] else float("nan")
     return {
         "samples": samples,
         "values": values,
+        "repeats": repeats,
         "exact_s": seconds,
         "exact_first_call_s": compile_and_run,
         "exact_status": solution.status,
         "exact_kkt": solution.kkt_residual,
         "exact_iterations": solution.iterations,
-        "reference_torch_s": torch_seconds,
+        "reference_torch_s": torch_run["seconds"],
+        "reference_torch_threads": torch_run["threads"],
         "reference_torch_success": bool(torch_ok[0]),
-        "speedup": torch_seconds / seconds,
+        "reference_torch_violation_sd": float(torch_miss),
+        "reference_torch_relative_lambda_difference": (
+            float(np.linalg.norm(torch_lam[0] - solution.lam) / np.linalg.norm(solution.lam))
+            if torch_ok[0] and solution.status == "optimal" else float("nan")),
+        "reference_jax_s": jax_seconds,
+        "reference_jax_success": not bool(jax_failed[0]),
+        "reference_jax_vs_torch_max_abs_lambda": (float(np.max(np.abs(jax_lam[0] - torch_lam[0])))
+                                                  if torch_ok[0] and not jax_failed[0] else float("nan")),
+        "speedup": torch_run["seconds"] / seconds,
+        "speedup_reference_jax": torch_run["seconds"] / jax_seconds,
     }
 
 
@@ -201,7 +299,11 @@ def main() -> None:
     parser.add_argument("--pilot", type=Path, default=DEFAULT_PILOT)
     parser.add_argument("--palettes", type=int, default=1000)
     parser.add_argument("--reference-palettes", type=int, default=1000,
-                        help="palettes the PyTorch reference is timed on (it takes ~0.2-0.3 s each on 2 cores)")
+                        help="palettes the PyTorch reference solves and is compared on (it takes ~0.015-0.03 s "
+                             "each on 2 cores, per call)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side, best kept (after one untimed)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="PyTorch's CPU threads (default: the faster of 1 and all cores, each timed)")
     parser.add_argument("--large-samples", type=int, default=1_000_000)
     parser.add_argument("--certificate-prompts", type=int, default=12_500)
     parser.add_argument("--primal-prompts", type=int, nargs="*", default=[1000, 3000],
@@ -210,51 +312,84 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    for name in ("palettes", "reference_palettes", "repeats", "large_samples", "certificate_prompts"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    thread_counts = torch_thread_counts("cuda" if torch.cuda.is_available() else "cpu", args.torch_threads)
 
-    print(f"machine: {machine()}")
-    output: dict = {"machine": machine()}
+    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start; {time.strftime('%Y-%m-%d %H:%M')}")
+    output: dict = {"machine": machine(), "repeats": args.repeats}
     if "palettes" in args.sections:
         pool = RewardPool.load(args.pilot)
-        rows = [palette_benchmark(pool, m, args.palettes, min(args.reference_palettes, args.palettes), args.seed)
-                for m in (3, 6)]
+        rows = [palette_benchmark(pool, m, args.palettes, min(args.reference_palettes, args.palettes), args.seed,
+                                  args.repeats, thread_counts) for m in (3, 6)]
         print_palettes(rows)
         output["palettes"] = rows
     if "large" in args.sections:
-        large = large_pool_benchmark(args.large_samples, 8, args.seed)
+        large = large_pool_benchmark(args.large_samples, 8, args.seed, args.repeats, thread_counts)
         print_large(large)
         output["large"] = large
     if "certificate" in args.sections:
         certificate = certificate_benchmark(args.certificate_prompts, 16, 6, args.primal_prompts, args.seed)
         print_certificate(certificate)
         output["certificate"] = certificate
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
-        args.json.write_text(json.dumps(output, indent=2))
+        args.json.write_text(json.dumps(output, indent=2, default=str))
 
 
 def print_palettes(rows: list[dict]) -> None:
-    print("\n| m | exact f64 palettes/s | exact f32 palettes/s | PyTorch reference palettes/s | ratio f64 | ratio f32 "
-          "| JAX reference palettes/s | verdict agreement | ref. false 'infeasible' | ref. λ violating (>1e-3 sd) "
-          "| ref. max violation (sd) | exact not converged | exact max KKT (sd) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    r0 = rows[0]
+    print(f"\nspeed: {r0['palettes']} random palettes, best of {r0['repeats']} calls per side (PyTorch on the first "
+          f"{r0['reference_torch_palettes']}, at its faster thread count)")
+    print("| m | exact f64 palettes/s | exact f32 palettes/s | PyTorch reference palettes/s | JAX replica palettes/s "
+          "| exact f64 / PyTorch | exact f32 / PyTorch | JAX replica / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['m']} | {r['exact_float64_per_s']:.0f} | {r['exact_float32_per_s']:.0f} "
-              f"| {r['reference_torch_per_s']:.2f} | {r['speedup_exact_float64']:.0f}x | {r['speedup_exact_float32']:.0f}x "
-              f"| {r['reference_jax_per_s']:.0f} | {r['verdict_agreement']:.1%} | {r['reference_false_infeasible']} "
-              f"| {r['reference_share_violating_1e-3sd']:.1%} | {r['reference_max_violation_sd']:.3f} "
-              f"| {r['exact_not_converged']} | {r['exact_max_kkt']:.1e} |")
+              f"| {r['reference_torch_per_s']:.2f} ({threads_label(r['reference_torch_threads'])}) "
+              f"| {r['reference_jax_per_s']:.0f} | {r['speedup_exact_float64']:.0f}x "
+              f"| {r['speedup_exact_float32']:.0f}x | {r['speedup_reference_jax']:.1f}x |")
+
+    print(f"\nverdicts and λ, on the {r0['comparison_palettes']} palettes PyTorch solved; each reference's own output "
+          "against the exact solver and against the other reference (Δλ over the palettes both call feasible; "
+          "violation: how far a λ misses its own palette, largest over the values, in sd)")
+    print("| m | solver | feasible (exact) | agreement with exact | false 'infeasible' | false 'feasible' "
+          "| λ violating (>1e-3 sd) | max violation (sd) | median ‖Δλ‖/‖λ*‖ vs exact "
+          "| agreement with the other reference | max \\|Δλ\\| vs the other reference |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"m={r['m']}: compile f64 {r['compile_float64_s']:.2f} s, f32 {r['compile_float32_s']:.2f} s; "
-              f"{r['exact_feasible']}/{r['palettes']} feasible; max Newton iterations {r['exact_max_iterations']}; "
-              f"exact vs LP agreement on 100 palettes {r['exact_vs_lp_agreement_on_100']:.0%}; "
-              f"JAX vs PyTorch reference max |Δλ| {r['reference_jax_vs_torch_max_abs_lambda']:.1e}; "
-              f"PyTorch reference timed on {r['reference_torch_palettes']} palettes")
+        for label, key, versus_exact, versus_other in (
+                ("PyTorch reference", "torch", r["torch_vs_exact"], r["torch_vs_jax"]),
+                ("JAX replica", "jax", r["jax_vs_exact"], r["torch_vs_jax"])):
+            q = r[f"{key}_quality"]
+            print(f"| {r['m']} | {label} | {q['feasible']} ({r['exact_feasible_compared']}) "
+                  f"| {versus_exact['verdict_agreement']:.1%} | {versus_exact['infeasible_where_other_feasible']} "
+                  f"| {versus_exact['feasible_where_other_infeasible']} | {q['share_violating_1e-3sd']:.1%} "
+                  f"| {q['max_violation_sd']:.3f} | {versus_exact['median_relative_lambda_difference']:.1e} "
+                  f"| {versus_other['verdict_agreement']:.1%} | {versus_other['max_abs_lambda_difference']:.1e} |")
+    for r in rows:
+        threads = ", ".join(f"{threads_label(None if count == 'None' else int(count))} {seconds:.2f} s"
+                            for count, seconds in r["reference_torch_probe_s"].items())
+        line = (f"m={r['m']}: exact compile f64 {r['compile_float64_s']:.2f} s, f32 {r['compile_float32_s']:.2f} s; "
+                f"{r['exact_feasible']}/{r['palettes']} feasible; {r['exact_not_converged']} not converged, max KKT "
+                f"{r['exact_max_kkt']:.1e} sd, max Newton iterations {r['exact_max_iterations']}; exact vs LP "
+                f"agreement on 100 palettes {r['exact_vs_lp_agreement_on_100']:.0%}; PyTorch's thread probe "
+                f"({min(PROBE_PALETTES, r['reference_torch_palettes'])} palettes): {threads}")
+        print(line)
 
 
 def print_large(large: dict) -> None:
-    print(f"\nsynthetic pool {large['samples']:,} x {large['values']}: exact {large['exact_s']:.3f} s "
-          f"({large['exact_status']}, KKT {large['exact_kkt']:.1e}, {large['exact_iterations']} iterations; "
-          f"first call with compile {large['exact_first_call_s']:.2f} s), PyTorch reference "
-          f"{large['reference_torch_s']:.2f} s -> {large['speedup']:.0f}x")
+    print(f"\nsynthetic pool {large['samples']:,} x {large['values']}, one palette, best of {large['repeats']}: exact "
+          f"{large['exact_s']:.3f} s ({large['exact_status']}, KKT {large['exact_kkt']:.1e}, "
+          f"{large['exact_iterations']} iterations; first call with compile {large['exact_first_call_s']:.2f} s); "
+          f"PyTorch reference {large['reference_torch_s']:.2f} s ({threads_label(large['reference_torch_threads'])}; "
+          f"{'feasible' if large['reference_torch_success'] else 'failed'}, misses its palette by "
+          f"{large['reference_torch_violation_sd']:.1e} sd, ‖Δλ‖/‖λ*‖ vs exact "
+          f"{large['reference_torch_relative_lambda_difference']:.1e}) -> exact {large['speedup']:.1f}x; "
+          f"JAX replica {large['reference_jax_s']:.2f} s ({'feasible' if large['reference_jax_success'] else 'failed'}, "
+          f"max |Δλ| vs PyTorch {large['reference_jax_vs_torch_max_abs_lambda']:.1e}) -> "
+          f"{large['speedup_reference_jax']:.1f}x PyTorch")
 
 
 if __name__ == "__main__":

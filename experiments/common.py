@@ -12,7 +12,9 @@ may be ``hh-rlhf``) go through :func:`path_or_name`.
 
 Output folders. :func:`prepare_out` is the one rule: a folder holding files is refused unless ``--force``;
 an experiment that can resume (``resumable=True``) instead continues in a folder whose ``config.json`` records
-the same config.
+the same config. ``--force`` writes only into a folder a mapjax run made (its ``.mapjax-run.json`` marker), and
+no output folder is the working folder, one of its parents, or holds or sits inside a file the config reads
+(:mod:`mapjax.outputs`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
-from mapjax.errors import ConfigError, MapjaxError, OutputExistsError
+from mapjax.errors import ConfigError, MapjaxError, OutputExistsError, OutputNotOursError
 from mapjax.jsonio import jsonable, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,9 +264,13 @@ def prepare_out(out: Path, *, force: bool, config: Any = None, resumable: bool =
     A folder holding files is refused (:class:`mapjax.errors.OutputExistsError`) unless ``force``; when
     ``resumable`` and its ``config.json`` records this very config, the run resumes there instead.
     """
+    from mapjax.outputs import check_not_input, check_not_working_folder, is_mapjax_folder, write_run_marker
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; give a folder")
+    check_not_working_folder(out)
+    check_not_input(out, config_paths(config) if config is not None else {})
     record = out / "config.json"
     resumed = False
     if out.exists() and any(out.iterdir()):
@@ -274,10 +280,32 @@ def prepare_out(out: Path, *, force: bool, config: Any = None, resumable: bool =
             raise OutputExistsError(
                 f"--out {out} is not empty" + (" and holds no run of this config" if resumable else "")
                 + "; pass --force to write into it (replacing its files), or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+        elif not is_mapjax_folder(out):
+            raise OutputNotOursError(f"--out {out} holds files mapjax did not write; --force writes only into a "
+                                     "folder a mapjax run made (marked by .mapjax-run.json): choose a new or "
+                                     "empty --out")
+    write_run_marker(out, "experiment")
     if config is not None:
         write_json(record, config_record(config), indent=1)
     return resumed
+
+
+def config_paths(config: Any, key: str = "") -> dict[str, Path]:
+    """Every ``Path`` a config (a dataclass, possibly nested) holds, by its dotted key: the files and folders an
+    experiment reads, which its output may not be, hold, or sit inside."""
+    found: dict[str, Path] = {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        for field in dataclasses.fields(config):
+            found.update(config_paths(getattr(config, field.name), _join(key, field.name)))
+    elif isinstance(config, Path):
+        found[key] = config
+    elif isinstance(config, (list, tuple)):
+        for index, item in enumerate(config):
+            found.update(config_paths(item, f"{key}[{index}]"))
+    elif isinstance(config, Mapping):
+        for name, item in config.items():
+            found.update(config_paths(item, _join(key, str(name))))
+    return found
 
 
 def _recorded(path: Path) -> Any:

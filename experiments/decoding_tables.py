@@ -346,7 +346,7 @@ def read_prompt_split(config: TableConfig) -> tuple[list[str], list[str], dict[s
     """Disjoint (pilot, evaluation) prompts: the source's prompts, duplicates dropped (the same text in both
     sets would not be disjoint), shuffled with ``prompts.shuffle_seed`` (null keeps the source's order), then
     the first ``pilot_count`` for the pilot and the next ``eval_count`` for evaluation."""
-    from mapjax.data import load_prompts
+    from mapjax.prompts import load_prompts
 
     settings = config.prompts
     options: dict[str, Any] = {}
@@ -401,8 +401,8 @@ def run_table(config: TableConfig | Mapping[str, Any], out: str | os.PathLike, *
     overrides its ``table`` setting.
     """
     from mapjax.build import build_pool
-    from mapjax.data import chat_formatter
     from mapjax.decode import first_samples
+    from mapjax.prompts import chat_formatter
 
     started = time.perf_counter()
     config = resolve_config(config, table)

@@ -28,7 +28,7 @@ with the prompt formatting the pool was sampled with (the chat template when ``c
 means with prompt-clustered standard errors (``mapjax.evaluate.realised_levels``) against the palette's targets
 (resolved on the training pool). KL to the base: for decoded models, the selection's KL on the candidates
 (mean over prompts of Σ_j w_j log(k w_j)); for finetuned models, the mean over their samples of
-log p_θ(y|x) − log p0(y|x) (``mapjax.finetune.evaluation.kl_to_base``). Navigation efficiency (the table's
+log p_θ(y|x) − log p0(y|x) (``mapjax.finetune.against_base.kl_to_base``). Navigation efficiency (the table's
 headline): the share of a column's models whose level is at least the base model's (its mean over all k
 candidates) minus the tolerance in each of ``navigation.values``.
 
@@ -394,7 +394,7 @@ def sampled_member(ctx: Context, column: str, name: str, model: Any, setting: di
                    started: float) -> Member:
     """A finetuned model's levels on fresh samples of the evaluation prompts (sampled as the pool was), and its
     KL to the base estimated from those samples."""
-    from mapjax.finetune.evaluation import kl_to_base, sample_and_score
+    from mapjax.finetune.against_base import kl_to_base, sample_and_score
     from mapjax.pool import RewardPool
 
     config = ctx.config
@@ -422,8 +422,8 @@ def map_lambdas(ctx: Context) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
     if "MAP" in ctx.lambdas:
         return ctx.lambdas["MAP"]
     from mapjax import adjust, solve
-    from mapjax.decode import lambda_for
     from mapjax.palette import PaletteError
+    from mapjax.solver import lambda_for
 
     config = ctx.config
     navigation = config.navigation
@@ -460,7 +460,7 @@ def morl_lambdas(ctx: Context) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
     if "MORL" in ctx.lambdas:
         return ctx.lambdas["MORL"]
     from mapjax import adjust
-    from mapjax.decode import lambda_for
+    from mapjax.solver import lambda_for
 
     navigation = ctx.config.navigation
     draws = adjust.random_morl_lambdas(ctx.pool, navigation.random_values, navigation.morl_draws,
@@ -672,8 +672,8 @@ def run(config: Table3Config | Mapping[str, Any], out: str | Path, *, force: boo
         progress: bool = False) -> dict[str, Any]:
     """Run every configured column and write ``table3.md`` / ``table3.json``; returns the JSON's content."""
     from mapjax.build import resolve_values
-    from mapjax.data import chat_formatter
     from mapjax.evaluate import resolve_targets
+    from mapjax.prompts import chat_formatter
 
     started = time.perf_counter()
     config = resolve_config(config)

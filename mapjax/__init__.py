@@ -2,21 +2,14 @@
 
 The top level holds the solver's public surface: a pool of rewards, palettes, the λ solver and its results.
 Everything downstream (models, sampling, rewards, MAP-D, MAP-F, evaluation, plots) lives in its own module.
-Importing mapjax adds its measured XLA:CPU defaults to ``XLA_FLAGS`` (``mapjax.xla_cpu``; never over a flag the
-user set, never after JAX's backend started; ``MAPJAX_XLA_DEFAULTS=0`` turns it off).
 """
 
-from mapjax import xla_cpu
-
-# First, before any mapjax module can start JAX's backend: XLA reads XLA_FLAGS only when it starts.
-xla_cpu.apply_defaults()
-
-from mapjax.certificate import Certificate  # noqa: E402
-from mapjax.errors import MapjaxError  # noqa: E402
-from mapjax.palette import Palette, palette_targets, quantile_palette  # noqa: E402
-from mapjax.palette import parse as parse_palette  # noqa: E402
-from mapjax.pool import RewardPool, as_pool  # noqa: E402
-from mapjax.solver import Solution, Solutions, evaluate_lambdas, solve, solve_many, solve_sequential  # noqa: E402
+from mapjax.certificate import Certificate
+from mapjax.errors import MapjaxError
+from mapjax.palette import Palette, palette_targets, quantile_palette
+from mapjax.palette import parse as parse_palette
+from mapjax.pool import RewardPool, as_pool
+from mapjax.solver import Solution, Solutions, evaluate_lambdas, solve, solve_many, solve_sequential
 
 __all__ = [
     "Certificate",

@@ -21,6 +21,7 @@ import numpy as np
 
 from mapjax.certificate import certify, largest_step
 from mapjax.errors import InputError, SolverError
+from mapjax.limits import check_grid_points
 from mapjax.palette import Palettes, is_spec, one_palette_targets, parse
 from mapjax.pool import PoolLike, RewardPool, as_pool, unique_names
 from mapjax.problem import DualProblem, Normaliser
@@ -141,6 +142,7 @@ def grid(
     if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 2:
         raise InputError(f"points must be a whole number of at least 2, got {points!r}")
     pool = as_pool(data, values)
+    check_grid_points(points, pool.num_samples)   # all points are solved at once: refuse what cannot fit
     requested = _one_palette(pool, palette, values)
     anchor = _safe_anchor(pool, requested)
     rhos = np.linspace(0.0, 1.0, points)

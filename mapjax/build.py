@@ -9,8 +9,11 @@ mid-write) are dropped, so no row is lost or written twice. Because each row's r
 resume with different settings is refused, a different ``dtype`` (of the policy or of the reward models)
 included. When every chunk is done the pool is written to ``out`` (``.jsonl``,
 ``.json`` or ``.parquet``) and the manifest is kept, marked complete, so a rerun returns the finished pool.
-``overwrite=True`` starts afresh, but an existing pool stays in ``out`` until the new one is complete and takes its
-place in one rename: an interrupted rebuild leaves the old pool whole (and resumes like any other build).
+``overwrite=True`` starts afresh, but an existing pool stays in ``out`` until the new one is complete: the new build
+is made beside it, in ``<out>.replacing<suffix>`` with its own partial file and manifest, and takes ``out``'s place
+(pool, then manifest) by rename only once complete. An interrupted rebuild leaves the old pool *and its manifest*
+as they were, so a rerun of the old settings still returns the old pool; the same ``overwrite=True`` call again
+resumes the rebuild. ``overwrite`` replaces only a mapjax pool (:func:`mapjax.outputs.check_file_output`).
 
 Several processes under ``jax.distributed`` (one per host, :mod:`mapjax.distributed`) build one pool together:
 the chunks are cut into one contiguous part per process, each process writes its part to
@@ -39,6 +42,8 @@ from mapjax.distributed import contiguous_share
 from mapjax.dtypes import DEFAULT_DTYPE, DTYPES, dtype_name, model_dtype_name
 from mapjax.errors import BuildError  # re-exported: mapjax.build.BuildError keeps working
 from mapjax.generate import generate
+from mapjax.limits import check_sampled_rows
+from mapjax.outputs import staging_file
 from mapjax.pool import RewardPool
 
 MANIFEST_VERSION = 1
@@ -168,9 +173,14 @@ def prompts_hash(prompts: Sequence[str]) -> str:
 POOL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
-    """The pool file a build writes, checked before any work: a known format, not a folder, and not a file of
-    its own (one no build manifest records) unless ``overwrite``. A build's own output is resumed or returned."""
+def check_output(out: str | os.PathLike, *, overwrite: bool, inputs: Mapping[str, Any] | None = None,
+                 flag: str = "out") -> Path:
+    """The pool file a build writes, checked before any work: a known format, not a folder, not the current
+    folder nor any of ``inputs`` ({flag: path}, see :func:`mapjax.outputs.check_not_input`), and not a file of
+    its own (one no build manifest records) unless ``overwrite``, which replaces only a mapjax pool. A build's
+    own output is resumed or returned."""
+    from mapjax.outputs import check_file_output
+
     path = Path(out).expanduser()
     if path.suffix.lower() not in POOL_SUFFIXES:
         raise BuildError(f"{path}: unknown pool format {path.suffix!r}; use {', '.join(POOL_SUFFIXES)}")
@@ -179,7 +189,7 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
     if path.exists() and not overwrite and not _paths(path)[1].exists():
         raise BuildError(f"{path} exists and was not written by an unfinished build; pass overwrite=True "
                          "(--overwrite) to replace it")
-    return path
+    return check_file_output(path, overwrite=overwrite, flag=flag, inputs=inputs, exists_ok=not overwrite)
 
 
 def recorded_dtype(pool_file: str | os.PathLike) -> str | None:
@@ -296,6 +306,12 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
     _check_positive_int("batch_size", batch_size)
     if top_k is not None:
         _check_positive_int("top_k", top_k)
+    values = values if isinstance(values, str) else list(values)
+    # Before any file is written: a request this machine cannot hold is refused now, not after an hour.
+    check_sampled_rows(len(prompts), samples_per_prompt, max_new_tokens=max_new_tokens,
+                       values=len(values.split(",")) if isinstance(values, str) else len(values),
+                       flag="samples_per_prompt", batch_size=batch_size, chunk_size=chunk_size,
+                       prompt_chars=sum(map(len, prompts)) / max(1, len(prompts)))
     policy_dtype = model_dtype_name(policy)
     if dtype is None:
         dtype = policy_dtype if policy_dtype in DTYPES else DEFAULT_DTYPE
@@ -333,21 +349,31 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
 
     if processes > 1:
         _check_same_settings(settings, out_path)
-    partial_path, manifest_path = _paths(out_path)
+    if _is_primary():
+        _finish_interrupted_replacement(out_path)
+    _barrier(f"mapjax.build: {out_path} checked")
+    # Under overwrite an existing pool stays untouched, its manifest included: the new build is made beside it
+    # (its own partial file, manifest and parts) and renamed into place once complete.
+    target = staging_file(out_path) if overwrite and out_path.exists() else out_path
+    partial_path, manifest_path = _paths(target)
     if overwrite:
-        # Start afresh, but leave a finished pool where it is: the new one replaces it (an atomic rename) only once
-        # it is complete, so an interrupted rebuild keeps the old pool.
-        if _is_primary():
-            for path in (partial_path, manifest_path, *_part_files(out_path)):
+        staged = _read_manifest(manifest_path) if target != out_path and manifest_path.exists() else None
+        resumes = staged is not None and not _differences(*_comparable(staged.get("settings", {}), settings))
+        if _is_primary() and not resumes:   # start afresh (an interrupted rebuild of these settings resumes)
+            for path in (partial_path, manifest_path, *_part_files(target)):
                 path.unlink(missing_ok=True)
-        _barrier(f"mapjax.build: {out_path} cleared")
+            if target != out_path:
+                target.unlink(missing_ok=True)
+        _barrier(f"mapjax.build: {target} cleared")
     manifest = _read_manifest(manifest_path) if manifest_path.exists() else None
     if manifest is not None:
         _refuse_other_settings(out_path, manifest, settings)
-        if manifest.get("complete") and out_path.exists():
+        if manifest.get("complete") and target.exists():
+            if target != out_path and _is_primary():
+                _put_in_place(target, out_path)
             return RewardPool.load(out_path, value_names=names)
 
-    parts = _layout(out_path, manifest, len(prompts), chunk_size, processes)
+    parts = _layout(target, manifest, len(prompts), chunk_size, processes)
     mine = parts[contiguous_share(len(parts), _process_index(), processes)]
     total = sum(part.end - part.first for part in mine)
     label = "pool" if processes == 1 else f"pool (process {_process_index()} of {processes})"
@@ -366,13 +392,34 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
     pool = None
     if _is_primary():
         try:
-            pool = _finish(out_path, parts, settings, names)
+            pool = _finish(target, parts, settings, names)
+            if target != out_path:
+                _put_in_place(target, out_path)
         except BaseException as error:
             failure = error
     _agree(failure is None, "merging the parts into the pool")
     if failure is not None:
         raise failure
     return pool if pool is not None else RewardPool.load(out_path, value_names=names)
+
+
+def _put_in_place(staged: Path, out_path: Path) -> None:
+    """Move a complete rebuild (``staged`` and its manifest) into ``out_path``'s place: the pool, then its
+    manifest, each in one rename. A kill between the two is finished by the next build of ``out_path``
+    (:func:`_finish_interrupted_replacement`)."""
+    os.replace(staged, out_path)
+    os.replace(_paths(staged)[1], _paths(out_path)[1])
+
+
+def _finish_interrupted_replacement(out_path: Path) -> None:
+    """A rebuild killed between moving its pool into place and moving its manifest: the staged manifest is
+    complete and its pool already is ``out_path``, so the manifest follows it."""
+    staged = staging_file(out_path)
+    staged_manifest = _paths(staged)[1]
+    if staged.exists() or not staged_manifest.is_file() or not out_path.exists():
+        return
+    if _read_manifest(staged_manifest).get("complete"):
+        os.replace(staged_manifest, _paths(out_path)[1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,67 +15,19 @@ chooses among them; the choice is per-prompt numpy, the same on every process.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
 from mapjax.errors import DecodeError
 from mapjax.pool import PoolLike, RewardPool, as_pool
 from mapjax.problem import tilt_weights
-from mapjax.solver import DEGENERATE_ESS, Solution, evaluate_lambdas
+from mapjax.solver import Solution, evaluate_lambdas
+from mapjax.solver.lambdas import LambdaLike, lambda_for, solution_lambda
 
 Rule = Literal["softmax", "argmax"]
 RULES: tuple[str, ...] = ("softmax", "argmax")
-LambdaLike = Union[Solution, Mapping[str, float], np.ndarray, Sequence[float]]
-
-
-def lambda_for(pool: PoolLike, lam: LambdaLike, *, values: Sequence[str] | None = None) -> np.ndarray:
-    """λ over the pool's values, from a Solution (matched by value name: it may come from another pool),
-    a {value: λ} mapping (missing values get 0), or a vector in the pool's value order."""
-    pool = as_pool(pool, values)
-    if isinstance(lam, Solution):
-        lam = _solution_lambda(lam)
-    if isinstance(lam, Mapping):
-        vector = np.zeros(pool.num_values)
-        for name, value in lam.items():
-            if name in pool.value_names:
-                vector[pool.index_of(name)] = value
-            elif value != 0:
-                raise DecodeError(f"λ for {name!r} is {value} but the candidates were not scored for it; "
-                                  f"they have {list(pool.value_names)}")
-        lam = vector
-    try:
-        vector = np.asarray(lam, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as error:
-        raise DecodeError(f"λ must be a Solution, a {{value: λ}} mapping or a vector of numbers ({error})") from None
-    if vector.shape[0] != pool.num_values:
-        raise DecodeError(f"λ has {vector.shape[0]} entries for the pool's {pool.num_values} values "
-                          f"{list(pool.value_names)}")
-    if not np.all(np.isfinite(vector)):
-        raise DecodeError(f"λ must be finite, got {vector.tolist()} (an infeasible palette has no λ to decode with)")
-    if np.any(vector < 0):
-        raise DecodeError(f"λ must be non-negative, got {vector.tolist()}")
-    return vector
-
-
-def _solution_lambda(solution: Solution) -> dict[str, float]:
-    """A Solution's λ by value name: refused when its palette is infeasible, and used with a warning when p_λ is
-    degenerate (the choice then all but copies the best candidate of each prompt)."""
-    if solution.status == "infeasible":
-        explanation = f": {solution.certificate.explain()}" if solution.certificate is not None else ""
-        raise DecodeError(f"the palette is infeasible{explanation}; an infeasible palette has no λ to decode with "
-                          "(try mapjax.adjust for the nearest reachable one)")
-    if solution.degenerate:
-        warnings.warn(
-            f"decoding with a degenerate λ: p_λ's effective sample size (ESS) is {solution.ess:.3g} < "
-            f"{DEGENERATE_ESS:g}, so it sits on about one sample per group and MAP-D will keep the best candidate "
-            "almost always; the palette is at the edge of what the samples reach (mapjax.adjust backs it off)",
-            UserWarning,
-            stacklevel=2,  # one location for every entry point, so the same λ is warned about once
-        )
-    return dict(zip(solution.value_names, solution.lam))
 
 
 def selection_scores(pool: PoolLike, lam: LambdaLike, *, values: Sequence[str] | None = None) -> np.ndarray:
@@ -224,7 +176,7 @@ def decode(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise DecodeError(f"k (candidates per prompt) must be an integer >= 1, got {k!r}")
     if isinstance(lam, Solution):   # refused when infeasible, before any sampling
-        lam = _solution_lambda(lam)
+        lam = solution_lambda(lam)
     if values is None:
         if not isinstance(lam, Mapping):
             raise DecodeError("values is needed with λ given as a vector: name the rewards its entries weight")

@@ -23,6 +23,7 @@ import numpy as np
 
 from mapjax.errors import InputError
 from mapjax.jsonio import write_json
+from mapjax.outputs import check_output_folder, write_run_marker
 
 DEFAULT_VALUES = ("sentiment", "coherence", "diversity", "perplexity")
 DEFAULT_PALETTE = "sentiment>=q0.7, coherence>=q0.7, diversity>=mean, perplexity>=mean"
@@ -67,17 +68,17 @@ def run_demo(settings: DemoSettings, *, policy: Any = None, tokenizer: Any = Non
     tiny ones). Returns the summary also written to ``summary.json``."""
     from mapjax import adjust, solve
     from mapjax.build import build_pool
-    from mapjax.data import chat_formatter
     from mapjax.decode import decode_pool, expected_levels, first_samples
     from mapjax.dtypes import resolve_dtype
     from mapjax.evaluate import realised_levels
+    from mapjax.prompts import chat_formatter
 
     started = time.perf_counter()
     out = settings.out
     check_settings(settings)
     pool_prompts, heldout = split_prompts(list(prompts or demo_prompts()), settings.pool_prompts,
                                           settings.heldout_prompts, settings.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    write_run_marker(out, "demo")   # a later --force may rebuild only a folder the demo made
     if policy is None:
         from mapjax.models import from_gguf
         from mapjax.models.packaged import smollm2_gguf_path
@@ -149,8 +150,8 @@ def check_settings(settings: DemoSettings) -> None:
     from mapjax.dtypes import dtype_name
     from mapjax.palette import parse
 
-    if settings.out.exists() and not settings.out.is_dir():
-        raise InputError(f"--out {settings.out} is a file; give a folder")
+    # Not the working folder, not a file, not a folder of the user's (--force or not).
+    check_output_folder(settings.out, overwrite=settings.force, flag="--out", overwrite_flag="--force")
     dtype_name(settings.dtype, what="--dtype")
     for name in ("k", "max_new_tokens", "batch_size"):
         value = getattr(settings, name)

@@ -75,3 +75,22 @@ class OutputExistsError(MapjaxError, FileExistsError):
 class MeshError(MapjaxError):
     """A device mesh spec that cannot be built (unknown or repeated axis, bad size, wrong device count), or
     arrays that cannot be laid out on the mesh."""
+
+
+class OutputAliasError(MapjaxError):
+    """An output that is, holds, or sits inside one of the command's inputs (paths compared after resolving
+    symlinks), or that is the current folder or one of its parents: writing it would destroy what it reads."""
+
+
+class OutputNotOursError(MapjaxError):
+    """An output that ``--overwrite``/``--force`` may not replace because mapjax did not write it (a folder
+    without mapjax's run marker, a file that is not a mapjax pool or result)."""
+
+
+class LimitError(InputError):
+    """A count, size or number of points larger than this machine can hold (the message gives the estimate)."""
+
+
+class DivergenceError(FinetuneError):
+    """A finetuning run whose loss or parameters became non-finite; it stopped at once, kept its last finite
+    checkpoint and exported nothing (the command exits 1)."""

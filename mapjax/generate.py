@@ -2,7 +2,7 @@
 
 ``generate`` follows the shape of tunix's sampler: prompts are tokenized, sorted by length and left-padded
 into power-of-two length buckets so that compiled programs repeat; the prefill (every prompt token but the
-last, which only fills the cache) and the decode loop (a ``lax.while_loop`` that stops once every row has
+last, which only fills the cache) and the sampling loop (a ``lax.while_loop`` that stops once every row has
 emitted EOS or ``max_new_tokens`` tokens) are two jitted functions; the model's state is split from its graph
 (``nnx.split``) and passed as an argument.
 
@@ -58,7 +58,7 @@ _TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
 def trace_counts() -> dict[str, int]:
-    """How many times ``prefill``, ``decode`` and ``score`` were traced (each trace is one compilation)."""
+    """How many times ``prefill``, ``sample_loop`` and ``score`` were traced (each trace is one compilation)."""
     return dict(_TRACE_COUNTS)
 
 
@@ -93,7 +93,7 @@ class Generation:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """Everything the decode program is specialised on (hashable: a static jit argument)."""
+    """Everything the sampling loop's program is specialised on (hashable: a static jit argument)."""
 
     max_new_tokens: int
     top_k: int | None
@@ -203,7 +203,7 @@ def _prefill(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, cache_l
              mesh: Mesh | None = None) -> Any:
     """Write every prompt token but the last into a fresh cache.
 
-    The logits of these positions are never needed (the last prompt token is the decode loop's first
+    The logits of these positions are never needed (the last prompt token is the sampling loop's first
     input), so they are not returned and XLA drops the output head from this program. With a ``mesh`` the
     cache is created and returned split by rows.
     """
@@ -311,12 +311,12 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, settings: SamplingSettings
     return jnp.take_along_axis(candidate_ids, picked[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def _decode(graphdef: Any, settings: SamplingSettings, state: Any, cache: Any, first_input: jax.Array,
+def _sample_loop(graphdef: Any, settings: SamplingSettings, state: Any, cache: Any, first_input: jax.Array,
             keys: jax.Array, done: jax.Array, mesh: Mesh | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array, KVCache]:
     """Sample up to ``max_new_tokens`` tokens per row; stops early once every row is done. With a ``mesh`` the
     loop's per-row state stays split by rows."""
-    _TRACE_COUNTS["decode"] += 1
+    _TRACE_COUNTS["sample_loop"] += 1
     rows = first_input.shape[0]
     steps = settings.max_new_tokens
     eos = jnp.asarray(settings.eos_token_ids or (-1,), jnp.int32)
@@ -352,7 +352,7 @@ def _decode(graphdef: Any, settings: SamplingSettings, state: Any, cache: Any, f
 
 # The cache is donated and returned (then dropped), so the loop updates the prefill's buffers in place instead
 # of copying them into its carry first.
-_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "settings", "mesh"), donate_argnames=("cache",))
+_sample_loop_jit = jax.jit(_sample_loop, static_argnames=("graphdef", "settings", "mesh"), donate_argnames=("cache",))
 
 
 # --------------------------------------------------------------------------- #
@@ -441,7 +441,7 @@ def generate(model: CausalLM, tokenizer: Any, prompts: Sequence[str], *, max_new
         cache = prefill_cache(model, graphdef, state, sequences, pad_id, max_new_tokens, mesh=mesh)
         done = np.arange(rows_per_call) >= len(batch)
         last_tokens = np.asarray([ids[-1] for ids in sequences], np.int32)
-        out_tokens, out_logprobs, out_lengths, _ = _decode_jit(
+        out_tokens, out_logprobs, out_lengths, _ = _sample_loop_jit(
             graphdef, settings, state, cache, _device_rows(last_tokens, mesh), _device_rows(keys[filled], mesh),
             _device_rows(done, mesh), mesh=mesh)
         out_tokens, out_logprobs, out_lengths = jax.device_get((out_tokens, out_logprobs, out_lengths))
@@ -450,13 +450,13 @@ def generate(model: CausalLM, tokenizer: Any, prompts: Sequence[str], *, max_new
         logprobs[batch] = out_logprobs[:real]
         lengths[batch] = out_lengths[:real]
 
-    texts = [decode_continuation(tokenizer, prompt_tokens[prompt_index[row]], tokens[row, :lengths[row]])
+    texts = [continuation_text(tokenizer, prompt_tokens[prompt_index[row]], tokens[row, :lengths[row]])
              for row in range(total)]
     return Generation(tokens=tokens, lengths=lengths, texts=texts, logprobs=logprobs, prompt_index=prompt_index,
                       sample_index=sample_index, prompt_tokens=prompt_tokens)
 
 
-def decode_continuation(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+def continuation_text(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
     """Text of ``new_ids`` as it reads after the prompt.
 
     Decoding prompt and continuation together and cutting the prompt's text off keeps the leading space that

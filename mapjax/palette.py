@@ -20,21 +20,30 @@ array of levels) to target vectors over a pool's values; every public entry poin
 from __future__ import annotations
 
 import math
+import numbers
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
 from mapjax.errors import PaletteError
-from mapjax.pool import RewardPool, unique_names
+from mapjax.pool import RewardPool, real_array, scaled_moments, unique_names
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+# Every pattern below is linear-time: no quantified group holds another quantifier over the same characters
+# (``\d+\.?\d*`` would be quadratic on a long run of digits that does not match: "1"*64000 + "x").
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _QUANTILE = re.compile(rf"^q\s*({_NUMBER})\s*(%?)$")
 _MAX_MEAN_QUANTILE = re.compile(rf"^max\(\s*mean\s*,\s*q\s*({_NUMBER})\s*(%?)\s*\)$")
 _MEAN_LOG = re.compile(rf"^mean\s*\+\s*log\(\s*1\s*\+\s*({_NUMBER})\s*\)$")
 _MEAN_SHIFT = re.compile(rf"^mean\s*(?:([-+])\s*({_NUMBER}))?$")
 _RAW = re.compile(rf"^{_NUMBER}$")
+_PATTERNS = (_QUANTILE, _MAX_MEAN_QUANTILE, _MEAN_LOG, _MEAN_SHIFT, _RAW)
+# Longest palette string and longest level read: a palette names a few dozen values at most, and a level is a
+# number or a short formula. Anything longer is refused before it is parsed.
+MAX_PALETTE_CHARS = 100_000
+MAX_LEVEL_CHARS = 200
 
 
 __all__ = [
@@ -45,6 +54,7 @@ __all__ = [
     "Palettes",
     "check_levels",
     "is_spec",
+    "palette_count",
     "palette_targets",
     "parse",
     "parse_level",
@@ -67,23 +77,42 @@ class Level:
         if self.kind == "quantile":
             return float(np.quantile(values, self.number))
         if self.kind == "max_mean_quantile":
-            return max(float(values.mean()), float(np.quantile(values, self.number)))
+            return max(_mean(values), float(np.quantile(values, self.number)))
         if self.kind == "mean":
-            return float(values.mean()) + self.number
+            return _mean(values) + self.number
         if self.kind == "mean_log1p":
-            return float(values.mean()) + math.log1p(self.number)
+            return _mean(values) + math.log1p(self.number)
         raise AssertionError(self.kind)
+
+
+def _mean(values: np.ndarray) -> float:
+    """The mean of a value's samples, as the pool computes it (no overflow near float64's largest numbers)."""
+    return float(scaled_moments(values)[0])
 
 
 def parse_level(text: Union[str, float, int], value: str = "?") -> Level:
     """Read one level; the error names the value and shows the accepted forms."""
-    if isinstance(text, bool):
+    if isinstance(text, (bool, np.bool_)):
         raise PaletteError(f"level of {value!r} is {text!r}, expected a number or a level such as 'q0.8'")
-    if isinstance(text, (int, float)):
-        if not math.isfinite(text):
+    if isinstance(text, numbers.Real):
+        try:
+            number = float(text)
+        except OverflowError:
+            raise PaletteError(f"level of {value!r} is too large for a float64, expected a finite number") from None
+        if not math.isfinite(number):
             raise PaletteError(f"level of {value!r} is {text}, expected a finite number")
-        return Level("raw", float(text), str(text))
-    spec = str(text).strip().lower()
+        return Level("raw", number, str(text))
+    if not isinstance(text, str):
+        raise PaletteError(
+            f"level of {value!r} is a {type(text).__name__} ({str(text)[:60]!r}), expected a number or a level "
+            "such as 'q0.8'"
+        )
+    if len(text) > MAX_LEVEL_CHARS:
+        raise PaletteError(
+            f"level of {value!r} is {len(text)} characters long, more than {MAX_LEVEL_CHARS}: a level is a number "
+            "or a short formula such as 'max(mean,q0.8)'"
+        )
+    spec = text.strip().lower()
     if match := _QUANTILE.match(spec):
         return Level("quantile", _fraction(match, value, spec), spec)
     if match := _MAX_MEAN_QUANTILE.match(spec):
@@ -150,8 +179,19 @@ def parse(spec: PaletteSpec) -> Palette:
     if isinstance(spec, Palette):
         return spec
     if isinstance(spec, Mapping):
-        items = [(str(name), parse_level(level, str(name))) for name, level in spec.items()]
+        items = []
+        for name, level in spec.items():
+            if not isinstance(name, str):
+                raise PaletteError(f"a palette's value names are texts, got the {type(name).__name__} {name!r}")
+            if not name.strip():
+                raise PaletteError(f"palette entry {name!r}: {level!r} names no value")
+            items.append((name, parse_level(level, name)))
     elif isinstance(spec, str):
+        if len(spec) > MAX_PALETTE_CHARS:
+            raise PaletteError(
+                f"the palette is {len(spec)} characters long, more than {MAX_PALETTE_CHARS}: a palette names each "
+                "value once, as 'value>=level'"
+            )
         items = []
         for part in _split_top_level(spec):
             if not part.strip():
@@ -167,8 +207,8 @@ def parse(spec: PaletteSpec) -> Palette:
         raise PaletteError(f"a palette is a string or a dict of levels, got a {type(spec).__name__}")
     if not items:
         raise PaletteError("the palette constrains no value")
-    names = [name for name, _ in items]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    counts = Counter(name for name, _ in items)
+    repeated = sorted(name for name, count in counts.items() if count > 1)
     if repeated:
         raise PaletteError(f"the palette names {repeated} more than once")
     return Palette(tuple(items))
@@ -200,6 +240,38 @@ def is_spec(palette: Any) -> bool:
     return isinstance(palette, (str, Mapping, Palette))
 
 
+def _is_collection(palettes: Any) -> bool:
+    """A list, tuple or array (numpy's, or any with ``__array__``), that is, something that can hold palettes."""
+    return isinstance(palettes, (np.ndarray, Sequence)) or hasattr(palettes, "__array__")
+
+
+def palette_count(palettes: Palettes) -> int:
+    """How many palettes ``palettes`` holds (a spec or a vector of levels is one), without resolving any.
+
+    Anything that is no palette (None, a bare number, a ragged or mixed list, complex levels) is a
+    :class:`PaletteError` saying what a palette is.
+    """
+    if is_spec(palettes):
+        return 1
+    if not _is_collection(palettes) or isinstance(palettes, (bytes, bytearray)):
+        raise PaletteError(
+            "a palette is a string, a dict of levels, a vector of levels, or a list or array of them; got a "
+            f"{type(palettes).__name__}"
+        )
+    if isinstance(palettes, Sequence):
+        if len(palettes) == 0:
+            raise PaletteError("no palettes given")
+        specs = [is_spec(spec) for spec in palettes]
+        if all(specs):
+            return len(palettes)
+        if any(specs):
+            raise PaletteError("a list of palettes holds either specs (strings, dicts) or vectors of levels, not both")
+    levels = real_array(palettes, "palette levels", PaletteError)
+    if levels.ndim not in (1, 2):
+        raise PaletteError(f"palette levels must be a vector or a [palettes, values] array, got shape {levels.shape}")
+    return 1 if levels.ndim == 1 else int(levels.shape[0])
+
+
 def palette_targets(
     pool: RewardPool,
     palettes: Palettes,
@@ -219,17 +291,9 @@ def palette_targets(
         values = unique_names(values, "values", PaletteError)
     if is_spec(palettes):
         palettes = [palettes]
-    if not isinstance(palettes, (np.ndarray, Sequence)):
-        raise PaletteError(
-            "a palette is a string, a dict of levels, a vector of levels, or a list or array of them; got a "
-            f"{type(palettes).__name__}"
-        )
-    if not isinstance(palettes, np.ndarray) and len(palettes) == 0:
-        raise PaletteError("no palettes given")
-    if not isinstance(palettes, np.ndarray) and all(is_spec(spec) for spec in palettes):
+    palette_count(palettes)   # refuses what is no palette, before any level is resolved
+    if isinstance(palettes, Sequence) and all(is_spec(spec) for spec in palettes):
         targets = np.stack([_resolve(pool, parse(spec)) for spec in palettes])
-    elif not isinstance(palettes, np.ndarray) and any(is_spec(spec) for spec in palettes):
-        raise PaletteError("a list of palettes holds either specs (strings, dicts) or vectors of levels, not both")
     else:
         targets = _levels_array(pool, palettes, values)
     unconstrained = np.isnan(targets).all(axis=1)
@@ -269,10 +333,7 @@ def _resolve(pool: RewardPool, palette: Palette) -> np.ndarray:
 
 def _levels_array(pool: RewardPool, levels: Any, values: tuple[str, ...] | None) -> np.ndarray:
     """A vector or [palettes, levels] array of raw levels, over ``values`` or over all of the pool's values."""
-    try:
-        array = np.asarray(levels, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError) as error:
-        raise PaletteError(f"palette levels must be numbers, a vector or a [palettes, values] array ({error})") from None
+    array = real_array(levels, "palette levels", PaletteError)
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2:

@@ -27,13 +27,12 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-from mapjax.decode import lambda_for
 from mapjax.errors import OutputExistsError, PlotError
 from mapjax.evaluate import base_quantile, resolve_targets
 from mapjax.palette import Palettes, one_palette_targets
 from mapjax.pool import PoolLike, as_pool, unique_names
 from mapjax.problem import tilt_weights
-from mapjax.solver import Solutions, solve_many
+from mapjax.solver import Solutions, lambda_for, solve_many
 
 RegionColour = Literal["log_ess", "lambda_l1", "kl"]
 REGION_COLOURS: tuple[str, ...] = ("log_ess", "lambda_l1", "kl")
@@ -51,13 +50,23 @@ def _pyplot():
 
 
 def _output(path: str | os.PathLike, overwrite: bool) -> Path:
+    """The PNG file a plot writes: ``overwrite`` replaces only a PNG (never a folder, nor a file of another
+    kind that happens to end in .png; see :func:`mapjax.outputs.check_file_output`)."""
+    from mapjax.outputs import check_file_output
+
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise PlotError(f"{path}: plots are written as PNG; give a path ending in .png")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path = check_file_output(path, overwrite=overwrite, flag="path", replaceable=_is_png, what="a PNG image")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _is_png(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
 
 
 def _save(figure, path: Path) -> Path:
@@ -145,7 +154,7 @@ def tilted_weights(pool: PoolLike, lam, *, values: Sequence[str] | None = None) 
     """Weights of the pool's samples (in :meth:`RewardPool.flat` order) under p_λ ∝ p0 exp(λᵀr), pooled.
 
     ``lam`` is a Solution, a {value: λ} mapping or a vector over the pool's values (see
-    :func:`mapjax.decode.lambda_for`).
+    :func:`mapjax.solver.lambda_for`).
     """
     pool = as_pool(pool, values)
     return tilt_weights(pool, lambda_for(pool, lam), "pooled")  # p_λ's weights, computed as the solver does

@@ -16,7 +16,9 @@ import functools
 import gzip
 import json
 import math
+import numbers
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -24,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from mapjax.errors import InputError, PoolError
+from mapjax.jsonio import OversizedInteger, loads
 
 SUMMARY_QUANTILES: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 # Columns of a record that are text or grouping keys, never rewards.
@@ -62,9 +65,9 @@ class RewardPool:
     generations: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
-        rewards = np.asarray(self.rewards, dtype=np.float64)
-        mask = np.asarray(self.mask, dtype=bool)
-        names = tuple(str(name) for name in self.value_names)
+        rewards = real_array(self.rewards, "rewards", PoolError)
+        mask = _mask_array(self.mask)
+        names = name_list(self.value_names, "value_names", PoolError)
         if rewards.ndim != 3:
             raise PoolError(f"rewards must have shape [prompts, samples, values], got shape {rewards.shape}")
         if mask.shape != rewards.shape[:2]:
@@ -90,17 +93,24 @@ class RewardPool:
                 f"reward {names[value]!r} of prompt row {prompt}, sample {sample} is {rewards[prompt, sample, value]}: "
                 "rewards must be finite numbers"
             )
-        if self.prompts is not None and len(self.prompts) != rewards.shape[0]:
-            raise PoolError(f"{len(self.prompts)} prompts for {rewards.shape[0]} prompt rows")
+        prompts = None if self.prompts is None else _texts(self.prompts, "prompts")
+        if prompts is not None and len(prompts) != rewards.shape[0]:
+            raise PoolError(f"{len(prompts)} prompts for {rewards.shape[0]} prompt rows")
+        generations = None
         if self.generations is not None:
+            if isinstance(self.generations, (str, bytes)) or not isinstance(self.generations, Iterable):
+                raise PoolError(f"generations must be a list of lists of texts, got a {type(self.generations).__name__}")
+            generations = tuple(_texts(texts, f"generations[{row}]") for row, texts in enumerate(self.generations))
             counts = mask.sum(axis=1)
-            if len(self.generations) != rewards.shape[0] or any(
-                len(texts) != count for texts, count in zip(self.generations, counts)
+            if len(generations) != rewards.shape[0] or any(
+                len(texts) != count for texts, count in zip(generations, counts)
             ):
                 raise PoolError("generations must hold one text per valid sample of each prompt")
         object.__setattr__(self, "rewards", np.where(mask[:, :, None], rewards, 0.0))
         object.__setattr__(self, "mask", mask)
         object.__setattr__(self, "value_names", names)
+        object.__setattr__(self, "prompts", prompts)
+        object.__setattr__(self, "generations", generations)
 
     # ----------------------------------------------------------------- construction
 
@@ -112,14 +122,7 @@ class RewardPool:
         mask: np.ndarray | None = None,
     ) -> "RewardPool":
         """A pool from an array: [n, values] (one sample per prompt) or [prompts, samples, values]."""
-        try:
-            array = np.asarray(rewards, dtype=np.float64)
-        except OverflowError:
-            raise PoolError("rewards hold a number too large for a float64; rescale them") from None
-        except (TypeError, ValueError) as error:
-            raise PoolError(
-                f"rewards must be a numeric array [n, values] or [prompts, samples, values] ({error})"
-            ) from None
+        array = real_array(rewards, "rewards", PoolError)
         if array.ndim == 1:
             array = array[:, None]
         if array.ndim == 2:
@@ -145,8 +148,11 @@ class RewardPool:
 
         ``value_names`` picks and orders the reward columns; by default every field that holds a number in any
         record (other than ``prompt_id``), in order of first appearance. Every record is read alike: one that
-        lacks a value, or holds something other than a finite number there, is an error naming its row.
+        lacks a value, or holds something other than a finite number there, is an error naming its row, and so
+        is a ``prompt``, ``generated`` or ``prompt_id`` that is not text or a finite number (a list, an object).
         """
+        if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
+            raise PoolError(f"{source}: records must be a list of objects of fields, got a {type(records).__name__}")
         rows = list(records)
         if not rows:
             raise PoolError(f"{source}: the pool is empty: no records")
@@ -173,6 +179,9 @@ class RewardPool:
             for key in text_keys:
                 if row.get(key) is None:
                     raise PoolError(f"{source}: row {index} has no {key!r}, which other rows have")
+            for key in TEXT_COLUMNS:
+                if row.get(key) is not None:
+                    _check_scalar(row[key], source, index, key)
             key = row.get(group_key) if group_key else index
             if group_key and key is None:
                 raise PoolError(f"{source}: row {index} has no {group_key!r}")
@@ -217,7 +226,8 @@ class RewardPool:
     @functools.cached_property
     def _column_stats(self) -> dict[str, np.ndarray]:
         flat = self._flat
-        stats = {"mean": flat.mean(axis=0), "std": flat.std(axis=0), "min": flat.min(axis=0), "max": flat.max(axis=0)}
+        mean, spread = scaled_moments(flat)
+        stats = {"mean": mean, "std": spread, "min": flat.min(axis=0), "max": flat.max(axis=0)}
         for array in stats.values():
             array.flags.writeable = False
         return stats
@@ -261,7 +271,7 @@ class RewardPool:
         stats = []
         for column, name in enumerate(self.value_names):
             values = flat[:, column]
-            se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+            se = float(scaled_moments(values, ddof=1)[1] / math.sqrt(n)) if n > 1 else float("nan")
             stats.append(
                 ValueSummary(
                     name=name,
@@ -277,15 +287,16 @@ class RewardPool:
     # ----------------------------------------------------------------- files
 
     def records(self) -> list[dict[str, Any]]:
-        """One record per valid sample, in the authors' schema (``prompt``, ``generated``, values)."""
+        """One record per valid sample: the authors' schema (``prompt``, ``generated``, values) with the
+        ``prompt_id`` of its prompt row, so that reading it back gives the same rows even when texts repeat."""
         out = []
         for prompt_row in range(self.num_prompts):
             for slot, sample in enumerate(np.flatnonzero(self.mask[prompt_row])):
-                record: dict[str, Any] = {}
+                # The prompt row is the grouping key in every format: prompt texts may repeat (two rows asked
+                # the same prompt), and grouping by text on reading would merge them.
+                record: dict[str, Any] = {"prompt_id": prompt_row}
                 if self.prompts is not None:
                     record["prompt"] = self.prompts[prompt_row]
-                else:
-                    record["prompt_id"] = prompt_row
                 if self.generations is not None:
                     record["generated"] = self.generations[prompt_row][slot]
                 for column, name in enumerate(self.value_names):
@@ -299,6 +310,8 @@ class RewardPool:
 
         A ``.json.gz`` or ``.jsonl.gz`` file is decompressed on the fly (the shipped pilot set is one).
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise PoolError(f"path must be a file path (a str or a Path), got a {type(path).__name__}")
         path = Path(path)
         if not path.is_file():
             raise PoolError(f"{path}: no such file")
@@ -312,14 +325,11 @@ class RewardPool:
                     with gzip.open(path, "rt", encoding="utf-8") as handle:
                         return handle.read()
                 return path.read_text(encoding="utf-8")
-            except (OSError, EOFError, UnicodeDecodeError) as error:
+            except (OSError, EOFError, UnicodeDecodeError, zlib.error) as error:
                 raise PoolError(f"{path}: cannot be read ({error}); is the file truncated?") from None
 
         if suffix == ".json":
-            try:
-                data = json.loads(read_text())
-            except json.JSONDecodeError as error:
-                raise PoolError(f"{path}: not valid JSON ({error}); is the file truncated?") from None
+            data = loads(read_text(), str(path), PoolError, keep_oversized_integers=True)
             if isinstance(data, Mapping) and "records" in data:
                 data = data["records"]
             if not isinstance(data, list):
@@ -330,19 +340,14 @@ class RewardPool:
             for line_number, line in enumerate(read_text().splitlines(), start=1):
                 if not line.strip():
                     continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise PoolError(
-                        f"{path}: line {line_number} is not valid JSON ({error}); is the file truncated?"
-                    ) from None
+                rows.append(loads(line, f"{path}: line {line_number}", PoolError, keep_oversized_integers=True))
         elif suffix == ".parquet":
             import pyarrow
             import pyarrow.parquet as pq
 
             try:
                 rows = pq.read_table(path).to_pylist()
-            except (pyarrow.ArrowInvalid, OSError) as error:
+            except (pyarrow.ArrowException, OSError) as error:
                 raise PoolError(f"{path}: not a readable Parquet file ({error})") from None
         else:
             raise PoolError(f"{path}: unknown pool format {suffix!r}; use .json, .jsonl or .parquet (or .json.gz, .jsonl.gz)")
@@ -394,13 +399,23 @@ def _numeric_fields(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (Python's or numpy's), or an integer too long for the JSON reader (refused by row later)."""
+    if type(value) in (float, int):   # the common case, before the slower abstract checks (bool is not int here)
+        return True
+    if isinstance(value, OversizedInteger):
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _reward(raw: Any, source: str, row: int, name: str) -> float:
     """One reward of a record as a finite float; the error names the row and value."""
+    if isinstance(raw, OversizedInteger):
+        raise PoolError(
+            f"{source}: row {row}, value {name!r} is an integer of {raw.digits} digits, too large for a float64; "
+            "rescale the rewards"
+        )
     if not _is_number(raw):
-        raise PoolError(f"{source}: row {row}, value {name!r} is {raw!r}, expected a number")
+        raise PoolError(f"{source}: row {row}, value {name!r} is {_shown(raw)}, expected a number")
     try:
         number = float(raw)
     except OverflowError:
@@ -411,6 +426,87 @@ def _reward(raw: Any, source: str, row: int, name: str) -> float:
     if not math.isfinite(number):
         raise PoolError(f"{source}: row {row}, value {name!r} is {raw}: rewards must be finite")
     return number
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so that an error about a huge field stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_scalar(value: Any, source: str, row: int, key: str) -> None:
+    """A prompt, generated text or prompt_id is text or a finite number: a list or an object cannot group rows
+    (it is not hashable) and is not text."""
+    if isinstance(value, str):
+        return
+    if _is_number(value) and not isinstance(value, OversizedInteger) and math.isfinite(value):
+        return
+    what = "an integer too long to read" if isinstance(value, OversizedInteger) else f"a {type(value).__name__}"
+    raise PoolError(f"{source}: row {row}, {key!r} is {what} ({_shown(value)}), expected text or a number")
+
+
+def _texts(texts: Any, argument: str) -> tuple[str, ...]:
+    """A list of texts (prompts, or one prompt's generations) as a tuple; anything else names ``argument``."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        raise PoolError(f"{argument} must be a list of texts, got a {type(texts).__name__}")
+    texts = tuple(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise PoolError(f"{argument}[{index}] is a {type(text).__name__} ({_shown(text)}), expected text")
+    return texts
+
+
+def _mask_array(mask: Any) -> np.ndarray:
+    """The pool's mask as bool: booleans, or numbers that are all 0 or 1."""
+    if isinstance(mask, np.ndarray) and mask.dtype == bool:
+        return mask
+    array = real_array(mask, "mask", PoolError)
+    if not np.isin(array, (0.0, 1.0)).all():
+        raise PoolError("mask must hold True/False (or 1/0) for each [prompt, sample] slot")
+    return array.astype(bool)
+
+
+# The kinds of numpy array a numeric argument may arrive as: booleans, integers, floats, and Python objects
+# (checked one by one on conversion). Complex, text, dates and bytes are refused, never truncated or parsed.
+_REAL_KINDS = "biufO"
+
+
+def real_array(value: Any, argument: str, error: type[Exception] = InputError) -> np.ndarray:
+    """``value`` as a float64 array; anything that is not an array of real numbers is ``error`` naming
+    ``argument``. Complex numbers are refused (numpy would silently drop the imaginary part), as are texts
+    (numpy would parse "1.5") and ragged nested lists."""
+    try:
+        raw = np.asarray(value)
+    except (TypeError, ValueError, OverflowError) as reason:
+        raise error(f"{argument} must be a numeric array ({reason})") from None
+    if raw.dtype.kind == "c":
+        raise error(f"{argument} holds complex numbers; pass real numbers (the imaginary part would be lost)")
+    if raw.dtype.kind not in _REAL_KINDS:
+        raise error(f"{argument} must be a numeric array, got an array of {raw.dtype} ({_shown(value)})")
+    if raw.dtype.kind == "O" and any(isinstance(item, (complex, np.complexfloating)) for item in raw.flat):
+        raise error(f"{argument} holds complex numbers; pass real numbers (the imaginary part would be lost)")
+    try:
+        return np.asarray(raw, dtype=np.float64)
+    except OverflowError:
+        raise error(f"{argument} holds a number too large for a float64; rescale it") from None
+    except (TypeError, ValueError) as reason:
+        raise error(f"{argument} must be a numeric array ({reason})") from None
+
+
+def scaled_moments(array: np.ndarray, axis: int = 0, ddof: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, standard deviation) along ``axis``, free of overflow and underflow at any finite scale.
+
+    ``np.std`` squares the deviations: rewards of size 1e-200 square to 0 and of size 1e200 to inf, and the
+    spread (the unit of every solver tolerance) is lost. Each column is first divided by the power of two
+    nearest above its largest magnitude, which is exact, so on ordinary rewards the results are the same bits
+    as numpy's own.
+    """
+    array = np.asarray(array, dtype=np.float64)
+    exponent = np.frexp(np.max(np.abs(array), axis=axis, keepdims=True))[1]
+    unit = np.ldexp(array, -exponent)
+    mean = np.ldexp(unit.mean(axis=axis, keepdims=True), exponent)
+    spread = np.ldexp(unit.std(axis=axis, ddof=ddof, keepdims=True), exponent)
+    return np.squeeze(mean, axis=axis), np.squeeze(spread, axis=axis)
 
 
 def repeated_names(names: Iterable[str]) -> list[str]:
@@ -425,12 +521,24 @@ def unique_names(
     names: Iterable[str], argument: str = "values", error: type[Exception] = InputError
 ) -> tuple[str, ...]:
     """``names`` as a tuple of strings; naming a value twice is an error that lists the repeats."""
-    if isinstance(names, str):
-        raise error(f"{argument} must be a list of value names, got the string {names!r}")
-    names = tuple(str(name) for name in names)
+    names = name_list(names, argument, error)
     repeated = repeated_names(names)
     if repeated:
         raise error(f"{argument} names {repeated} more than once: {list(names)}")
+    return names
+
+
+def name_list(names: Iterable[str], argument: str = "values", error: type[Exception] = InputError) -> tuple[str, ...]:
+    """``names`` (a list of value names, each a text) as a tuple; anything else is ``error`` naming ``argument``."""
+    if isinstance(names, str):
+        raise error(f"{argument} must be a list of value names, got the string {names!r}")
+    if not isinstance(names, Iterable):
+        raise error(f"{argument} must be a list of value names, got a {type(names).__name__}")
+    names = tuple(names)
+    for name in names:
+        if not isinstance(name, str):
+            raise error(f"{argument} must be a list of value names (texts), but holds a {type(name).__name__} "
+                        f"({_shown(name)})")
     return names
 
 

@@ -5,7 +5,11 @@ Per-prompt normaliser: each prompt's samples form a group, weighted 1/P,
 g(λ) = λᵀc − (1/P) Σ_x log (1/k_x) Σ_{y in x} exp(λᵀ r(x, y)).
 
 Solvers work in a shifted, scaled frame r̃ = (r − μ)/σ (μ, σ the pooled mean and spread of each value) for
-conditioning; λ = λ̃/σ maps back exactly, and the dual changes only by a constant.
+conditioning; λ = λ̃/σ maps back exactly, and the dual changes only by a constant. Every tolerance of the
+solvers and the LP is in this frame, so a verdict does not depend on the rewards' units: μ and σ are computed
+without overflow or underflow at any finite scale (:func:`mapjax.pool.scaled_moments`), and so is the frame
+itself (:func:`standardise`). A spread so small or so large that λ = λ̃/σ could not be written as a float64
+(outside [:data:`SMALLEST_SPREAD`, :data:`LARGEST_SPREAD`]) is refused with a named error.
 
 The tilted distribution p_λ ∝ p0 exp(λᵀr), normalised within each group, is computed in one place,
 :func:`group_tilt`: the Newton kernel uses it on device, and :func:`tilt_weights` gives its weights to numpy
@@ -25,7 +29,7 @@ import numpy as np
 from flax import struct
 
 from mapjax.errors import InputError, SolverError
-from mapjax.pool import RewardPool
+from mapjax.pool import RewardPool, real_array
 
 Normaliser = Literal["pooled", "per_prompt"]
 # Problems already built, per pool (weakly held: they go with their pool).
@@ -33,6 +37,11 @@ _BUILT: "weakref.WeakKeyDictionary[RewardPool, dict[str, DualProblem]]" = weakre
 NORMALISERS: tuple[str, ...] = ("pooled", "per_prompt")
 DType = Literal["float32", "float64"]
 DTYPES: tuple[str, ...] = ("float32", "float64")
+# The spreads σ a pool's values may have: λ = λ̃/σ, with λ̃ up to the kernel's 1e7, must stay a finite float64
+# (below about 1.8e308), and above σ = 2^1000 a λ that matters would fall among the subnormal floats (below
+# about 2.2e-308). About 9.3e-302 and 1.1e301.
+SMALLEST_SPREAD = 2.0**-1000
+LARGEST_SPREAD = 2.0**1000
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,17 +78,18 @@ class DualProblem:
     @classmethod
     def _build(cls, pool: RewardPool, normaliser: Normaliser) -> "DualProblem":
         flat = pool.flat()
-        shift = pool.means()
+        shift = np.array(pool.means())
         spread = pool.spread()
+        _check_spread(pool.value_names, spread)
         # A constant column gets scale 1: it cannot be constrained (palette.check_levels says so), and any λ on
         # it only shifts every sample's score equally.
         scale = np.where(spread > 0, spread, 1.0)
         if normaliser == "pooled":
-            scaled = ((flat - shift) / scale)[None]
+            scaled = standardise(flat, shift, scale)[None]
             log_base = np.full((1, flat.shape[0]), -np.log(flat.shape[0]))
             group_weight = np.ones(1)
         else:
-            scaled = np.where(pool.mask[:, :, None], (pool.rewards - shift) / scale, 0.0)
+            scaled = np.where(pool.mask[:, :, None], standardise(pool.rewards, shift, scale), 0.0)
             counts = pool.mask.sum(axis=1, keepdims=True)
             log_base = np.where(pool.mask, -np.log(counts), -np.inf)
             group_weight = np.full(pool.num_prompts, 1.0 / pool.num_prompts)
@@ -93,7 +103,7 @@ class DualProblem:
         return len(self.value_names)
 
     def to_scaled_targets(self, targets: np.ndarray) -> np.ndarray:
-        return (np.asarray(targets, dtype=np.float64) - self.shift) / self.scale
+        return standardise(np.asarray(targets, dtype=np.float64), self.shift, self.scale)
 
     def to_raw_lambda(self, scaled_lambda: np.ndarray) -> np.ndarray:
         return np.asarray(scaled_lambda, dtype=np.float64) / self.scale
@@ -103,6 +113,28 @@ class DualProblem:
 
     def to_raw_levels(self, scaled_levels: np.ndarray) -> np.ndarray:
         return self.shift + self.scale * np.asarray(scaled_levels, dtype=np.float64)
+
+
+def standardise(values: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(values − shift) / scale over the last axis, without overflow in the difference at any finite scale.
+
+    Each column is first divided by a power of two at least its shift and scale, which is exact: on ordinary
+    rewards the result is the same bits as the plain formula, and near float64's largest numbers the
+    difference of two rewards cannot overflow.
+    """
+    exponent = np.frexp(np.maximum(np.abs(shift), scale))[1]
+    return (np.ldexp(values, -exponent) - np.ldexp(shift, -exponent)) / np.ldexp(scale, -exponent)
+
+
+def _check_spread(value_names: tuple[str, ...], spread: np.ndarray) -> None:
+    """Refuse values whose spread puts λ = λ̃/σ out of float64's reach (a constant value, spread 0, is fine)."""
+    for name, sigma in zip(value_names, spread):
+        if sigma > 0 and not SMALLEST_SPREAD <= sigma <= LARGEST_SPREAD:
+            raise SolverError(
+                f"{name!r} has a standard deviation of {sigma:.3g} over the pool, outside the "
+                f"[{SMALLEST_SPREAD:.3g}, {LARGEST_SPREAD:.3g}] where λ (in 1/units of the reward) is a float64; "
+                "rescale the rewards (multiply them by a power of ten) and solve again"
+            )
 
 
 @contextlib.contextmanager
@@ -172,7 +204,7 @@ def tilt_weights(
         problem = DualProblem.from_pool(data, "per_prompt" if normaliser is None else normaliser)
     else:
         raise InputError(f"tilt_weights takes a RewardPool or a DualProblem, got {type(data).__name__}")
-    vector = np.asarray(lam, dtype=np.float64)
+    vector = real_array(lam, "λ", InputError)
     if vector.shape != (problem.num_values,):
         raise InputError(
             f"λ has shape {vector.shape}; expected one entry per value {list(problem.value_names)}"

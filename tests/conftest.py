@@ -1,8 +1,15 @@
-"""Shared fixtures: the authors' OPT-1.3B pilot set (shipped in data/) and synthetic pools."""
+"""Shared fixtures: the authors' OPT-1.3B pilot set (shipped in data/), synthetic pools, tiny models, and child
+processes that see several host devices."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,7 +17,8 @@ import pytest
 from mapjax import RewardPool
 
 PILOT_NAME = "opt1.3b-anthropic-harmless.json.gz"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
 # The paper's value order (MAP.md section 7); the pilot file stores them in another order.
 PAPER_VALUES = ("humor", "gpt2-helpful", "gpt2-harmless", "diversity", "coherence", "perplexity")
 
@@ -238,3 +246,68 @@ def torch_tiny_model():
         return model
 
     return build
+
+
+# --------------------------------------------------------------------------------------------------------- #
+# Several host devices. JAX fixes its device count when its backend starts and this process has one CPU device,
+# so multi-device checks run in child processes started with --xla_force_host_platform_device_count.
+# --------------------------------------------------------------------------------------------------------- #
+_RESULT_MARKER = "@@MAPJAX-HOST-DEVICES-RESULT@@"
+
+
+class HostDevices:
+    """Fresh Python processes that see ``devices`` host (CPU) devices, run from the repository root with the
+    repository and ``tests/`` importable (``from conftest import build_tiny_model`` works in them).
+
+    Each launch pays a JAX import and its own compilations (seconds on two cores): put everything one test module
+    needs into one child, keep the models tiny, and mark the tests that use it ``slow``.
+    """
+
+    def environment(self, devices: int = 1, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default ``os.environ``) with ``devices`` host devices forced (any count it set is replaced),
+        JAX on CPU, and the repository and ``tests/`` first on ``PYTHONPATH``."""
+        env = dict(os.environ if base is None else base)
+        flags = [flag for flag in env.get("XLA_FLAGS", "").split()
+                 if not flag.startswith("--xla_force_host_platform_device_count")]
+        if devices > 1:
+            flags.append(f"--xla_force_host_platform_device_count={devices}")
+        env["XLA_FLAGS"] = " ".join(flags)
+        env["JAX_PLATFORMS"] = "cpu"
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), str(TESTS_DIR)] + [part for part in env.get("PYTHONPATH", "").split(os.pathsep) if part])
+        return env
+
+    def run(self, arguments: list[str], *, devices: int, timeout: float = 600.0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """``python *arguments`` (e.g. ``["-c", code, ...]`` or ``["-m", "mapjax.cli", ...]``) to completion,
+        output captured."""
+        return subprocess.run([sys.executable, *arguments], cwd=REPO_ROOT, env=self.environment(devices, env),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self, arguments: list[str], *, devices: int, stderr: Path) -> subprocess.Popen:
+        """``python *arguments`` started in the background; its stderr goes to the file ``stderr`` (a pipe that
+        nobody reads while this process works could fill and stall the child), its stdout nowhere."""
+        with open(stderr, "w") as errors:
+            return subprocess.Popen([sys.executable, *arguments], cwd=REPO_ROOT, env=self.environment(devices),
+                                    stdout=subprocess.DEVNULL, stderr=errors)
+
+    def result(self, code: str, *, devices: int = 8, timeout: float = 600.0) -> Any:
+        """Run ``code`` (dedented), which assigns a JSON-serialisable ``RESULT``, and return that ``RESULT``.
+
+        Raises ``AssertionError`` with the child's output when it exits non-zero or sets no result.
+        """
+        program = textwrap.dedent(code) + (
+            f"\nimport json as _json\nprint({_RESULT_MARKER!r} + _json.dumps(RESULT), flush=True)\n")
+        completed = self.run(["-c", program], devices=devices, timeout=timeout)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith(_RESULT_MARKER)]
+        if completed.returncode != 0 or not lines:
+            raise AssertionError(f"the {devices}-device subprocess failed (exit {completed.returncode})\n"
+                                 f"--- stdout ---\n{completed.stdout[-4000:]}\n--- stderr ---\n{completed.stderr[-8000:]}")
+        return json.loads(lines[-1][len(_RESULT_MARKER):])
+
+
+@pytest.fixture(scope="session")
+def host_devices() -> HostDevices:
+    """:class:`HostDevices`: run Python children that see several host devices (``environment``, ``run``,
+    ``start``, ``result``)."""
+    return HostDevices()

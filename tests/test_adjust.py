@@ -83,6 +83,7 @@ def test_adjustment_with_per_prompt_normaliser(ragged_pool):
     assert_solves(result, pool)
 
 
+@pytest.mark.slow
 def test_random_palettes_are_feasible_with_small_lambda(pilot):
     values = ["humor", "gpt2-helpful", "gpt2-harmless"]
     solutions, rate = adjust.random_palettes(pilot, values, 50, seed=1)

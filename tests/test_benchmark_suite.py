@@ -71,6 +71,7 @@ def tiny_run(tmp_path_factory):
     return json.loads((out / "results.json").read_text()), (out / "results.md").read_text(), done
 
 
+@pytest.mark.slow
 def test_every_case_runs_and_agrees_without_the_missing_packages(tiny_run):
     from benchmarks.suite_cases import CASE_NAMES
 
@@ -160,3 +161,67 @@ def test_full_configs_have_the_real_models_sizes(name):
     model = build_abstract(lambda: cls(config, rngs=nnx.Rngs(0), **options))
     count = sum(int(np.prod(value.shape)) for value in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert count == PUBLISHED_PARAMETERS[name]
+
+
+# The agreement checks the stand-alone benchmarks run before timing (benchmarks/models.py, generate.py, solver.py).
+def test_model_benchmark_agreement_check_refuses_different_outputs():
+    import numpy as np
+    import torch
+
+    from benchmarks.models import Disagreement, assert_agreement
+
+    logits = np.linspace(-5.0, 5.0, 24, dtype=np.float32).reshape(2, 3, 4)
+    close = assert_agreement("row", logits + 1e-5, torch.tensor(logits), tolerance=1e-3)
+    assert 0 < close["max_abs_difference"] < 2e-5 and close["max_abs_value"] == 5.0
+    shifted = logits.copy()
+    shifted[1, 2, 3] += 0.1   # 0.1 is 2e-2 of the largest |value|
+    with pytest.raises(Disagreement, match=r"SmolLM2 row: max \|mapjax - PyTorch\| = 0\.1"):
+        assert_agreement("SmolLM2 row", shifted, torch.tensor(logits), tolerance=1e-3)
+    with pytest.raises(Disagreement, match="shape"):
+        assert_agreement("row", logits[:, :2], logits, tolerance=1e-3)
+    with pytest.raises(Disagreement, match="non-finite"):
+        assert_agreement("row", np.full_like(logits, np.nan), logits, tolerance=1e-3)
+
+
+def test_generate_benchmark_sample_check_refuses_wrong_logprobs_and_tokens_outside_top_k():
+    import numpy as np
+
+    from benchmarks.generate import check_samples
+    from benchmarks.models import Disagreement
+
+    tokens = np.array([[5, 7, 9]])
+    picked = np.array([[-1.0, -2.0, -3.0]])
+    kth = np.array([[-4.0, -4.0, -4.0]])
+    result = check_samples("mapjax's samples", tokens, picked, kth, picked + 1e-4, tolerance=2e-3)
+    assert result == {"max_abs_logprob_difference": pytest.approx(1e-4), "tokens_checked": 3}
+    with pytest.raises(Disagreement, match=r"row 0, new token 1 \(id 7\): log-probability"):
+        check_samples("mapjax's samples", tokens, picked, kth, picked + np.array([[0.0, 0.01, 0.0]]), 2e-3)
+    below = np.array([[-1.0, -4.5, -3.0]])   # the second token is not among the top k
+    with pytest.raises(Disagreement, match=r"new token 1 \(id 7\) is outside PyTorch's top-50"):
+        check_samples("PyTorch's samples", tokens, below, kth, below, 2e-3)
+
+
+def test_solver_benchmark_compares_verdicts_and_lambdas():
+    import numpy as np
+
+    from benchmarks.solver import compare_solvers, misses_in_sd, quality, realised_levels
+    from mapjax import RewardPool
+
+    feasible = np.array([True, True, False, False])
+    other = np.array([True, False, True, False])
+    lam = np.array([[1.0, 2.0], [1.0, 1.0], [np.nan, np.nan], [np.nan, np.nan]])
+    other_lam = np.array([[1.0, 2.5], [np.nan, np.nan], [3.0, 4.0], [np.nan, np.nan]])
+    result = compare_solvers(feasible, lam, other, other_lam)
+    assert result["verdict_agreement"] == 0.5
+    assert result["infeasible_where_other_feasible"] == 1 and result["feasible_where_other_infeasible"] == 1
+    assert result["both_feasible"] == 1 and result["max_abs_lambda_difference"] == 0.5
+    assert result["median_relative_lambda_difference"] == pytest.approx(0.5 / np.hypot(1.0, 2.5))
+
+    rewards = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 8.0]])
+    pool = RewardPool.from_array(rewards)
+    realised = realised_levels(pool, np.array([[0.0, 0.0], [np.nan, np.nan]]))
+    np.testing.assert_allclose(realised[0], rewards.mean(axis=0))   # λ = 0 reaches the base model's means
+    assert np.isnan(realised[1]).all()
+    misses = misses_in_sd(np.array([[3.0, 4.0]]), realised[:1], np.array([2.0, 1.0]))
+    np.testing.assert_allclose(misses, [0.5])   # (3 - 2) / 2 = 0.5 sd beats (4 - 4) / 1 = 0
+    assert quality(np.array([True]), misses)["share_violating_1e-3sd"] == 1.0

@@ -41,6 +41,7 @@ def policy(tiny_policy_folder, word_tokenizer):
     return from_pretrained(directory), word_tokenizer(), directory
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_to_the_uninterrupted_pool(policy, tmp_path):
     model, tokenizer, _ = policy
     whole = build_pool(model, tokenizer, PROMPTS, [WordCount(), "perplexity"], out=tmp_path / "whole.jsonl",
@@ -124,6 +125,7 @@ def test_bad_build_input(policy, tmp_path):
         build_pool(model, tokenizer, PROMPTS, [WordCount()], out=tmp_path / "pool.csv", **OPTIONS)
 
 
+@pytest.mark.slow
 def test_pool_command(policy, tmp_path, capsys):
     _, _, directory = policy
     prompts_file = tmp_path / "prompts.txt"

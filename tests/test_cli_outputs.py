@@ -55,6 +55,7 @@ def files_under(folder):
     return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_pool_overwrite_keeps_the_old_pool_until_the_new_one_is_complete(tiny_policy, tmp_path, suffix):
     model, tokenizer = tiny_policy
@@ -86,6 +87,7 @@ def text_pool() -> RewardPool:
     return RewardPool.from_records(records)
 
 
+@pytest.mark.slow
 def test_finetune_overwrite_keeps_the_old_run_until_the_new_one_is_complete(tiny_policy, tmp_path):
     model, tokenizer = tiny_policy
     pool, lam, out = text_pool(), np.array([1.0, 0.5]), tmp_path / "run"

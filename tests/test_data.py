@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mapjax.data import (
+from mapjax.prompts import (
     PromptSourceError,
     cut_at_word_boundary,
     first_human_turn,

@@ -5,8 +5,9 @@ import pytest
 from scipy import stats
 
 from mapjax import RewardPool, solve
-from mapjax.decode import decode_pool, expected_levels, lambda_for, select, selected, selection_probabilities
+from mapjax.decode import decode_pool, expected_levels, select, selected, selection_probabilities
 from mapjax.errors import DecodeError
+from mapjax.solver import lambda_for
 
 
 def fixed_candidates():
@@ -141,6 +142,7 @@ def test_plain_arrays_decode_like_pools():
     np.testing.assert_allclose(selection_probabilities(full, [0.8, 0.5]), selection_probabilities(as_pool.candidates, [0.8, 0.5]))
 
 
+@pytest.mark.slow
 def test_decode_command_end_to_end(tmp_path, capsys, tiny_policy_folder):
     from mapjax.cli import main
 

@@ -69,6 +69,7 @@ def _finite_numbers(node) -> list[float]:
     return [node] if isinstance(node, float) else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table", ["table1", "table2", "table4"])
 def test_level_tables_end_to_end(tiny_setup, tmp_path, capsys, table):
     out = tmp_path / table
@@ -106,6 +107,7 @@ def test_level_tables_end_to_end(tiny_setup, tmp_path, capsys, table):
         assert (out / "decoded" / f"{name}.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_navigation_table_end_to_end(tiny_setup, tmp_path):
     out = tmp_path / "table3"
     summary = tables.run_table(tiny_config(tiny_setup), out, table="table3")

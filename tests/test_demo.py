@@ -23,6 +23,7 @@ def tiny_policy(tiny_policy_folder, word_tokenizer):
     return from_pretrained(tiny_policy_folder("gpt2")), word_tokenizer()
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_tiny(tiny_policy, tmp_path, capsys):
     model, tokenizer = tiny_policy
     prompts = [f"w{3 + i} w{20 + i}" + " w7" * (i % 3) for i in range(12)]
@@ -32,17 +33,25 @@ def test_demo_end_to_end_tiny(tiny_policy, tmp_path, capsys):
     summary = run_demo(settings, policy=model, tokenizer=tokenizer, rewards=[WordCount(), "diversity"],
                        prompts=prompts)
     out = capsys.readouterr().out
-    assert "palette MET" in out or "palette NOT MET" in out
+    # Every sample runs to max_new_tokens (6 words), so "words >= its 60% quantile" asks for 6 words on average:
+    # reachable only in the limit. The demo moves to the nearest reachable palette, which MAP-D then meets.
+    requested = summary["requested"]
+    assert requested["status"] == "infeasible"
+    assert requested["certificate"]["blocking_values"] == ["words"]
+    assert summary["adjusted"] is not None and 0.9 < summary["adjusted"]["rho"] < 1
+    assert "unreachable (infeasible: words reaches its level only in the limit" in out
+    assert summary["palette_met"] is True
+    assert "palette MET: every constrained value reached its target" in out and "NOT MET" not in out
+    assert [value["met"] for value in summary["realised"]["values"]] == [True, True]
     assert summary["pool"] == {"prompts": 8, "samples": 32}
-    assert summary["requested"]["status"] in ("optimal", "infeasible")
-    assert set(summary["lambda"]) == {"words", "diversity"}
+    assert summary["lambda"]["words"] > 0 and summary["lambda"]["diversity"] == 0   # diversity was met for free
     assert (settings.out / "report.md").read_text().startswith("# mapjax demo report")
     assert json.loads((settings.out / "summary.json").read_text())["palette_met"] == summary["palette_met"]
     histogram = settings.out / "histograms.png"
     assert histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and histogram.stat().st_size > 1000
     # a rerun with the same settings reuses the pools (resume) and writes the same verdict
     again = run_demo(settings, policy=model, tokenizer=tokenizer, rewards=[WordCount(), "diversity"], prompts=prompts)
-    assert again["lambda"] == summary["lambda"]
+    assert again["lambda"] == summary["lambda"] and again["palette_met"] is True
 
 
 def test_demo_prompts_and_split():

@@ -161,13 +161,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _environment(devices: int = 1) -> dict[str, str]:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if devices > 1:
-        flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    environment = {key: value for key, value in os.environ.items() if key not in CLUSTER_VARIABLES}
-    return {**environment, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+def _outside_any_cluster() -> dict[str, str]:
+    """This process's environment without the variables from which jax.distributed would detect a cluster."""
+    return {key: value for key, value in os.environ.items() if key not in CLUSTER_VARIABLES}
 
 
 def _pool_arguments(policy: Path, prompts: Path, out: Path) -> list[str]:
@@ -176,14 +172,15 @@ def _pool_arguments(policy: Path, prompts: Path, out: Path) -> list[str]:
             "--quiet"]
 
 
-def _run_processes(worker: Path, arguments: list[str], limits: list[int], timeout: float = 300
+def _run_processes(host_devices, worker: Path, arguments: list[str], limits: list[int], timeout: float = 300
                    ) -> list[subprocess.CompletedProcess]:
     """``mapjax`` on ``len(limits)`` localhost processes joined by jax.distributed; process i stops after
     ``limits[i]`` chunks."""
     coordinator = f"127.0.0.1:{_free_port()}"
+    environment = host_devices.environment(1, _outside_any_cluster())
     running = [subprocess.Popen([sys.executable, str(worker), str(limit), *arguments, "--coordinator", coordinator,
                                  "--num-processes", str(len(limits)), "--process-id", str(index)],
-                                cwd=REPO_ROOT, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for index, limit in enumerate(limits)]
     try:
         return [subprocess.CompletedProcess(process.args, process.wait(timeout), *process.communicate())
@@ -206,7 +203,8 @@ def single(tiny_policy_folder, tmp_path_factory):
     return policy, prompts, out
 
 
-def test_two_processes_interrupted_then_resumed_build_the_single_process_pool(single, tmp_path):
+@pytest.mark.slow
+def test_two_processes_interrupted_then_resumed_build_the_single_process_pool(single, tmp_path, host_devices):
     policy, prompts, reference = single
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
@@ -215,7 +213,7 @@ def test_two_processes_interrupted_then_resumed_build_the_single_process_pool(si
 
     # 7 prompts in chunks of 2: process 0 builds chunks 0-1 (prompts 0-3), process 1 chunks 2-3 (prompts 4-6) and is
     # stopped after its first; process 0 learns it and stops too, without hanging on a barrier.
-    first, second = _run_processes(worker, arguments, [100, 1])
+    first, second = _run_processes(host_devices, worker, arguments, [100, 1])
     assert "simulated kill" in second.stderr, second.stderr[-3000:]
     assert first.returncode == 2, first.stderr[-3000:]
     assert "process(es) [1] of 2 stopped while building its part" in first.stderr
@@ -229,7 +227,7 @@ def test_two_processes_interrupted_then_resumed_build_the_single_process_pool(si
     shutil.copytree(out.parent, copy)
 
     # two processes resume: process 1 builds its last chunk, process 0 (nothing left) merges
-    done = _run_processes(worker, arguments, [100, 100])
+    done = _run_processes(host_devices, worker, arguments, [100, 100])
     assert [run.returncode for run in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     assert out.read_bytes() == reference.read_bytes()
     assert "7 prompts, 14 samples" in done[0].stdout and "samples" not in done[1].stdout   # process 0 speaks
@@ -242,13 +240,12 @@ def test_two_processes_interrupted_then_resumed_build_the_single_process_pool(si
     assert (copy / "pool.jsonl").read_bytes() == reference.read_bytes()
 
 
-def test_pool_on_an_eight_device_mesh_is_the_one_device_pool(single, tmp_path):
-    pytest.importorskip("mapjax.sharding")
+@pytest.mark.slow
+def test_pool_on_an_eight_device_mesh_is_the_one_device_pool(single, tmp_path, host_devices):
     policy, prompts, reference = single
     out = tmp_path / "mesh" / "pool.jsonl"
-    done = subprocess.run([sys.executable, "-m", "mapjax.cli", *_pool_arguments(policy, prompts, out), "--mesh",
-                           "data=8"], cwd=REPO_ROOT, env=_environment(devices=8), capture_output=True, text=True,
-                          timeout=300)
+    done = host_devices.run(["-m", "mapjax.cli", *_pool_arguments(policy, prompts, out), "--mesh", "data=8"],
+                            devices=8, env=_outside_any_cluster(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     sharded, one = RewardPool.load(out), RewardPool.load(reference)
     assert sharded.generations == one.generations and sharded.prompts == one.prompts
@@ -284,7 +281,8 @@ def _finetune_arguments(policy: Path, pool: Path, out: Path) -> list[str]:
             "--eval-prompts", "0", "--quiet"]
 
 
-def test_two_process_finetuning_trains_the_one_process_model(single, tmp_path):
+@pytest.mark.slow
+def test_two_process_finetuning_trains_the_one_process_model(single, tmp_path, host_devices):
     """``mapjax finetune --mesh data=2`` over two localhost processes (one device each, gloo collectives): one
     program whose batch rows are split across the processes; the model both end with, exported by process 0 alone,
     is the one a single process trains."""
@@ -296,7 +294,7 @@ def test_two_process_finetuning_trains_the_one_process_model(single, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     two = tmp_path / "two"
-    runs = _run_processes(worker, _finetune_arguments(policy, pool, two) + ["--mesh", "data=2"], [100, 100])
+    runs = _run_processes(host_devices, worker, _finetune_arguments(policy, pool, two) + ["--mesh", "data=2"], [100, 100])
     assert [run.returncode for run in runs] == [0, 0], runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
     expected, got = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     assert sorted(got) == sorted(expected)

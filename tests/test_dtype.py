@@ -102,6 +102,7 @@ def log_softmax(model, ids, mask, cache=None):
     return _forward_jit(graphdef, state, ids, mask, cache)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "opt_pre_ln", "llama"])
 def test_bfloat16_causal_lm_log_softmax_and_cached_decode_stay_near_float32(scaled_folder, padded_batch, name):
     folder = scaled_folder(name)
@@ -153,6 +154,7 @@ def test_bfloat16_classifier_reward_scores_stay_near_float32(scaled_folder):
     assert_close_logprobs(scores["float32"], scores[jnp.bfloat16])
 
 
+@pytest.mark.slow
 def test_bfloat16_coherence_through_the_registry_stays_near_float32(tiny_model, word_tokenizer):
     from mapjax.build import resolve_values
     from mapjax.models.packaged import minilm_path
@@ -186,6 +188,7 @@ def finetune_pool() -> RewardPool:
     return RewardPool.from_records(records)
 
 
+@pytest.mark.slow
 def test_finetune_command_trains_in_bfloat16_along_the_float32_loss_trajectory(scaled_folder, word_tokenizer,
                                                                                tmp_path):
     from mapjax.finetune import FinetuneConfig, finetune
@@ -223,6 +226,7 @@ def prompts_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_pool_command_builds_in_bfloat16_and_refuses_to_resume_in_float32(tiny_policy_folder, prompts_file,
                                                                           tmp_path, capsys):
     out = tmp_path / "pool.jsonl"
@@ -240,6 +244,7 @@ def test_pool_command_builds_in_bfloat16_and_refuses_to_resume_in_float32(tiny_p
     assert "policy_dtype: 'bfloat16' then, 'float32' now" in error
 
 
+@pytest.mark.slow
 def test_build_pool_resumes_a_manifest_from_before_the_dtype_was_recorded(tiny_model, word_tokenizer, tmp_path):
     from mapjax.build import build_pool
 

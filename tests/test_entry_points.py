@@ -89,7 +89,7 @@ ENTRY_POINTS: dict[str, Call] = {
     "adjust.random_morl_lambdas": lambda data, form, values, out, pool: adjust.random_morl_lambdas(
         data, NAMES, 5, seed=1),
     # decode
-    "decode.lambda_for": lambda data, form, values, out, pool: decode.lambda_for(
+    "solver.lambda_for": lambda data, form, values, out, pool: mapjax.solver.lambda_for(
         data, lambda_in(form, pool), values=values),
     "decode.selection_scores": lambda data, form, values, out, pool: decode.selection_scores(
         data, lambda_in(form, pool), values=values),
@@ -135,7 +135,12 @@ ENTRY_POINTS: dict[str, Call] = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+# Entry points that solve many palettes per call: seconds each, so they run with the slow tier.
+SLOW_ENTRY_POINTS = {"adjust.random_palettes"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_ENTRY_POINTS else name
+                                  for name in sorted(ENTRY_POINTS)])
 def test_pool_or_array_and_spec_or_vector_give_the_same_result(name, pool, tmp_path):
     call = ENTRY_POINTS[name]
     array = np.array(pool.rewards)  # [prompts, samples, values], a plain array

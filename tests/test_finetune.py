@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mapjax.finetune import FinetuneConfig, FinetuneError, dpo_loss, dpo_pairs, finetune, weighted_examples
-from mapjax.finetune import data as data_module
+from mapjax.finetune import examples as data_module
 from mapjax.finetune.train import Stepper
 from mapjax.finetune.weighted import weighted_loss
 from mapjax.models import from_pretrained

@@ -286,20 +286,15 @@ def mesh_run(model, tokenizer, mesh):
                            progress=False, mesh=mesh)
 
 
-def test_a_mesh_changes_where_the_work_runs_not_what_it_computes(toy, tmp_path):
+def test_a_mesh_changes_where_the_work_runs_not_what_it_computes(toy, tmp_path, host_devices):
     """PPO (value head replicated, parameters by their logical axes, rows split) on two devices (a subprocess:
     XLA fixes the device count when it starts) samples the same tokens and trains the same parameters, to
     rounding, as on one."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     tests = str(Path(__file__).resolve().parent)
     script = MESH_SCRIPT.format(tests=tests, out=str(tmp_path / "mesh.npz"))
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                            cwd=str(Path(tests).parent), timeout=600)
+    result = host_devices.run(["-c", script], devices=2)
     assert result.returncode == 0, result.stderr[-3000:]
     devices, levels = json.loads(result.stdout.strip().splitlines()[-1])
     one = mesh_run(*toy, None)

@@ -1,7 +1,7 @@
 """MAP-F on a device mesh: a tiny random Llama trained on ``data=2,fsdp=4`` matches the one-device run, and its
 sharded checkpoint resumes on 4 devices and on 1.
 
-XLA fixes the device count when it starts, so the 8- and 4-device runs are subprocesses (``run_on_devices``)
+XLA fixes the device count when it starts, so the 8- and 4-device runs are subprocesses (``host_devices``)
 that import this module for the one shared setup (:func:`train`) and write their results to ``.npz`` files; the
 one-device runs happen in the test process. The 8-device process trains straight through, then again killed
 after step 3 (checkpoint at step 2) and resumed on the same layout, and copies the killed run's folder for the
@@ -11,9 +11,7 @@ after step 3 (checkpoint at step 2) and resumed on the same layout, and copies t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from conftest import build_tiny_model, make_word_tokenizer
 from mapjax.finetune import FinetuneConfig, finetune
 from mapjax.pool import RewardPool
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["w5 w17 w33", "w8", "w40 w41 w42 w43", "w60 w61"]
 LAM = np.array([1.5, 0.5])
 # 16 examples per step in 2 micro-batches of 8 rows: one row per device of data=2,fsdp=4.
@@ -109,17 +106,6 @@ FOUR = textwrap.dedent('''
 ''')
 
 
-def start_on_devices(count: int, script: str, work: Path) -> subprocess.Popen:
-    """Start ``script`` (argument: ``work``) in a fresh Python that sees ``count`` CPU devices (from the checkout,
-    on CPU); its stderr goes to a file in ``work`` (a pipe nobody reads while this process trains could fill)."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
-    environment = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(work / f"stderr-{count}.txt", "w") as errors:
-        return subprocess.Popen([sys.executable, "-c", script, str(work)], cwd=REPO_ROOT, env=environment,
-                                stdout=subprocess.DEVNULL, stderr=errors)
-
-
 def finish(process: subprocess.Popen, count: int, work: Path, timeout: float = 600) -> None:
     try:
         process.wait(timeout=timeout)
@@ -131,16 +117,16 @@ def finish(process: subprocess.Popen, count: int, work: Path, timeout: float = 6
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, host_devices):
     """Every run's (params, losses, resumed_from) by name, and the 8-device process's facts. The one-device
     runs of this process overlap the subprocesses (each compiles its own step)."""
     work = tmp_path_factory.mktemp("finetune-sharded")
-    eight = start_on_devices(8, EIGHT, work)
+    eight = host_devices.start(["-c", EIGHT, str(work)], devices=8, stderr=work / "stderr-8.txt")
     try:
         save(train(), work / "single.npz")
     finally:
         finish(eight, 8, work)
-    four = start_on_devices(4, FOUR, work)
+    four = host_devices.start(["-c", FOUR, str(work)], devices=4, stderr=work / "stderr-4.txt")
     try:
         save(train(out=work / "run1"), work / "resumed1.npz")
     finally:

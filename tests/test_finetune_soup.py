@@ -17,7 +17,6 @@ from mapjax.errors import FinetuneError, PoolError
 from mapjax.finetune import soup, soup_from_folders
 from mapjax.finetune.soup import save_soup
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # A chat template over the word tokenizer's vocabulary: w97 <request> w98, then w99 opens the answer.
 CHAT_TEMPLATE = ("{% for message in messages %}w97 {{ message['content'] }} w98 {% endfor %}"
                  "{% if add_generation_prompt %}w99{% endif %}")
@@ -25,10 +24,6 @@ CHAT_TEMPLATE = ("{% for message in messages %}w97 {{ message['content'] }} w98 
 
 def params(model) -> dict:
     return {path: np.asarray(leaf.get_value()) for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def online_available() -> bool:
-    return (REPO_ROOT / "mapjax" / "finetune" / "online.py").exists()
 
 
 # ============================================================================ soups
@@ -146,8 +141,8 @@ def chat_setup(tiny_policy_folder, word_tokenizer, tmp_path_factory):
     """A tiny policy, a word tokenizer with a chat template, and pools built raw, chat-formatted and with
     another formatter."""
     from mapjax.build import build_pool
-    from mapjax.data import chat_formatter
     from mapjax.models import from_pretrained
+    from mapjax.prompts import chat_formatter
 
     model = from_pretrained(tiny_policy_folder("gpt2"))
     tokenizer = word_tokenizer()
@@ -165,7 +160,7 @@ def chat_setup(tiny_policy_folder, word_tokenizer, tmp_path_factory):
 
 
 def test_pool_prompt_format_reads_the_manifest(chat_setup, tmp_path):
-    from mapjax.finetune.evaluation import pool_prompt_format
+    from mapjax.finetune.against_base import pool_prompt_format
     from mapjax.pool import RewardPool
 
     _, tokenizer, prompts, pools = chat_setup
@@ -184,7 +179,7 @@ def test_pool_prompt_format_reads_the_manifest(chat_setup, tmp_path):
 
 def test_evaluation_samples_with_the_pool_formatting(chat_setup):
     from mapjax.build import resolve_values
-    from mapjax.finetune.evaluation import evaluate_finetuned, pool_prompt_format, sample_and_score
+    from mapjax.finetune.against_base import evaluate_finetuned, pool_prompt_format, sample_and_score
     from mapjax.generate import generate
     from mapjax.pool import RewardPool
 
@@ -226,7 +221,7 @@ def test_evaluation_samples_with_the_pool_formatting(chat_setup):
 
 def test_training_data_tokenizes_the_formatted_prompts(chat_setup):
     from mapjax.finetune import dpo_pairs, weighted_examples
-    from mapjax.finetune.evaluation import pool_prompt_format
+    from mapjax.finetune.against_base import pool_prompt_format
     from mapjax.generate import tokenize_prompts
     from mapjax.pool import RewardPool
 
@@ -279,7 +274,6 @@ def tiny_table3_config(policy: Path, prompts: Path) -> dict:
     }
 
 
-@pytest.mark.skipif(not online_available(), reason="mapjax/finetune/online.py is not there yet")
 def test_table3_pipeline_runs_every_column(tiny_policy_folder, word_level_reward, tmp_path):
     from experiments import table3_mapf
     from mapjax.finetune.soup import soup_from_folders
@@ -364,7 +358,6 @@ def test_table3_configs_load():
 # ============================================================================ the online MAP-F benchmark
 
 
-@pytest.mark.skipif(not online_available(), reason="mapjax/finetune/online.py is not there yet")
 def test_online_mapf_benchmark_tiny(tmp_path):
     from benchmarks import online_mapf as benchmark
 
@@ -400,7 +393,7 @@ def test_pool_command_samples_through_the_chat_template(tiny_policy_folder, tmp_
     from transformers import AutoTokenizer
 
     from mapjax.cli import main
-    from mapjax.finetune.evaluation import pool_prompt_format
+    from mapjax.finetune.against_base import pool_prompt_format
 
     plain = tiny_policy_folder("gpt2")
     policy = tmp_path / "policy"

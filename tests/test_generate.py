@@ -155,7 +155,7 @@ def test_bucketing_reuses_compiled_programs(tiny):
     assert trace_counts() == before
     generate(model, tokenizer, [" ".join(["w3"] * 12), "w5"], **options)     # 13 tokens: bucket 16
     after = trace_counts()
-    assert after["prefill"] == before["prefill"] + 1 and after["decode"] == before["decode"] + 1
+    assert after["prefill"] == before["prefill"] + 1 and after["sample_loop"] == before["sample_loop"] + 1
 
 
 def test_sequence_logprobs_match_full_forward_and_sampler(tiny):
@@ -294,7 +294,7 @@ def test_cached_attention_over_used_slots_equals_full_attention(monkeypatch, tot
 
     from mapjax.models import layers
 
-    monkeypatch.setattr(layers, "ATTENTION_CHUNK", chunk)
+    monkeypatch.setattr(layers.attention, "ATTENTION_CHUNK", chunk)
     batch, seq, heads, kv_heads, dim = 3, 4, 6, 2, 8
     keys = jax.random.split(jax.random.PRNGKey(total * 1000 + used), 4)
     query = jax.random.normal(keys[0], (batch, seq, heads, dim))

@@ -465,4 +465,8 @@ def test_bfloat16_classifier_runs_close_to_float32(native_checkpoints):
     full = loading.from_pretrained(folder)(ids, mask)
     half = loading.from_pretrained(folder, dtype=jnp.bfloat16)(ids, mask)
     assert half.dtype == jnp.float32  # logits leave the model in float32 whatever the parameters
-    np.testing.assert_allclose(np.asarray(half), np.asarray(full), atol=5e-2)
+    # The tiny classifier's logits are a few hundredths: the tolerance follows their scale, so a model that
+    # returned zeros (or any constant) would fail; bfloat16 keeps about 3 significant digits.
+    scale = float(np.abs(np.asarray(full)).max())
+    assert scale > 1e-3
+    np.testing.assert_allclose(np.asarray(half), np.asarray(full), rtol=0, atol=0.03 * scale)

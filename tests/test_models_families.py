@@ -318,7 +318,7 @@ def test_windows_and_soft_caps_change_the_outputs_where_they_should(name, field)
 def test_window_and_soft_cap_in_attention_equal_an_explicit_band_mask(monkeypatch, used, seq):
     """``sliding_window`` in the chunked cached attention (which skips the chunks left of every query's window)
     and in the full attention masks exactly the keys an explicit band mask does; ``logit_softcap`` likewise."""
-    monkeypatch.setattr(layers, "ATTENTION_CHUNK", 4)
+    monkeypatch.setattr(layers.attention, "ATTENTION_CHUNK", 4)
     batch, heads, kv_heads, dim, total, window, cap = 2, 4, 2, 8, 48, 5, 1.5
     keys = jax.random.split(jax.random.PRNGKey(used * 10 + seq), 4)
     query = jax.random.normal(keys[0], (batch, seq, heads, dim))

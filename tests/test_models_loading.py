@@ -397,9 +397,9 @@ def test_gguf_errors(tmp_path):
 
 def test_error_classes_keep_their_names_and_share_the_root():
     """Old import paths still work and every class derives from mapjax.errors (so the CLI reports them)."""
-    import mapjax.data
     import mapjax.errors
     import mapjax.finetune
+    import mapjax.prompts
     import mapjax.rewards
 
     assert loading.CheckpointError is CheckpointError and issubclass(CheckpointError, mapjax.errors.ModelError)
@@ -409,6 +409,6 @@ def test_error_classes_keep_their_names_and_share_the_root():
     assert issubclass(MissingConfigError, FileNotFoundError) and issubclass(ModelNotFoundError, FileNotFoundError)
     assert mapjax.rewards.RewardError is mapjax.errors.RewardError
     assert mapjax.finetune.FinetuneError is mapjax.errors.FinetuneError
-    assert mapjax.data.PromptSourceError is mapjax.errors.PromptSourceError
+    assert mapjax.prompts.PromptSourceError is mapjax.errors.PromptSourceError
     with pytest.raises(mapjax.errors.PromptSourceError, match="not .hh-rlhf., .imdb. or an existing file"):
-        mapjax.data.load_prompts("/no/such/prompts.txt")
+        mapjax.prompts.load_prompts("/no/such/prompts.txt")

@@ -3,7 +3,7 @@ rules that map them to mesh axes, and sharded sampling, scoring and rewards givi
 
 This process has one CPU device, so in-process tests use one-device meshes (the sharded code path, on one
 device), ``AbstractMesh`` for layouts, and error cases. One subprocess with eight host devices
-(``tests/multidevice``) checks that ``data=8``, ``data=2,fsdp=4`` and ``fsdp=2,model=4`` meshes give the tokens,
+(the ``host_devices`` fixture) checks that ``data=8``, ``data=2,fsdp=4`` and ``fsdp=2,model=4`` meshes give the tokens,
 log-probabilities and reward scores of ``mesh=None``, and that the weights and KV caches really are split.
 """
 
@@ -18,7 +18,6 @@ from conftest import TINY_DECODERS, build_tiny_model, make_word_tokenizer, tiny_
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh
 from jax.sharding import PartitionSpec as P
-from multidevice import run_snippet
 
 from mapjax import sharding
 from mapjax.errors import MapjaxError, MeshError
@@ -436,8 +435,8 @@ RESULT["errors"] = errors
 
 
 @pytest.fixture(scope="module")
-def eight_devices():
-    return run_snippet(EIGHT_DEVICES, devices=8)
+def eight_devices(host_devices):
+    return host_devices.result(EIGHT_DEVICES, devices=8)
 
 
 def test_sharded_sampling_and_scoring_match_one_device(eight_devices):

@@ -1,7 +1,7 @@
 """The dual on a sharded pool: on 8 host devices, λ, statuses and measurements equal the one-device solve.
 
-The multi-device part runs once, in a subprocess with ``--xla_force_host_platform_device_count=8`` (XLA fixes
-the device count when it starts), and writes every result beside the one-device result of the same process to
+The multi-device part runs once, in a subprocess with 8 host devices (``host_devices``; XLA fixes the device
+count when it starts), and writes every result beside the one-device result of the same process to
 an ``.npz``; the tests here read it. Cases: the packaged pilot (pooled: its samples split), and random pools whose sizes are not multiples of 8 (so the padding is exercised), pooled
 and per prompt, with the groups split (many prompts) and with the slots split (few prompts, many samples), each
 with an infeasible palette among feasible ones.
@@ -9,19 +9,13 @@ with an infeasible palette among feasible ones.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mapjax import solve_many
 from mapjax.errors import MeshError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Each case (name, pool, palettes, normaliser, mesh, dtype) is solved without and with its mesh.
 SCRIPT = textwrap.dedent('''
@@ -86,20 +80,11 @@ SCRIPT = textwrap.dedent('''
 CASES = ["pilot_data8", "tall_pooled", "tall_per_prompt", "wide_per_prompt", "tall_model8"]
 
 
-def run_on_devices(count: int, script: str, *arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh Python that sees ``count`` CPU devices (from the checkout, on CPU)."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
-    environment = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-c", script, *arguments], cwd=REPO_ROOT, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def sharded(pilot_file, tmp_path_factory):
+def sharded(pilot_file, tmp_path_factory, host_devices):
     """The subprocess's results: ``{"case/single|sharded/field": array}``."""
     out = tmp_path_factory.mktemp("solver-sharded") / "results.npz"
-    done = run_on_devices(8, SCRIPT, str(pilot_file), str(out))
+    done = host_devices.run(["-c", SCRIPT, str(pilot_file), str(out)], devices=8)
     assert done.returncode == 0, done.stderr[-4000:]
     with np.load(out) as results:
         return dict(results)

@@ -11,7 +11,8 @@
     explore   a live palette explorer in the browser         (mapjax.cli.explore)
 
 Errors a user can act on (:class:`mapjax.errors.MapjaxError`, and OS errors on a path they gave) print one line,
-``mapjax <command>: error: ...``, on stderr and exit 2; anything else is a bug and keeps its traceback. The exit
+``mapjax <command>: error: ...``, on stderr and exit 2; a finetuning run that diverged prints its one line and
+exits 1; anything else is a bug and keeps its traceback. The exit
 statuses are listed in :data:`mapjax.cli.common.EXIT_STATUS_HELP` (and every ``--help``).
 """
 
@@ -23,7 +24,7 @@ from typing import Sequence
 
 from mapjax.cli import adjust, decode, demo, evaluate, explore, finetune, levels, pool, solve
 from mapjax.cli.common import EXIT_BAD_INPUT, EXIT_NOT_REACHED, EXIT_OK, EXIT_STATUS_HELP
-from mapjax.errors import MapjaxError
+from mapjax.errors import DivergenceError, MapjaxError
 
 COMMANDS = (levels, solve, adjust, pool, decode, finetune, evaluate, demo, explore)
 
@@ -48,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else EXIT_BAD_INPUT
     try:
         return args.run(args)
+    except DivergenceError as error:   # not bad input: the run failed, and said what it kept (exit 1)
+        _refuse(args.command, str(error))
+        return EXIT_NOT_REACHED
     except MapjaxError as error:
         return _refuse(args.command, str(error))
     except OSError as error:

@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if method == "greedy":
         result = adjust.greedy(pool, args.palette, args.priority, to_maximum=args.to_maximum, normaliser=kind)
     elif method == "grid":
+        from mapjax.limits import check_grid_points
+
+        check_grid_points(args.points, pool.num_samples, flag="--points")
         result = adjust.grid(pool, args.palette, points=args.points, normaliser=kind)
     else:
         result = adjust.interpolate(pool, args.palette, normaliser=kind)

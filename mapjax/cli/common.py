@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from mapjax.errors import InputError, OutputExistsError
+from mapjax.errors import InputError
 from mapjax.pool import repeated_names
 
 EXIT_OK = 0
@@ -22,7 +22,7 @@ EXIT_BAD_INPUT = 2     # an argument, file or setting that cannot be used
 
 EXIT_STATUS_HELP = """exit status:
   0  success (the palette was solved, the command finished)
-  1  the palette cannot be reached (infeasible) or the solver did not converge
+  1  the palette cannot be reached (infeasible), the solver did not converge, or finetuning diverged
   2  bad input: an argument, file or setting that cannot be used (one line on stderr says which)"""
 
 PROMPT_SOURCES = ("hh-rlhf", "anthropic-harmless", "imdb")
@@ -45,7 +45,7 @@ def add_dtype_argument(command: argparse.ArgumentParser, help: str | None = None
 
 
 def add_prompts_argument(command: argparse.ArgumentParser) -> None:
-    """``--prompts``, a prompt source as :func:`mapjax.data.load_prompts` reads it."""
+    """``--prompts``, a prompt source as :func:`mapjax.prompts.load_prompts` reads it."""
     command.add_argument("--prompts", required=True,
                          help="prompt source: hh-rlhf, imdb, or a .txt / .jsonl / .json file")
 
@@ -212,25 +212,29 @@ def check_input_file(path: str | Path, flag: str) -> Path:
     return path
 
 
-def check_pool_output(path: str | Path, flag: str = "--out", *, overwrite: bool) -> Path:
-    """A pool file to write: a known format, not a folder, and not an existing file unless ``overwrite``."""
+def check_pool_output(path: str | Path, flag: str = "--out", *, overwrite: bool,
+                      inputs: dict[str, Any] | None = None) -> Path:
+    """A pool file to write: a known format, not a folder, none of the command's ``inputs`` ({flag: path}), and
+    not an existing file unless ``overwrite``, which replaces only a mapjax pool or result
+    (:func:`mapjax.outputs.check_file_output`)."""
     from mapjax.build import POOL_SUFFIXES
+    from mapjax.outputs import check_file_output
 
     path = Path(path).expanduser()
     if path.suffix.lower() not in POOL_SUFFIXES:
         raise InputError(f"{flag} {path}: unknown pool format {path.suffix!r}; use {', '.join(POOL_SUFFIXES)}")
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; give a pool file")
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{flag} {path} exists; pass --overwrite or choose another {flag}")
-    return path
+    return check_file_output(path, overwrite=overwrite, flag=flag, inputs=inputs)
 
 
-def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{flag} {path} is a file; give a folder")
-    return path
+def check_output_folder(path: str | Path, flag: str = "--out", *, overwrite: bool = False,
+                        inputs: dict[str, Any] | None = None) -> Path:
+    """A run folder to write: not the current folder or a parent of it, none of the command's ``inputs``, not a
+    file, and not a folder holding files mapjax did not write (:func:`mapjax.outputs.check_output_folder`)."""
+    from mapjax.outputs import check_output_folder as check_folder
+
+    return check_folder(path, overwrite=overwrite, flag=flag, inputs=inputs)
 
 
 def check_prompt_source(source: str, flag: str = "--prompts") -> None:

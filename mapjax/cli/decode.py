@@ -61,14 +61,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from mapjax import solve
-    from mapjax.data import load_prompts
     from mapjax.decode import decode
     from mapjax.distributed import is_primary
     from mapjax.dtypes import resolve_dtype
     from mapjax.generate import load_policy
+    from mapjax.limits import check_sampled_rows
+    from mapjax.outputs import check_not_input
     from mapjax.pool import RewardPool
+    from mapjax.prompts import load_prompts
 
-    out = check_pool_output(args.out, overwrite=args.overwrite)
+    inputs = {"--pool": args.pool, "--prompts": args.prompts, "--policy": args.policy}
+    out = check_pool_output(args.out, overwrite=args.overwrite, inputs=inputs)
+    check_not_input(candidates_path(out), inputs, "--out's candidates file")
     check_input_file(args.pool, "--pool")
     check_policy(args.policy)
     check_prompt_source(args.prompts)
@@ -81,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.values:
         check_reward_names(values, "--values (default: the pool's values)")
     prompts = load_prompts(args.prompts, count=args.count)
+    check_sampled_rows(len(prompts), args.k, max_new_tokens=args.max_new_tokens, values=len(values), flag="--k",
+                       batch_size=args.batch_size, prompt_chars=sum(map(len, prompts)) / max(1, len(prompts)))
 
     primary = is_primary()   # every process solves and chooses alike; process 0 speaks and writes
     solution = solve(pool, args.palette, normaliser=normaliser(args.per_prompt))

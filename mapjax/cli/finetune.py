@@ -181,11 +181,11 @@ def online_config(args: argparse.Namespace) -> Any:
 
 def prompt_formatter(args: argparse.Namespace, pool: Any, tokenizer: Any) -> Any:
     """How the policy is to see a prompt, for training and evaluation alike: ``--chat-template auto`` reads it
-    from the pool's build manifest (:func:`mapjax.finetune.evaluation.pool_prompt_format`: the tokenizer's chat
+    from the pool's build manifest (:func:`mapjax.finetune.against_base.pool_prompt_format`: the tokenizer's chat
     template when the pool was sampled through it, else None, i.e. raw prompts), ``yes`` forces the template,
     ``no`` raw prompts."""
-    from mapjax.data import chat_formatter
-    from mapjax.finetune.evaluation import pool_prompt_format
+    from mapjax.finetune.against_base import pool_prompt_format
+    from mapjax.prompts import chat_formatter
 
     if args.chat_template == "no":
         return None
@@ -200,7 +200,7 @@ def prompt_formatter(args: argparse.Namespace, pool: Any, tokenizer: Any) -> Any
 def _evaluate(base: Any, trained: Any, tokenizer: Any, pool: Any, args: argparse.Namespace, out: Path,
               lam: dict[str, float], format_prompt: Any) -> None:
     from mapjax.build import recorded_dtype
-    from mapjax.finetune.evaluation import evaluate_finetuned, evaluation_table
+    from mapjax.finetune.against_base import evaluate_finetuned, evaluation_table
     from mapjax.jsonio import write_json
 
     report = evaluate_finetuned(base, trained, tokenizer, pool, args.palette, num_prompts=args.eval_prompts,
@@ -215,13 +215,14 @@ def _evaluate(base: Any, trained: Any, tokenizer: Any, pool: Any, args: argparse
 
 def run(args: argparse.Namespace) -> int:
     from mapjax import solve
-    from mapjax.finetune.data import check_pool_texts
+    from mapjax.finetune.examples import check_pool_texts
     from mapjax.generate import load_policy
     from mapjax.pool import RewardPool
 
     online = args.method in ONLINE_METHODS
     config = finetune_config(args)
-    out = check_output_folder(args.out)
+    out = check_output_folder(args.out, overwrite=args.overwrite,
+                              inputs={"--policy": args.policy, "--pool": args.pool, "--prompts": args.prompts})
     check_policy(args.policy)
     check_input_file(args.pool, "--pool")
     check_palette(args.palette)
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
               "edge of what the pool reaches, and finetuning will copy single samples")
     prompts = None
     if online:
-        from mapjax.data import load_prompts
+        from mapjax.prompts import load_prompts
 
         prompts = load_prompts(args.prompts, count=args.count) if args.prompts is not None \
             else list(pool.prompts[:args.count] if args.count else pool.prompts)

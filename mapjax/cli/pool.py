@@ -61,17 +61,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from mapjax.build import build_pool, check_output
-    from mapjax.data import chat_formatter, load_prompts
     from mapjax.distributed import is_primary
     from mapjax.dtypes import resolve_dtype
     from mapjax.generate import load_policy
+    from mapjax.limits import check_sampled_rows
+    from mapjax.prompts import chat_formatter, load_prompts
 
-    check_output(args.out, overwrite=args.overwrite)
+    check_output(args.out, overwrite=args.overwrite, inputs={"--prompts": args.prompts, "--policy": args.policy},
+                 flag="--out")
     check_policy(args.policy)
     check_prompt_source(args.prompts)
     check_reward_names(args.values)
     mesh = setup_devices(args, per_process=True)   # before anything else uses JAX
     prompts = load_prompts(args.prompts, count=args.count)
+    check_sampled_rows(len(prompts), args.samples, max_new_tokens=args.max_new_tokens, values=len(args.values),
+                       batch_size=args.batch_size, chunk_size=args.chunk_size,
+                       prompt_chars=sum(map(len, prompts)) / max(1, len(prompts)))   # before the policy is loaded
     model, tokenizer = load_policy(args.policy, resolve_dtype(args.dtype), mesh=mesh)
     format_prompt = None
     if args.chat_template:

@@ -5,10 +5,13 @@ external font), ``GET /api/pool`` the pool's description, ``POST /api/solve``, `
 ``/api/samples``, ``/api/histogram``, ``/api/prompts`` (JSON in, JSON out; see the session's methods).
 
 Transport rules, checked before the session sees a request: a body must be ``application/json`` (415), at most
-:data:`MAX_BODY_BYTES` (413) and valid JSON (400). Every error is a JSON object ``{"error": message}`` with a
-4xx status; an unexpected failure is a 500 with a one-line message, its traceback going to the server's log,
-never to the client. Requests run one at a time on one worker thread, in the order they arrived, so answers to
-several tabs never mix and the solver runs on the thread it was compiled on.
+:data:`MAX_BODY_BYTES` (413) and valid JSON that Python can read (400: no integer beyond its int-string limit,
+no nesting beyond its recursion limit; :func:`mapjax.jsonio.loads`). Every error is a JSON object
+``{"error": message}`` with a 4xx status; an unexpected failure is a 500 with a one-line message, its traceback
+going to the server's log, never to the client. A client that goes away before its body has arrived is an
+ordinary event: nothing is answered and nothing is logged. Requests run one at a time on one worker thread, in
+the order they arrived, so answers to several tabs never mix and the solver runs on the thread it was compiled
+on.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import socket
 import threading
@@ -27,7 +29,7 @@ from typing import Any, Callable
 
 from mapjax.errors import InputError, MapjaxError
 from mapjax.explore.session import ExploreSession, MissingDependencyError, RequestError
-from mapjax.jsonio import dumps
+from mapjax.jsonio import dumps, loads
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 64 * 1024
@@ -83,7 +85,7 @@ def create_app(session: ExploreSession, *, allowed_hosts: list[str] | None = Non
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import FileResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
@@ -113,13 +115,9 @@ def create_app(session: ExploreSession, *, allowed_hosts: list[str] | None = Non
             if len(body) > MAX_BODY_BYTES:
                 raise RequestError(f"the request body is larger than {MAX_BODY_BYTES} bytes", 413)
         try:
-            return json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise RequestError("the request body is not UTF-8 text", 400) from None
-        except json.JSONDecodeError as error:
-            raise RequestError(f"the request body is not valid JSON ({error})", 400) from None
-        except RecursionError:
-            raise RequestError("the request body nests too deeply to be a request", 400) from None
+            return loads(bytes(body), "the request body")
+        except MapjaxError as error:
+            raise RequestError(str(error), 400) from None
 
     def endpoint(answer: Callable[[Any], dict]) -> Callable:
         async def handle(request: Request) -> Response:
@@ -130,6 +128,8 @@ def create_app(session: ExploreSession, *, allowed_hosts: list[str] | None = Non
                 return error_response(str(error), error.status, error.field)
             except MapjaxError as error:   # a request the library refuses, e.g. an LP that cannot be solved
                 return error_response(str(error), 422)
+            except ClientDisconnect:   # the client went away mid-body: no one is left to answer
+                return Response(status_code=400)
         return handle
 
     async def pool(request: Request) -> Response:

@@ -38,7 +38,7 @@ def denominator(batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def dpo_loss(model: CausalLM, batch: dict[str, np.ndarray], *, beta: float = 0.1) -> float:
-    """The DPO loss of ``model`` on a batch from ``mapjax.finetune.data.dpo_batch`` (eager, for checking)."""
+    """The DPO loss of ``model`` on a batch from ``mapjax.finetune.examples.dpo_batch`` (eager, for checking)."""
     from flax import nnx
 
     graphdef, state = nnx.split(model)

@@ -13,7 +13,7 @@ KL taken to the frozen base model, that is MAP's aligned model p_λ (Theorems 1 
 current policy, so they can go as far as p_λ itself.
 
 The scale of the reward. λ comes from the solver in the rewards' own (raw) units: the solver standardises
-each value internally and maps λ back (``mapjax.decode.lambda_for`` returns raw-unit λ), so ``λᵀr`` with the raw
+each value internally and maps λ back (``mapjax.solver.lambda_for`` returns raw-unit λ), so ``λᵀr`` with the raw
 scores is exactly the exponent of p_λ and nothing else may rescale it: a reward multiplied by ``s`` needs
 ``λ / s``. A constant shift of any value, or any per-prompt constant, changes nothing (it cancels in ``Z(x)``;
 the group mean of GRPO and the batch mean of PPO's whitening are such baselines). The scale is sensible by
@@ -58,7 +58,9 @@ state, and as JSON the step (= the data position), λ, β, the refresh buffer, t
 metrics. A run killed at any point and started again with the same call resumes from the latest checkpoint and
 ends with the same parameters as an uninterrupted run, bit for bit. Another run's checkpoints (other model,
 prompts, values, λ or settings: a fingerprint) are refused; ``overwrite=True`` builds the new run beside ``out``
-and puts it in place only when complete (as :func:`mapjax.finetune.train.finetune` does).
+and puts it in place only when complete (as :func:`mapjax.finetune.train.finetune` does). An update whose loss
+or parameters are not finite stops the run at once with :class:`mapjax.errors.DivergenceError`, before the
+policy samples again or the step is saved: the last finite checkpoint stays and nothing is exported.
 """
 
 from __future__ import annotations
@@ -81,21 +83,23 @@ from mapjax.dtypes import dtype_name, known_dtype_name
 from mapjax.errors import FinetuneError
 from mapjax.finetune import grpo as grpo_module
 from mapjax.finetune import ppo as ppo_module
-from mapjax.finetune.data import collate, step_indices
+from mapjax.finetune.examples import collate, step_indices
 from mapjax.finetune.train import (
     FinetuneResult,
     _check_finite,
-    _replace_folder,
-    _run_folder,
+    all_finite,
+    kept_checkpoint,
     open_checkpoints,
     optimizer,
     restore_state,
     save_checkpoint,
+    stop_if_diverged,
 )
 from mapjax.finetune.weighted import target_logprobs
 from mapjax.jsonio import write_json
 from mapjax.models.base import CausalLM
 from mapjax.models.padding import length_bucket, pad_token_id
+from mapjax.outputs import check_output_folder, replace_folder, staging_folder, write_run_marker
 
 METHODS = ("grpo", "ppo")
 DEFAULT_KL_ESTIMATOR = {"grpo": "k1", "ppo": "k1"}
@@ -370,6 +374,7 @@ def _update(trainable, opt_state, rest, reference, batch, kl_coef, learning_rate
     updates = jax.tree.map(lambda update: learning_rate * update, updates)
     trainable = optax.apply_updates(trainable, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["finite"] = all_finite(trainable)
     return trainable, opt_state, metrics
 
 
@@ -554,9 +559,8 @@ def _solve_palette(pool: Any, palette: Any, where: str) -> Any:
 def _lambda_and_targets(lam: Any, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
     """λ over ``names`` (raw reward units) and the palette's numeric targets over them (NaN where unconstrained;
     None when λ came as plain numbers, which carry no palette)."""
-    from mapjax.decode import lambda_for
     from mapjax.pool import RewardPool
-    from mapjax.solver import Solution
+    from mapjax.solver import Solution, lambda_for
 
     frame = RewardPool(np.zeros((1, 1, len(names))), np.ones((1, 1), bool), tuple(names))
     vector = lambda_for(frame, lam)
@@ -590,7 +594,7 @@ def finetune_online(model: CausalLM, tokenizer: Any, prompts: Sequence[str], val
         method: ``"grpo"`` or ``"ppo"``. config: :class:`OnlineConfig`.
         out: run folder: ``checkpoints/`` (Orbax; resumed when present), ``model/`` (HF format) and, for PPO,
             ``value_head.safetensors`` at the end, ``losses.json`` (losses, metrics, λ). ``None``: no checkpoints.
-        format_prompt: how the policy sees a prompt (e.g. ``mapjax.data.chat_formatter(tokenizer)``), exactly as
+        format_prompt: how the policy sees a prompt (e.g. ``mapjax.prompts.chat_formatter(tokenizer)``), exactly as
             the pool build used it.
         mesh: a device mesh (``mapjax.sharding.as_mesh`` spec): the rows of every batch are sharded over its
             data axes and the parameters placed by their logical axes. Results do not depend on it.
@@ -606,6 +610,8 @@ def finetune_online(model: CausalLM, tokenizer: Any, prompts: Sequence[str], val
 
     config = config or OnlineConfig()
     config.validate(method)
+    if out is not None:   # before any work: never the working folder, a file, or a folder of the user's
+        check_output_folder(out, overwrite=overwrite, flag="out")
     if jax.process_count() > 1:
         raise FinetuneError(f"method {method!r} runs in one process (a mesh over its devices); under "
                             "jax.distributed finetune with method 'weighted' or 'dpo'")
@@ -643,7 +649,8 @@ def finetune_online(model: CausalLM, tokenizer: Any, prompts: Sequence[str], val
     out = Path(out) if out is not None else None
     run_folder = out
     if out is not None:
-        run_folder = _run_folder(out, overwrite)
+        run_folder = staging_folder(out, overwrite)
+        write_run_marker(run_folder, "finetune", method=method)
         manager = _open_checkpoints(run_folder, fingerprint, trainer, run, config, discard_other=run_folder != out)
     start = run.step
     context = _Context(model, tokenizer, prompts, shown, prompt_tokens, rewards, names, targets, config, method,
@@ -655,7 +662,7 @@ def finetune_online(model: CausalLM, tokenizer: Any, prompts: Sequence[str], val
         bar = tqdm(total=total_steps, initial=start, desc=f"finetune ({method})", unit="step")
     try:
         for step in range(start, total_steps):
-            metrics = _one_step(context, trainer, run, step)
+            metrics = _one_step(context, trainer, run, step, lambda: kept_checkpoint(manager, run_folder))
             run.step = step + 1
             if manager is not None:
                 _save(manager, run.step, trainer, fingerprint, run, force=run.step == total_steps)
@@ -689,7 +696,7 @@ def finetune_online(model: CausalLM, tokenizer: Any, prompts: Sequence[str], val
                 save_file({"weight": np.asarray(head.weight.get_value()), "bias": np.asarray(head.bias.get_value())},
                           str(run_folder / "value_head.safetensors"))
         if run_folder != out:
-            _replace_folder(run_folder, out)
+            replace_folder(run_folder, out)
     return OnlineResult(trained, list(run.losses), total_steps, start, out, total_steps * config.rows,
                         history=list(run.history), lam=lam_names, kl_coef=run.kl_coef, value_head=head)
 
@@ -758,7 +765,8 @@ def _score_texts(rewards: Sequence[Any], prompts: list[str], texts: list[str]) -
     return np.stack([np.asarray(scores[value.name], np.float64) for value in rewards], axis=1)
 
 
-def _one_step(context: _Context, trainer: _Trainer, run: _Run, step: int) -> dict[str, Any]:
+def _one_step(context: _Context, trainer: _Trainer, run: _Run, step: int,
+              kept: Callable[[], str] = lambda: "no checkpoint was saved") -> dict[str, Any]:
     config, method = context.config, context.method
     indices = step_indices(len(context.prompts), config.seed, step, config.prompts_per_step)
     shown = [context.shown[i] for i in indices]
@@ -816,6 +824,8 @@ def _one_step(context: _Context, trainer: _Trainer, run: _Run, step: int) -> dic
             if context.mesh is not None:
                 mini = _shard_rows(mini, context.mesh, axis=1)
             metrics = trainer.update(mini, run.kl_coef, step * updates_per_step + updates)
+            # at once, before the policy samples again or the step is saved (``kept`` names what stays)
+            stop_if_diverged(metrics, f"rollout step {step + 1}, update {updates + 1}", context.method, kept)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
             updates += 1

@@ -66,8 +66,8 @@ def _output_embedding(model: Any) -> Any:
 def hidden_and_logits(model: Any, ids: jax.Array, attention: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(final hidden state [rows, seq, d], float32 logits [rows, seq, vocab])`` of one forward pass.
 
-    Models with ``hidden_states`` / ``logits_from_hidden`` (the Mistral family) are called through them. The
-    others (GPT-2, OPT, Llama) compute ``logits = head(hidden)`` with an ``lm_head`` or their tied embedding's
+    Models with ``hidden_states`` / ``logits_from_hidden`` (the Llama family) are called through them. The
+    others (GPT-2, OPT) compute ``logits = head(hidden)`` with an ``lm_head`` or their tied embedding's
     ``attend``; the head is wrapped, on this (merged, call-local) copy of the model only, to keep its input.
     Call it on a model from ``nnx.merge`` inside a traced function, never on a model you keep.
     """

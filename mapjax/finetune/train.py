@@ -19,6 +19,10 @@ shardings as its output shardings, so the layout never drifts). Checkpoints are 
 device its own shards, and restored onto the shardings of the mesh of the run that resumes: a run saved on 8
 devices continues on 4 or on 1. Resuming on the same layout is still exact; on another layout the sums run in
 another order, so it agrees to rounding.
+
+Divergence is a failure: a step whose loss or updated parameters are not finite (NaN or inf, e.g. from a
+learning rate far too high) raises :class:`mapjax.errors.DivergenceError` at once, before that step is saved,
+so ``out/checkpoints`` keeps the last finite state and nothing is exported (:func:`stop_if_diverged`).
 """
 
 from __future__ import annotations
@@ -41,13 +45,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mapjax.dtypes import dtype_name, known_dtype_name
-from mapjax.errors import FinetuneError
-from mapjax.finetune import data as data_module
+from mapjax.errors import DivergenceError, FinetuneError
 from mapjax.finetune import dpo as dpo_module
+from mapjax.finetune import examples as data_module
 from mapjax.finetune import weighted as weighted_module
 from mapjax.jsonio import write_json
 from mapjax.models.base import CausalLM
 from mapjax.models.padding import pad_token_id
+from mapjax.outputs import check_output_folder, replace_folder, staging_folder, write_run_marker
 
 if TYPE_CHECKING:
     from mapjax.sharding import MeshLike
@@ -320,7 +325,36 @@ def _train_step(params, opt_state, rest, reference, batch, *, graphdef, treedef,
     tx = optimizer(config, total_steps)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": all_finite(params)}
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point leaf of ``tree`` is finite (one boolean, computed on the device)."""
+    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def stop_if_diverged(metrics: dict[str, float], where: str, route: str, checkpoint: Callable[[], str]) -> None:
+    """Raise :class:`DivergenceError` when a step's loss or parameters are not finite; ``metrics`` loses its
+    ``finite`` flag (what callbacks see is the step's numbers only). ``where`` names the step, ``checkpoint()``
+    says what is kept (asked only on divergence)."""
+    finite = bool(metrics.pop("finite", True))
+    loss = metrics.get("loss", 0.0)
+    if finite and math.isfinite(loss):
+        return
+    what = "loss" if not math.isfinite(loss) else "parameters"
+    raise DivergenceError(f"finetuning ({route}) diverged at {where}: the {what} became non-finite (loss {loss}); "
+                          f"stopped without exporting a model, {checkpoint()}. Lower the learning rate (--lr) or "
+                          "clip the gradients harder")
+
+
+def kept_checkpoint(manager: Any, run_folder: Path | None) -> str:
+    """How a diverged run's message names what it kept: the last finite checkpoint, or none."""
+    step = manager.latest_step() if manager is not None else None
+    if step is None:
+        return "no checkpoint was saved"
+    return f"the last finite checkpoint (step {step}) is kept in {run_folder / 'checkpoints'}"
 
 
 _STATIC = ("graphdef", "treedef", "method", "config", "total_steps")
@@ -377,7 +411,7 @@ def _place(value: Any, sharding: NamedSharding) -> jax.Array:
 
 def _resolve_lambda(pool: Any, lam: Any) -> np.ndarray:
     """λ as a vector over the pool's values; a palette spec (str / dict of levels) is solved first."""
-    from mapjax.decode import lambda_for
+    from mapjax.solver import lambda_for
 
     if isinstance(lam, str) or (isinstance(lam, dict) and any(isinstance(v, str) for v in lam.values())):
         from mapjax import solve
@@ -444,13 +478,15 @@ def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: st
         overwrite: replace another run in ``out`` instead of refusing to resume from its checkpoints. The new
             run is made in ``<out>.replacing`` beside it (resumed there after an interruption) and takes the
             place of ``out`` only once it is complete, so ``out`` never mixes the two runs and the old one
-            survives an interrupted replacement.
+            survives an interrupted replacement. ``out`` must be new, empty or a mapjax run (its
+            ``.mapjax-run.json`` marker): a folder of the user's, the working folder or a file is refused, with
+            ``overwrite`` or without (:func:`mapjax.outputs.check_output_folder`).
         mesh: a device mesh (or its spec, e.g. ``"data=2,fsdp=4"``; None: one device): parameters and optimizer
             state sharded over its ``fsdp``/``model`` axes, each micro-batch's rows over ``data`` x ``fsdp``
             (``batch_size / grad_accum`` must be a multiple of their product). Checkpoints are saved sharded and
             restored onto this mesh, whatever mesh saved them.
         format_prompt: how the pool's policy saw each prompt when it sampled (e.g. its chat template;
-            ``mapjax.finetune.evaluation.pool_prompt_format(pool_file, tokenizer)`` reads it from the pool's
+            ``mapjax.finetune.against_base.pool_prompt_format(pool_file, tokenizer)`` reads it from the pool's
             manifest): prompts are tokenized (and, online, sampled) through it. None: raw (the paper's setting).
     """
     from mapjax.finetune import online
@@ -464,6 +500,8 @@ def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: st
                                       pool=pool, export=export)
     config = config or FinetuneConfig()
     config.validate(method)
+    if out is not None:   # before any work: never the working folder, a file, or a folder of the user's
+        check_output_folder(out, overwrite=overwrite, flag="out")
     mesh = _check_mesh(config, mesh)
     lam_vector = _resolve_lambda(pool, lam)
     if method == "weighted":
@@ -487,7 +525,11 @@ def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: st
     out = Path(out) if out is not None else None
     run_folder = out
     if out is not None:
-        run_folder = _run_folder(out, overwrite)
+        run_folder = staging_folder(out, overwrite)
+        from mapjax.distributed import is_primary
+
+        if is_primary():
+            write_run_marker(run_folder, "finetune", method=method)
         # In a staging folder, checkpoints of another run are those of an abandoned replacement: discard them.
         manager, start, losses = _open_checkpoints(run_folder, fingerprint, stepper, config,
                                                    discard_other=run_folder != out)
@@ -505,6 +547,8 @@ def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: st
             else:
                 batch = data_module.dpo_batch(examples, ref_logps, indices, config.grad_accum, pad_id)
             metrics = stepper.step(reference, batch)
+            # before the step is saved: a diverged state never replaces the last finite checkpoint
+            stop_if_diverged(metrics, f"step {step + 1}", method, lambda: kept_checkpoint(manager, run_folder))
             losses.append(metrics["loss"])
             if manager is not None:
                 _save(manager, step + 1, stepper, fingerprint, losses, force=step + 1 == total_steps)
@@ -532,7 +576,7 @@ def finetune(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, method: st
             if hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(run_folder / "model"))
         if run_folder != out:
-            _replace_folder(run_folder, out)
+            replace_folder(run_folder, out)
     if run_folder is not None:
         barrier("mapjax-finetune-written")   # no process returns before the run's files are in place
     return FinetuneResult(trained, losses, total_steps, start, out, count)
@@ -563,28 +607,6 @@ def _check_mesh(config: FinetuneConfig, mesh: "MeshLike") -> Mesh | None:
     micro = config.batch_size // config.grad_accum
     return mesh_for_micro_batches(mesh, micro, f"batch_size {config.batch_size} / grad_accum {config.grad_accum}",
                                   "batch_size / grad_accum", FinetuneError)
-
-
-def _run_folder(out: Path, overwrite: bool) -> Path:
-    """Where the run is made: ``out`` itself, or under ``overwrite`` a staging folder beside an ``out`` that
-    holds anything (it is replaced only by the complete run, see :func:`_replace_folder`)."""
-    if out.exists() and not out.is_dir():
-        raise FinetuneError(f"{out} is a file; give a folder for the run")
-    if overwrite and out.is_dir() and any(out.iterdir()):
-        return out.with_name(out.name + ".replacing")
-    return out
-
-
-def _replace_folder(new: Path, out: Path) -> None:
-    """Put the complete run ``new`` in the place of ``out``: two renames, then the old run is deleted."""
-    import shutil
-
-    retired = out.with_name(out.name + ".replaced")
-    if retired.exists():
-        shutil.rmtree(retired)
-    os.replace(out, retired)
-    os.replace(new, out)
-    shutil.rmtree(retired)
 
 
 def open_checkpoints(out: Path, fingerprint: str, save_every: int, *, discard_other: bool = False,

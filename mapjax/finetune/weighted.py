@@ -72,7 +72,7 @@ def batch_loss(apply: Apply, params: Any, reference_params: Any, batch: dict[str
 
 def weighted_loss(model: CausalLM, batch: dict[str, np.ndarray], *, normalize: str = "token",
                   kl_coef: float = 0.0, reference_model: CausalLM | None = None) -> float:
-    """The weighted loss of ``model`` on a batch from ``mapjax.finetune.data.weighted_batch`` (eager, for
+    """The weighted loss of ``model`` on a batch from ``mapjax.finetune.examples.weighted_batch`` (eager, for
     checking and evaluation)."""
     from flax import nnx
 

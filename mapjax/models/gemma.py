@@ -14,8 +14,8 @@ What sets Gemma apart from Llama, each in one place below:
   base (``rope_parameters["sliding_attention"]``, formerly ``rope_local_base_freq``). As in transformers,
   Gemma 3 does not soft-cap attention logits whatever its config says.
 
-The window, soft-cap and per-layer rotary table come from :mod:`mapjax.models.mistral`, so they hold in the
-full forward and in cached decoding alike.
+The window, soft-cap and per-layer rotary table come from :mod:`mapjax.models.llama`, so they hold in the
+full forward and in cached sampling alike.
 """
 
 from __future__ import annotations
@@ -31,13 +31,8 @@ from mapjax.errors import ModelError
 from mapjax.models import layers
 from mapjax.models.base import HFParameter, register_model
 from mapjax.models.layers import RopeSpec
-from mapjax.models.mistral import (
-    FULL_ATTENTION,
-    SLIDING_ATTENTION,
-    MistralConfig,
-    MistralDecoderLayer,
-    MistralForCausalLM,
-)
+from mapjax.models.llama import FULL_ATTENTION, SLIDING_ATTENTION, LlamaDecoderLayer, LlamaForCausalLM
+from mapjax.models.mistral import MistralConfig
 
 __all__ = ["Gemma2Config", "Gemma2DecoderLayer", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3TextConfig",
            "GemmaRMSNorm"]
@@ -149,8 +144,8 @@ class GemmaRMSNorm(nnx.Module):
         return (normed * (1.0 + self.weight.get_value().astype(jnp.float32))).astype(x.dtype)
 
 
-class Gemma2DecoderLayer(MistralDecoderLayer):
-    """Mistral's layer with Gemma's norms (four per layer, plus per-head q/k norms in Gemma 3), scale and
+class Gemma2DecoderLayer(LlamaDecoderLayer):
+    """Llama's layer with Gemma's norms (four per layer, plus per-head q/k norms in Gemma 3), scale and
     soft-cap."""
 
     def __init__(self, config: Gemma2Config, layer_index: int, *, dtype: Any, rngs: nnx.Rngs):
@@ -189,11 +184,12 @@ class Gemma2DecoderLayer(MistralDecoderLayer):
 
 
 @register_model
-class Gemma2ForCausalLM(MistralForCausalLM):
+class Gemma2ForCausalLM(LlamaForCausalLM):
     """Gemma 2 language model: ``model(input_ids, attention_mask) -> CausalLMOutput(logits, cache)``; logits are
     soft-capped when the config says so."""
 
     architecture = "Gemma2ForCausalLM"
+    config_class = Gemma2Config
     layer_class = Gemma2DecoderLayer
 
     @staticmethod
@@ -210,17 +206,10 @@ class Gemma2ForCausalLM(MistralForCausalLM):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 
-    @classmethod
-    def config_from_hf(cls, hf_config: Any) -> Gemma2Config:
-        return Gemma2Config.from_hf(hf_config)
-
 
 @register_model
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
     """Gemma 3 text language model (``Gemma3ForCausalLM`` with a ``gemma3_text`` config)."""
 
     architecture = "Gemma3ForCausalLM"
-
-    @classmethod
-    def config_from_hf(cls, hf_config: Any) -> Gemma3TextConfig:
-        return Gemma3TextConfig.from_hf(hf_config)
+    config_class = Gemma3TextConfig

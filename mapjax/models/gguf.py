@@ -7,6 +7,7 @@ the same name map as a safetensors checkpoint.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -153,13 +154,18 @@ def _tokenizer_from_gguf_vocab(path: Any) -> Any:
 
 
 def tokenizer_from_gguf(path: Any) -> Any:
-    """The tokenizer stored in a GGUF file: transformers' GGUF support, else built from the vocab."""
+    """The tokenizer stored in a GGUF file: transformers' GGUF support, else built from the vocab (with a warning
+    that names why transformers could not: the hand-built one has no normaliser or added-token handling)."""
     path = Path(path)
     try:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception:  # noqa: BLE001 - any failure there (old transformers, no tokenizers backend) falls back
+    except Exception as error:  # noqa: BLE001 - any failure there (old transformers, no tokenizers backend) falls back
+        warnings.warn(f"{path}: transformers could not load the GGUF tokenizer ({type(error).__name__}: {error}); "
+                      "using a byte-level BPE tokenizer built from the file's vocab and merges instead, without "
+                      "transformers' normaliser and added-token handling; compare its output before relying on it",
+                      UserWarning, stacklevel=2)
         return _tokenizer_from_gguf_vocab(path)
 
 

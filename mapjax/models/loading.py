@@ -185,10 +185,17 @@ def read_checkpoint_tensors(directory: str | os.PathLike) -> dict[str, np.ndarra
                           "model.safetensors.index.json or pytorch_model.bin")
 
 
+def download_command(repo_id: str) -> str:
+    """The command that puts ``repo_id`` into the local Hugging Face cache, for messages."""
+    return f"hf download {repo_id}"
+
+
 def resolve_model_directory(path_or_id: str | os.PathLike) -> Path:
     """A local folder for ``path_or_id``: the path itself, or a hub id from the local HF cache.
 
-    Downloads only when the hub is reachable and ``HF_HUB_OFFLINE`` is not set.
+    A hub id that is not in the cache is downloaded when the hub is reachable and ``HF_HUB_OFFLINE`` is not set.
+    Offline, it is a ``MissingConfigError`` that names the command to fetch it first (``hf download ID``, run
+    where the network is reachable, with the same ``HF_HOME`` / ``HF_HUB_CACHE``); nothing is downloaded.
     """
     path = Path(path_or_id).expanduser()
     if path.is_dir():
@@ -205,10 +212,13 @@ def resolve_model_directory(path_or_id: str | os.PathLike) -> Path:
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
-    except Exception as cache_error:  # noqa: BLE001 - any cache miss falls through to a download attempt
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise MissingConfigError(f"{repo_id!r} is neither a local folder nor in the Hugging Face cache "
-                                     f"(HF_HUB_OFFLINE is set): {cache_error}") from None
+    except Exception:  # noqa: BLE001 - any cache miss falls through to a download attempt
+        if _hub_offline():
+            raise MissingConfigError(
+                f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set "
+                f"so it is not downloaded; fetch it first where the network is reachable: "
+                f"`{download_command(repo_id)}` (huggingface_hub older than 0.34: `huggingface-cli download "
+                f"{repo_id}`), or pass a local folder") from None
     try:
         directory = Path(snapshot_download(repo_id, allow_patterns=patterns))
         if not any(directory.glob("*.safetensors")):  # an old repo with pickle weights only
@@ -216,7 +226,16 @@ def resolve_model_directory(path_or_id: str | os.PathLike) -> Path:
         return directory
     except Exception as download_error:  # noqa: BLE001
         raise MissingConfigError(f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and "
-                                 f"downloading it failed: {download_error}") from None
+                                 f"downloading it failed: {download_error}; check the id, or fetch it with "
+                                 f"`{download_command(repo_id)}`") from None
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (the environment now, or its constant set at import)."""
+    import huggingface_hub.constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower()
+    return value in ("1", "on", "yes", "true") or bool(getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False))
 
 
 def load_hf_config(directory: str | os.PathLike) -> Any:
@@ -255,8 +274,9 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, *,
     """Load an HF checkpoint folder (or cached hub id) as a mapjax NNX model.
 
     Args:
-      path_or_id: folder with ``config.json`` and weights, or a hub id found in the
-        local Hugging Face cache (downloaded only when the network is reachable).
+      path_or_id: folder with ``config.json`` and weights, or a hub id found in the local Hugging Face cache
+        (downloaded when it is not there and the network is reachable; with ``HF_HUB_OFFLINE=1`` a missing id
+        is a ``MissingConfigError`` naming ``hf download ID``, see :func:`resolve_model_directory`).
       dtype: parameter dtype, ``"float32"`` or ``"bfloat16"`` (or ``jnp.float32`` / ``jnp.bfloat16``).
       architecture: override ``config.architectures[0]`` (e.g. load a base
         checkpoint into a classifier class).

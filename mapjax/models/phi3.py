@@ -1,4 +1,4 @@
-"""Phi-3 / Phi-3.5 / Phi-4-mini (``Phi3ForCausalLM``) in Flax NNX: Mistral's layer with fused projections.
+"""Phi-3 / Phi-3.5 / Phi-4-mini (``Phi3ForCausalLM``) in Flax NNX: Llama's layer with fused projections.
 
 Phi-3 stores the query, key and value projections as one ``qkv_proj`` (rows: queries, then keys, then
 values) and the gate and up projections as one ``gate_up_proj`` (rows: gate, then up). It may rotate only
@@ -25,7 +25,8 @@ from flax import nnx
 from mapjax.errors import ModelError
 from mapjax.models import layers
 from mapjax.models.base import HFParameter, register_model
-from mapjax.models.mistral import MistralConfig, MistralDecoderLayer, MistralForCausalLM, layer_sliding_window
+from mapjax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from mapjax.models.mistral import MistralConfig
 
 __all__ = ["Phi3Config", "Phi3DecoderLayer", "Phi3ForCausalLM"]
 
@@ -63,20 +64,11 @@ class Phi3Config(MistralConfig):
         return values
 
 
-class Phi3DecoderLayer(MistralDecoderLayer):
-    """Mistral's layer with ``qkv_proj`` and ``gate_up_proj`` fused as Phi-3 stores them."""
+class Phi3DecoderLayer(LlamaDecoderLayer):
+    """Llama's layer with ``qkv_proj`` and ``gate_up_proj`` fused as Phi-3 stores them."""
 
-    def __init__(self, config: Phi3Config, layer_index: int, *, dtype: Any, rngs: nnx.Rngs):
-        # Not Llama's constructor: its separate projections would be built only to be replaced.
-        hidden, head_dim = config.hidden_size, config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim
-        self.rope = config.rope
-        self.activation_name = config.hidden_act
-        self.sliding_window = layer_sliding_window(config, layer_index)
-        self.attention_scale = head_dim ** -0.5
-        self.logit_softcap = None
+    def build_projections(self, config: Phi3Config, *, dtype: Any, rngs: nnx.Rngs) -> None:
+        hidden, head_dim = config.hidden_size, self.head_dim
         fused = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         self.qkv_proj = layers.Linear(hidden, fused, use_bias=False, dtype=dtype, rngs=rngs,
                                       axes=(layers.EMBED, layers.HEADS))
@@ -86,8 +78,6 @@ class Phi3DecoderLayer(MistralDecoderLayer):
                                           rngs=rngs, axes=(layers.EMBED, layers.MLP))
         self.down_proj = layers.Linear(config.intermediate_size, hidden, use_bias=False, dtype=dtype, rngs=rngs,
                                        axes=(layers.MLP, layers.EMBED))
-        self.input_layernorm = layers.RMSNorm(hidden, eps=config.rms_norm_eps, dtype=dtype)
-        self.post_attention_layernorm = layers.RMSNorm(hidden, eps=config.rms_norm_eps, dtype=dtype)
 
     def project_qkv(self, normed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         batch, seq, _ = normed.shape
@@ -110,12 +100,9 @@ class Phi3DecoderLayer(MistralDecoderLayer):
 
 
 @register_model
-class Phi3ForCausalLM(MistralForCausalLM):
+class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 language model: ``model(input_ids, attention_mask) -> CausalLMOutput(logits, cache)``."""
 
     architecture = "Phi3ForCausalLM"
+    config_class = Phi3Config
     layer_class = Phi3DecoderLayer
-
-    @classmethod
-    def config_from_hf(cls, hf_config: Any) -> Phi3Config:
-        return Phi3Config.from_hf(hf_config)

@@ -1,6 +1,6 @@
-"""Qwen2 / Qwen2.5 (``Qwen2ForCausalLM``) in Flax NNX: Mistral's layer with biased q/k/v projections.
+"""Qwen2 / Qwen2.5 (``Qwen2ForCausalLM``) in Flax NNX: a configuration of Llama with biased q/k/v projections.
 
-Qwen2 differs from Llama in three places, all config: q/k/v projections carry a bias (``o_proj`` does not),
+Qwen2 differs from Llama in three places, all config (the layers and the forward are Llama's): q/k/v projections carry a bias (``o_proj`` does not),
 the sliding window, when ``use_sliding_window`` is on, applies to layers ``max_window_layers`` and above
 (transformers writes that out as ``layer_types``), and the rope base is large (1e6). Qwen2.5 checkpoints use
 the same class; their long-context variants use ``yarn`` rope scaling.
@@ -11,13 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from flax import nnx
-
-from mapjax.models import layers
 from mapjax.models.base import register_model
-from mapjax.models.mistral import FULL_ATTENTION, MistralConfig, MistralDecoderLayer, MistralForCausalLM
+from mapjax.models.llama import FULL_ATTENTION, LlamaForCausalLM
+from mapjax.models.mistral import MistralConfig
 
-__all__ = ["Qwen2Config", "Qwen2DecoderLayer", "Qwen2ForCausalLM"]
+__all__ = ["Qwen2Config", "Qwen2ForCausalLM"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +27,11 @@ class Qwen2Config(MistralConfig):
     rms_norm_eps: float = 1e-6
 
     model_type: ClassVar[str] = "qwen2"
+
+    @property
+    def output_projection_bias(self) -> bool:
+        """Qwen2's ``o_proj`` has no bias whatever ``attention_bias`` says (that one is the q/k/v bias)."""
+        return False
 
     def to_hf_dict(self, architecture: str) -> dict[str, Any]:
         values = super().to_hf_dict(architecture)
@@ -42,22 +45,9 @@ class Qwen2Config(MistralConfig):
         return values
 
 
-class Qwen2DecoderLayer(MistralDecoderLayer):
-    """Mistral's layer with q/k/v biases and a bias-free output projection."""
-
-    def __init__(self, config: Qwen2Config, layer_index: int, *, dtype: Any, rngs: nnx.Rngs):
-        super().__init__(config, layer_index, dtype=dtype, rngs=rngs)
-        self.o_proj = layers.Linear(self.num_heads * self.head_dim, config.hidden_size, use_bias=False,
-                                    dtype=dtype, rngs=rngs, axes=(layers.HEADS, layers.EMBED))
-
-
 @register_model
-class Qwen2ForCausalLM(MistralForCausalLM):
-    """Qwen2 / Qwen2.5 language model: ``model(input_ids, attention_mask) -> CausalLMOutput(logits, cache)``."""
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5 language model: Llama's, built from a :class:`Qwen2Config`."""
 
     architecture = "Qwen2ForCausalLM"
-    layer_class = Qwen2DecoderLayer
-
-    @classmethod
-    def config_from_hf(cls, hf_config: Any) -> Qwen2Config:
-        return Qwen2Config.from_hf(hf_config)
+    config_class = Qwen2Config

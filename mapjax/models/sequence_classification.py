@@ -30,7 +30,7 @@ from mapjax.errors import ModelError
 from mapjax.models import layers
 from mapjax.models.base import HFParameter, PretrainedModel, register_model
 from mapjax.models.gemma import Gemma2ForCausalLM
-from mapjax.models.llama import LlamaConfig
+from mapjax.models.llama import LlamaForCausalLM
 from mapjax.models.mistral import MistralForCausalLM
 from mapjax.models.phi3 import Phi3ForCausalLM
 from mapjax.models.qwen2 import Qwen2ForCausalLM
@@ -112,7 +112,7 @@ class DecoderForSequenceClassification(PretrainedModel, nnx.Module):
     whose body they use (``backbone_class``).
     """
 
-    backbone_class: ClassVar[type[MistralForCausalLM]]
+    backbone_class: ClassVar[type[LlamaForCausalLM]]
 
     def __init__(self, config: DecoderClassifierConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -155,12 +155,7 @@ class LlamaForSequenceClassification(DecoderForSequenceClassification):
     """Llama reward models (Skywork-Reward-Llama-3.1, ArmoRM's body, ...)."""
 
     architecture = "LlamaForSequenceClassification"
-    # Mistral's causal LM with a plain LlamaConfig (no window) is Llama, split into body and head.
-    backbone_class = MistralForCausalLM
-
-    @classmethod
-    def config_from_hf(cls, hf_config: Any) -> DecoderClassifierConfig:
-        return DecoderClassifierConfig.from_hf(hf_config, LlamaConfig.from_hf(hf_config))
+    backbone_class = LlamaForCausalLM
 
 
 @register_model

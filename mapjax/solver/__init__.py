@@ -7,7 +7,8 @@ Data flow, one module per step:
 - :mod:`~mapjax.solver.newton`: the pure-JAX projected-Newton kernel (typed loop state);
 - :mod:`~mapjax.solver.reference`: the authors' Adam solver, replicated in PyTorch's float32 arithmetic;
 - :mod:`~mapjax.solver.assemble`: verdicts settled against the LP, certificates, sensitivity;
-- :mod:`~mapjax.solver.solution`: what comes back, :class:`Solution` and :class:`Solutions`.
+- :mod:`~mapjax.solver.solution`: what comes back, :class:`Solution` and :class:`Solutions`;
+- :mod:`~mapjax.solver.lambdas`: λ as a vector over a pool's values, from a Solution, a mapping or a vector.
 
 The problem itself (standardized groups, p_λ's weights) is :mod:`mapjax.problem`; the LP certificate is
 :mod:`mapjax.certificate`.
@@ -15,12 +16,14 @@ The problem itself (standardized groups, p_λ's weights) is :mod:`mapjax.problem
 
 from mapjax.solver.api import METHODS, Method, check_settings, evaluate_lambdas, solve, solve_many, solve_sequential
 from mapjax.solver.driver import DEFAULT_TOLERANCE
+from mapjax.solver.lambdas import LambdaLike, lambda_for
 from mapjax.solver.reference import reference_lambdas
 from mapjax.solver.solution import DEGENERATE_ESS, STATUSES, Solution, Solutions, concatenate
 
 __all__ = [
     "DEFAULT_TOLERANCE",
     "DEGENERATE_ESS",
+    "LambdaLike",
     "METHODS",
     "Method",
     "STATUSES",
@@ -29,6 +32,7 @@ __all__ = [
     "check_settings",
     "concatenate",
     "evaluate_lambdas",
+    "lambda_for",
     "reference_lambdas",
     "solve",
     "solve_many",

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import numpy as np
 
 from mapjax.errors import PaletteError, SolverError
-from mapjax.palette import Palettes, is_spec, palette_targets, parse
-from mapjax.pool import PoolLike, RewardPool, as_pool, unique_names
+from mapjax.palette import Palettes, is_spec, palette_count, palette_targets, parse
+from mapjax.pool import PoolLike, RewardPool, as_pool, real_array, unique_names
 from mapjax.problem import DTYPES, NORMALISERS, DType, DualProblem, Normaliser
 from mapjax.solver.assemble import assemble
 from mapjax.solver.driver import DEFAULT_TOLERANCE, exact_sequential, measured, solve_exact
@@ -72,6 +72,7 @@ def solve_many(
             runs on one device; only its measurements use the mesh.
     """
     tol = check_settings(method=method, dtype=dtype, normaliser=normaliser, tol=tol, max_iter=max_iter)
+    sensitivity, certify = _flag(sensitivity, "sensitivity"), _flag(certify, "certify")
     placement = Placement.of(mesh)
     pool, palette_values = _coerce(data, values)
     targets = palette_targets(pool, palettes, palette_values)
@@ -102,7 +103,7 @@ def solve(
     levels over ``values`` (or over all values, NaN where unconstrained). The LP certificate is attached by
     default. See :func:`solve_many` for the other arguments (``mesh`` included).
     """
-    count = _palette_count(palette)
+    count = palette_count(palette)
     if count != 1:
         raise PaletteError(f"solve takes one palette, got {count}; use solve_many for a batch")
     return solve_many(
@@ -143,7 +144,7 @@ def solve_sequential(
     rounds = _positive_integer(rounds, "rounds")
     placement = Placement.of(mesh)
     pool, palette_values = _coerce(data, values)
-    count = _palette_count(palette)
+    count = palette_count(palette)
     if count != 1:
         raise PaletteError(f"solve_sequential takes one palette, got {count}")
     targets = palette_targets(pool, palette, palette_values)
@@ -184,10 +185,7 @@ def evaluate_lambdas(
     placement = Placement.of(mesh)
     pool, lambda_values = _coerce(data, values)
     names = pool.value_names if lambda_values is None else unique_names(lambda_values, "values", SolverError)
-    try:
-        lambdas = np.atleast_2d(np.asarray(lambdas, dtype=np.float64))
-    except (TypeError, ValueError) as error:
-        raise SolverError(f"lambdas must be numbers, a vector or a [batch, values] array ({error})") from None
+    lambdas = np.atleast_2d(real_array(lambdas, "lambdas", SolverError))
     if lambdas.ndim != 2 or lambdas.shape[1] != len(names) or lambdas.shape[0] == 0:
         raise SolverError(f"lambdas of shape {lambdas.shape} need one column for each of the values {list(names)}")
     if not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
@@ -230,6 +228,13 @@ def check_settings(
     return float(tol)
 
 
+def _flag(value, name: str) -> bool:
+    """A True/False setting; anything else (a string such as "no" would read as true) names the setting."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise SolverError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _positive_integer(number, name: str) -> int:
     if isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 1:
         raise SolverError(f"{name} must be a whole number of at least 1, got {number!r}")
@@ -242,15 +247,6 @@ def _coerce(data: PoolLike, values: Sequence[str] | None) -> tuple[RewardPool, S
     if isinstance(data, RewardPool):
         return data, values
     return as_pool(data, values), None
-
-
-def _palette_count(palettes: Palettes) -> int:
-    """How many palettes ``palettes`` holds (a spec or a vector is one), without resolving any."""
-    if is_spec(palettes):
-        return 1
-    if not isinstance(palettes, np.ndarray) and len(palettes) and all(is_spec(spec) for spec in palettes):
-        return len(palettes)
-    return int(np.shape(palettes)[0]) if np.ndim(palettes) == 2 else 1
 
 
 def _value_order(pool: RewardPool, palette: Palettes, values: Sequence[str] | None, targets: np.ndarray) -> list[int]:

@@ -127,12 +127,23 @@ class Solution:
             lines.append(f"KL(p_λ||p0)   {self.kl:.4f}")
             lines.append(f"ESS           {self.ess:.1f}")
         if self.degenerate:
-            lines.append(f"warning       p_λ sits on about one sample per group (ESS < {DEGENERATE_ESS:g}): "
+            lines.append(f"warning       p_λ sits on about one sample per group (ESS "
+                         f"{below_threshold_text(self.ess, DEGENERATE_ESS)} < {DEGENERATE_ESS:g}): "
                          "the palette is at the edge of what these samples reach")
         lines.append(f"iterations    {self.iterations}")
         if self.certificate is not None:
             lines.append(f"certificate   {self.certificate.explain()}")
         return "\n".join(lines)
+
+
+def below_threshold_text(value: float, threshold: float) -> str:
+    """``value`` with the fewest significant digits (at least 3) that still print it below ``threshold``: an ESS of
+    1.9996 against 2 reads "1.9996", not a rounded "2" that contradicts "< 2"."""
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        if float(text) < threshold:
+            return text
+    return repr(value)
 
 
 def _violations(targets: np.ndarray, realised: np.ndarray) -> np.ndarray:

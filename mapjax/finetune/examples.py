@@ -5,7 +5,7 @@ Every sample of a pool is a (prompt, continuation) pair. Its weight is softmax(�
 prompt. A DPO pair is the highest- and the lowest-λᵀr sample of a prompt.
 
 Prompts are tokenized as the pool's policy saw them when it sampled: ``format_prompt`` (e.g. the tokenizer's chat
-template, as ``build_pool(format_prompt=...)`` applied it; ``mapjax.finetune.evaluation.pool_prompt_format`` reads
+template, as ``build_pool(format_prompt=...)`` applied it; ``mapjax.finetune.against_base.pool_prompt_format`` reads
 it from the pool's manifest) is applied before tokenizing, so the model learns p(y | x) on the very context y was
 sampled in. The pool keeps the raw prompts, which are what the rewards saw.
 

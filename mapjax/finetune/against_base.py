@@ -13,6 +13,7 @@ raw one, so the scores are comparable with the pool's.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,8 +36,9 @@ def pool_prompt_format(pool_path: str | os.PathLike, tokenizer: Any, *,
 
     Read from the pool's build manifest (``<pool>.manifest.json``, written by ``build_pool`` / ``mapjax pool``):
 
-    - no manifest (a pool from elsewhere, e.g. the authors' files), or one from before the setting was recorded,
-      or one that records ``formatted_prompts_sha256: null``: None (prompts fed raw, as the paper does);
+    - no manifest (a pool from elsewhere, e.g. the authors' files) or one from before the setting was recorded:
+      None (prompts fed raw, as the paper does), with a warning that says so, since the formatting is unknown;
+    - a manifest that records ``formatted_prompts_sha256: null``: None (the pool was sampled from raw prompts);
     - a recorded hash equal to that of ``chat_formatter(tokenizer)`` applied to the pool's prompts: that
       formatter (the tokenizer's chat template);
     - a hash equal to the raw prompts' (a formatter that changed nothing): None;
@@ -46,14 +48,19 @@ def pool_prompt_format(pool_path: str | os.PathLike, tokenizer: Any, *,
     must match the manifest's ``prompts_sha256``, else the manifest is not this pool's (a PoolError).
     """
     from mapjax.build import _paths, _read_manifest, prompts_hash
-    from mapjax.data import chat_formatter
+    from mapjax.prompts import chat_formatter
 
     path = Path(pool_path).expanduser()
     manifest_path = _paths(path)[1]
     if not manifest_path.is_file():
+        _warn_prompts_raw(path, f"has no build manifest ({manifest_path.name})")
         return None
     settings = _read_manifest(manifest_path).get("settings", {})
-    recorded = settings.get("formatted_prompts_sha256")
+    if "formatted_prompts_sha256" not in settings:
+        _warn_prompts_raw(path, f"has a build manifest ({manifest_path.name}) from before prompt formatting was "
+                                "recorded")
+        return None
+    recorded = settings["formatted_prompts_sha256"]
     if recorded is None:
         return None
     if prompts is None:
@@ -75,6 +82,13 @@ def pool_prompt_format(pool_path: str | os.PathLike, tokenizer: Any, *,
     raise PoolError(f"{path} was sampled with prompts formatted in a way this tokenizer cannot reproduce: its "
                     f"manifest's formatted_prompts_sha256 matches neither the raw prompts nor their chat-template "
                     f"form (the tokenizer {template}); pass the format_prompt the pool was built with")
+
+
+def _warn_prompts_raw(path: Path, why: str) -> None:
+    warnings.warn(f"{path} {why}, so how its policy saw the prompts is unknown: the prompts are shown to the models "
+                  "raw (no chat template), as the paper did; if the pool was sampled through a chat template, pass "
+                  "format_prompt=chat_formatter(tokenizer) (mapjax finetune: --chat-template yes)",
+                  UserWarning, stacklevel=3)
 
 
 # ============================================================================ sampling and scoring
