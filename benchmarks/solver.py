@@ -21,8 +21,8 @@ certificate of a per-prompt palette on a synthetic pool of 12,500 prompts x 16 s
 on 1,000 and 3,000 prompts for comparison: this section has no PyTorch side (the authors' code has no
 certificate); it compares mapjax's two formulations of the LP.
 
-    python benchmarks/solver.py                       # the full run recorded in RESULTS.md
-    python benchmarks/solver.py --reference-palettes 200 --repeats 2   # quicker: PyTorch on a subset
+    python benchmarks/solver.py                       # the full run: PyTorch on all 1000 palettes, best of 3
+    python benchmarks/solver.py --reference-palettes 200 --repeats 2   # PyTorch on a subset (RESULTS.md's run)
     python benchmarks/solver.py --sections certificate    # only the per-prompt certificate
 """
 
@@ -284,7 +284,7 @@ def certificate_benchmark(prompts: int, samples: int, values: int, primal_prompt
 def print_certificate(result: dict) -> None:
     print(f"\nper-prompt LP certificate, synthetic pool of P prompts x {result['samples']} samples x "
           f"{result['values']} values (levels at the pooled quantile q):")
-    print("| P | q | verdict | margin (sd) | decomposed LP (s) | primal LP (s) | |Δ margin| | solve_many (s) |")
+    print("| P | q | verdict | margin (sd) | decomposed LP (s) | primal LP (s) | \\|Δ margin\\| | solve_many (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         primal = f"{row['primal_s']:.2f}" if "primal_s" in row else "-"
@@ -321,8 +321,11 @@ def main() -> None:
     output: dict = {"machine": machine(), "repeats": args.repeats}
     if "palettes" in args.sections:
         pool = RewardPool.load(args.pilot)
-        rows = [palette_benchmark(pool, m, args.palettes, min(args.reference_palettes, args.palettes), args.seed,
-                                  args.repeats, thread_counts) for m in (3, 6)]
+        rows = []
+        for m in (3, 6):
+            rows.append(palette_benchmark(pool, m, args.palettes, min(args.reference_palettes, args.palettes),
+                                          args.seed, args.repeats, thread_counts))
+            print(f"m={m} done ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
         print_palettes(rows)
         output["palettes"] = rows
     if "large" in args.sections:
@@ -368,6 +371,7 @@ def print_palettes(rows: list[dict]) -> None:
                   f"| {versus_exact['feasible_where_other_infeasible']} | {q['share_violating_1e-3sd']:.1%} "
                   f"| {q['max_violation_sd']:.3f} | {versus_exact['median_relative_lambda_difference']:.1e} "
                   f"| {versus_other['verdict_agreement']:.1%} | {versus_other['max_abs_lambda_difference']:.1e} |")
+    print()
     for r in rows:
         threads = ", ".join(f"{threads_label(None if count == 'None' else int(count))} {seconds:.2f} s"
                             for count, seconds in r["reference_torch_probe_s"].items())

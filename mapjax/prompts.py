@@ -16,7 +16,6 @@ to read the same records from local files instead (offline machines, tests).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from mapjax.errors import PromptSourceError
+from mapjax.jsonio import loads
 
 HH_RLHF_DATASET = "Anthropic/hh-rlhf"
 IMDB_DATASET = "stanfordnlp/imdb"
@@ -193,10 +193,7 @@ def jsonl_prompts(path: str | os.PathLike, field: str = "prompt", count: int | N
     """
     path = Path(path)
     if path.suffix == ".json":
-        try:
-            records = json.loads("\n".join(_read_lines(path)))
-        except json.JSONDecodeError as error:
-            raise PromptSourceError(f"{path}: not valid JSON: {error}") from None
+        records = loads("\n".join(_read_lines(path)), str(path), PromptSourceError)
         if not isinstance(records, list):
             raise PromptSourceError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
         prompts = [_prompt_from_record(record, field, f"{path} record {index}")
@@ -206,10 +203,7 @@ def jsonl_prompts(path: str | os.PathLike, field: str = "prompt", count: int | N
         for number, line in enumerate(_read_lines(path), start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PromptSourceError(f"{path} line {number}: not valid JSON: {error}") from None
+            record = loads(line, f"{path} line {number}", PromptSourceError)
             prompts.append(_prompt_from_record(record, field, f"{path} line {number}"))
     return _select(prompts, count, seed, str(path), start)
 

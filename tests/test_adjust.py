@@ -19,6 +19,7 @@ def assert_solves(adjustment, pool):
     assert np.all((solution.realised - adjustment.palette)[constrained] / scale[constrained] >= -1e-7)
 
 
+@pytest.mark.slow
 def test_interpolation_stops_just_inside_the_boundary(pilot):
     result = adjust.interpolate(pilot, INFEASIBLE)
     assert 0 < result.rho < 1 and result.changed
@@ -39,6 +40,7 @@ def test_interpolation_leaves_a_feasible_palette_alone(pilot):
     assert_solves(result, pilot)
 
 
+@pytest.mark.slow
 def test_grid_stops_at_the_first_infeasible_point(pilot):
     result = adjust.grid(pilot, INFEASIBLE, points=10)
     assert_solves(result, pilot)
@@ -75,6 +77,7 @@ def test_greedy_priority_must_be_constrained(pilot):
         adjust.greedy(pilot, "humor>=q0.6", priority=["coherence"])
 
 
+@pytest.mark.slow
 def test_adjustment_with_per_prompt_normaliser(ragged_pool):
     pool = ragged_pool
     high = pool.flat().max(axis=0) - 0.05
@@ -110,6 +113,7 @@ def test_morl_lambdas_follow_the_paper(pilot):
 # ------------------------------------------------------------------ units
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factor", [1e-3, 1e-8, 1e3])
 @pytest.mark.parametrize("method", ["interpolate", "greedy", "grid"])
 def test_adjustment_does_not_depend_on_the_rewards_units(pilot, method, factor):
@@ -184,6 +188,7 @@ def test_counts_and_points_are_checked(pilot):
         adjust.interpolate(pilot, [INFEASIBLE, "humor>=q0.5"])
 
 
+@pytest.mark.slow
 def test_too_few_random_palettes_is_a_named_error(pilot):
     with pytest.raises(adjust.TooFewPalettes, match=r"only \d+ of 50 palettes kept after 100 draws; raise max_l1") as caught:
         adjust.random_palettes(pilot, ["humor", "gpt2-helpful", "gpt2-harmless"], 50, max_l1=0.05, max_draws=1)

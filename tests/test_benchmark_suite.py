@@ -91,6 +91,7 @@ def test_every_case_runs_and_agrees_without_the_missing_packages(tiny_run):
     assert report["machine"]["jax_device"].startswith("cpu")
 
 
+@pytest.mark.slow
 def test_mapjax_and_pytorch_compute_the_same_things(tiny_run):
     report, _, _ = tiny_run
     rows = {case["case"]: case["rows"] for case in report["cases"]}
@@ -142,6 +143,7 @@ PUBLISHED_PARAMETERS = {"smollm2": 134_515_008, "llama1b": 1_235_814_400, "gpt2"
                         "minilm": 22_565_376}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
 def test_full_configs_have_the_real_models_sizes(name):
     """The GPU rows time the real architectures: mapjax builds each full config (shapes only, nothing
@@ -225,3 +227,11 @@ def test_solver_benchmark_compares_verdicts_and_lambdas():
     misses = misses_in_sd(np.array([[3.0, 4.0]]), realised[:1], np.array([2.0, 1.0]))
     np.testing.assert_allclose(misses, [0.5])   # (3 - 2) / 2 = 0.5 sd beats (4 - 4) / 1 = 0
     assert quality(np.array([True]), misses)["share_violating_1e-3sd"] == 1.0
+
+
+def test_pytorch_is_timed_at_one_thread_and_at_every_core_unless_pinned():
+    from benchmarks.models import torch_thread_counts
+
+    assert torch_thread_counts("cpu") == sorted({1, os.cpu_count() or 1})
+    assert torch_thread_counts("cpu", requested=3) == [3]
+    assert torch_thread_counts("cuda") == [None]   # on a GPU the thread count is left alone

@@ -72,6 +72,7 @@ def test_interrupted_build_resumes_to_the_uninterrupted_pool(policy, tmp_path):
     np.testing.assert_allclose(again.rewards, whole.rewards)
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(policy, tmp_path):
     model, tokenizer, _ = policy
     target = tmp_path / "pool.jsonl"
@@ -87,6 +88,7 @@ def test_resume_with_other_settings_is_refused(policy, tmp_path):
     assert fresh.num_samples == 14
 
 
+@pytest.mark.slow
 def test_existing_file_is_not_replaced_unasked(policy, tmp_path):
     model, tokenizer, _ = policy
     target = tmp_path / "pool.jsonl"
@@ -96,6 +98,7 @@ def test_existing_file_is_not_replaced_unasked(policy, tmp_path):
     assert target.read_text() == "mine\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".json", ".parquet"])
 def test_other_pool_formats(policy, tmp_path, suffix):
     model, tokenizer, _ = policy

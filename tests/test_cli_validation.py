@@ -83,6 +83,7 @@ def test_decode_refuses_an_existing_result_before_any_work(capsys, files, no_mod
     assert files["out"].read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_decode_of_an_unreachable_palette_exits_1_without_a_model(capsys, files, no_model):
     code, out, _ = run(capsys, *decode_argv(files, palette="diversity>=q0.99, sentiment>=q0.99"))
     assert code == EXIT_NOT_REACHED
@@ -137,6 +138,7 @@ def test_finetune_checks_its_settings_before_loading_a_model(capsys, files, no_m
     assert not (files["folder"] / "run").exists()
 
 
+@pytest.mark.slow
 def test_finetune_names_an_unknown_value_and_stops_at_an_unreachable_palette(capsys, files, no_model):
     code, _, err = run(capsys, *finetune_argv(files, palette="humor>=q0.5"))
     assert code == EXIT_BAD_INPUT and "humor" in err
@@ -162,6 +164,7 @@ class Stop(Exception):
     """Raised where a command would load its policy: what it said before that is the test's subject."""
 
 
+@pytest.mark.slow
 def test_finetune_says_so_before_training_on_a_degenerate_lambda(capsys, tmp_path, monkeypatch):
     import mapjax.generate
 

@@ -103,6 +103,7 @@ def test_an_infeasible_solution_is_refused_by_name(pilot):
             decode_with(pilot, solution)
 
 
+@pytest.mark.slow
 def test_a_degenerate_solution_is_used_with_a_warning_naming_ess():
     rng = np.random.default_rng(0)
     pool = RewardPool(rng.normal(size=(20, 4, 2)), np.ones((20, 4), bool), ("a", "b"))

@@ -127,6 +127,7 @@ def test_navigation_table_end_to_end(tiny_setup, tmp_path):
             assert ne["values"] == ["diversity", WORDS] and ne["total"] == result["models"]
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_other_config_needs_force(tiny_setup, tmp_path):
     out = tmp_path / "run"
     config = tiny_config(tiny_setup, LEVEL_PALETTES["table4"])
@@ -219,6 +220,7 @@ def test_overrides_and_config_errors():
         tables.resolve_config({**base, "navigation": {"values": ["humor"]}}, "table3")
 
 
+@pytest.mark.slow
 def test_an_infeasible_palette_is_reported_not_solved():
     from mapjax import RewardPool
 

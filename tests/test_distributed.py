@@ -253,6 +253,7 @@ def test_pool_on_an_eight_device_mesh_is_the_one_device_pool(single, tmp_path, h
 
 
 # ------------------------------------------------------------------------------------------------------- MAP-D
+@pytest.mark.slow
 def test_decode_draws_scores_and_chooses_like_the_pool_route(tiny_model, word_tokenizer, tmp_path):
     from mapjax.build import build_pool
     from mapjax.decode import decode, decode_pool

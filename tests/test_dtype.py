@@ -126,6 +126,7 @@ def test_bfloat16_causal_lm_log_softmax_and_cached_decode_stay_near_float32(scal
     assert_close_logprobs(np.asarray(reference)[:, -1], np.asarray(step)[:, -1])
 
 
+@pytest.mark.slow
 def test_bfloat16_sequence_logprobs_stay_near_float32(scaled_folder):
     from mapjax.generate import load_policy, sequence_logprobs
 
@@ -141,6 +142,7 @@ def test_bfloat16_sequence_logprobs_stay_near_float32(scaled_folder):
 
 
 # --------------------------------------------------------------------------------------- rewards
+@pytest.mark.slow
 def test_bfloat16_classifier_reward_scores_stay_near_float32(scaled_folder):
     from mapjax.rewards import ClassifierReward
 

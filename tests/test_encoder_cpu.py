@@ -95,6 +95,7 @@ def test_encoder_activation_is_exact_unless_approximation_is_asked_for():
     assert 1e-5 < difference.max() < 1e-3
 
 
+@pytest.mark.slow
 def test_approximate_gelu_is_opt_in_close_and_reversible():
     ids, mask = _padded_batch()
     model = _tiny_bert()

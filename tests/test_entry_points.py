@@ -135,8 +135,9 @@ ENTRY_POINTS: dict[str, Call] = {
 }
 
 
-# Entry points that solve many palettes per call: seconds each, so they run with the slow tier.
-SLOW_ENTRY_POINTS = {"adjust.random_palettes"}
+# Entry points that take seconds each (many palettes solved per call; a grid of solves drawn to a figure), so
+# they run with the slow tier.
+SLOW_ENTRY_POINTS = {"adjust.random_palettes", "plots.feasible_region"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_ENTRY_POINTS else name

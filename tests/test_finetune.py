@@ -66,6 +66,7 @@ def numpy_logps(model, prompt_ids, cont_ids):
     return np.array([log_softmax[t - 1, ids[0, t]] for t in range(start, ids.shape[1])])
 
 
+@pytest.mark.slow
 def test_weighted_loss_matches_numpy(setup):
     _, model, tokenizer, pool = setup
     examples = weighted_examples(pool, tokenizer, LAM, model=model)
@@ -91,6 +92,7 @@ def test_weighted_loss_matches_numpy(setup):
         numerator / denominator, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_zero_lambda_gradient_is_plain_likelihood(setup):
     _, model, tokenizer, pool = setup
     examples = weighted_examples(pool, tokenizer, np.zeros(2), model=model)
@@ -120,6 +122,7 @@ def _gap(model, pool, lam, tokenizer):
         pairs.rejected.continuation_ids)])
 
 
+@pytest.mark.slow
 def test_weighted_training_favours_high_reward_samples(setup):
     _, model, tokenizer, pool = setup
     lam = np.array([4.0, 0.0])
@@ -136,6 +139,7 @@ def test_weighted_training_favours_high_reward_samples(setup):
         result.model.transformer.wte.weight[...]).sum()
 
 
+@pytest.mark.slow
 def test_dpo_loss_matches_direct_computation_and_training_lowers_it(setup, tmp_path):
     _, model, tokenizer, pool = setup
     other = from_pretrained(setup[0])   # the reference: a perturbed copy of the base model
@@ -174,6 +178,7 @@ class Killed(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path):
     _, model, tokenizer, pool = setup
     config = FinetuneConfig(batch_size=4, grad_accum=2, steps=5, save_every=2, learning_rate=1e-2,
@@ -209,6 +214,7 @@ def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path):
                  out=tmp_path / "killed", progress=False)
 
 
+@pytest.mark.slow
 def test_bfloat16_step_runs(setup):
     _, model, tokenizer, pool = setup
     result = finetune(model, tokenizer, pool, LAM, config=FinetuneConfig(batch_size=4, steps=2, dtype="bfloat16"),
@@ -257,6 +263,7 @@ def test_valid_edge_settings_are_accepted():
     FinetuneConfig(clip_norm=None, kl_coef=0.0, weight_decay=0.0, warmup_steps=0, max_length=2).validate("dpo")
 
 
+@pytest.mark.slow
 def test_finetune_command(setup, tmp_path, capsys):
     import argparse
     import json

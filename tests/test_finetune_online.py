@@ -106,6 +106,7 @@ def test_whiten_value_loss_and_kl_controller_by_hand():
     assert ppo.adaptive_kl_update(0.2, 5.4, 6.0, 10000.0, 20) == pytest.approx(0.2 * (1 - 0.1 * 20 / 10000))
 
 
+@pytest.mark.slow
 def test_hidden_state_tap_leaves_the_logits_and_the_model_alone():
     """An untied ``lm_head`` here; the toy GPT-2 below trains PPO through a tied embedding's ``attend``."""
     from flax import nnx
@@ -186,6 +187,7 @@ TOY_SETTINGS = dict(prompts_per_step=2, group_size=16, max_new_tokens=1, top_k=N
                     mini_batch_size=16, grad_accum=2, learning_rate=3e-2, clip_norm=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, steps", [("grpo", 80), ("ppo", 80)])
 def test_the_kl_regularised_optimum_p_lambda_is_reached(toy, method, steps):
     """With KL coefficient 1 to the frozen base, both methods' optimum is p0 exp(λᵀr)/Z: the learned
@@ -203,6 +205,7 @@ def test_the_kl_regularised_optimum_p_lambda_is_reached(toy, method, steps):
     assert distance_to_p_lambda(model, model, tokenizer) == start   # the base model is untouched
 
 
+@pytest.mark.slow
 def test_a_palette_without_a_pool_is_solved_on_the_base_models_own_samples(toy):
     model, tokenizer = toy
     config = OnlineConfig(steps=1, pilot_samples=16, **TOY_SETTINGS)   # the pilot samples like one step
@@ -224,6 +227,7 @@ def toy_pool():
     return RewardPool(rewards, np.ones(rewards.shape[:2], bool), ("a", "b"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [
     ("grpo", dict(lam_refresh_every=2, kl_estimator="full")),   # λ and the refresh buffer; the exact token KL
     ("ppo", dict(kl_target=0.05, kl_coef=0.5)),                  # the value head, adaptive β
@@ -286,6 +290,7 @@ def mesh_run(model, tokenizer, mesh):
                            progress=False, mesh=mesh)
 
 
+@pytest.mark.slow
 def test_a_mesh_changes_where_the_work_runs_not_what_it_computes(toy, tmp_path, host_devices):
     """PPO (value head replicated, parameters by their logical axes, rows split) on two devices (a subprocess:
     XLA fixes the device count when it starts) samples the same tokens and trains the same parameters, to
@@ -338,6 +343,7 @@ def test_bad_settings_are_refused_before_any_model_is_touched(method, change, me
                         config=config, progress=False)
 
 
+@pytest.mark.slow
 def test_an_unreachable_palette_is_refused_before_any_reward_is_built():
     # "no-such-reward" would fail to build: the palette's verdict comes first
     with pytest.raises(FinetuneError, match="has no λ on the pool"):
@@ -389,6 +395,7 @@ def test_cli_checks_online_settings_before_loading_a_model(tmp_path, capsys, mon
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cli_stops_at_an_unreachable_palette_before_loading_a_model(tmp_path, capsys, monkeypatch):
     import mapjax.generate
     from mapjax.cli import EXIT_NOT_REACHED, main
@@ -400,6 +407,7 @@ def test_cli_stops_at_an_unreachable_palette_before_loading_a_model(tmp_path, ca
     assert "not reachable" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_grpo_smoke_run(tiny_policy_folder, tmp_path, capsys):
     directory = tiny_policy_folder("gpt2")
     args = parse(["finetune", "--policy", directory, "--pool", cli_pool(tmp_path), "--palette", "diversity>=q0.6",

@@ -23,6 +23,9 @@ from conftest import build_tiny_model, make_word_tokenizer
 from mapjax.finetune import FinetuneConfig, finetune
 from mapjax.pool import RewardPool
 
+# Every test reads the runs of one module fixture that trains on 8, 4 and 1 devices: a minute or more.
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["w5 w17 w33", "w8", "w40 w41 w42 w43", "w60 w61"]
 LAM = np.array([1.5, 0.5])
 # 16 examples per step in 2 micro-batches of 8 rows: one row per device of data=2,fsdp=4.

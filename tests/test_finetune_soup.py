@@ -43,6 +43,7 @@ def test_soup_of_identical_models_is_the_model(tiny_model):
         np.testing.assert_array_equal(value, before[path])
 
 
+@pytest.mark.slow
 def test_soup_weights_give_the_hand_computed_interpolation(tiny_model):
     first, second, third = (tiny_model("gpt2", seed=seed) for seed in (0, 1, 2))
     mixed = soup([first, second], (0.3, 0.7))
@@ -159,6 +160,7 @@ def chat_setup(tiny_policy_folder, word_tokenizer, tmp_path_factory):
     return model, tokenizer, prompts, pools
 
 
+@pytest.mark.slow
 def test_pool_prompt_format_reads_the_manifest(chat_setup, tmp_path):
     from mapjax.finetune.against_base import pool_prompt_format
     from mapjax.pool import RewardPool
@@ -177,6 +179,7 @@ def test_pool_prompt_format_reads_the_manifest(chat_setup, tmp_path):
     assert pool_prompt_format(copy, tokenizer) is None
 
 
+@pytest.mark.slow
 def test_evaluation_samples_with_the_pool_formatting(chat_setup):
     from mapjax.build import resolve_values
     from mapjax.finetune.against_base import evaluate_finetuned, pool_prompt_format, sample_and_score
@@ -219,6 +222,7 @@ def test_evaluation_samples_with_the_pool_formatting(chat_setup):
     assert finetuned == pytest.approx(direct.mean(axis=1).mean())
 
 
+@pytest.mark.slow
 def test_training_data_tokenizes_the_formatted_prompts(chat_setup):
     from mapjax.finetune import dpo_pairs, weighted_examples
     from mapjax.finetune.against_base import pool_prompt_format
@@ -274,6 +278,7 @@ def tiny_table3_config(policy: Path, prompts: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_table3_pipeline_runs_every_column(tiny_policy_folder, word_level_reward, tmp_path):
     from experiments import table3_mapf
     from mapjax.finetune.soup import soup_from_folders
@@ -358,6 +363,7 @@ def test_table3_configs_load():
 # ============================================================================ the online MAP-F benchmark
 
 
+@pytest.mark.slow
 def test_online_mapf_benchmark_tiny(tmp_path):
     from benchmarks import online_mapf as benchmark
 
@@ -385,6 +391,7 @@ def test_online_mapf_benchmark_tiny(tmp_path):
             benchmark.main(argv)
 
 
+@pytest.mark.slow
 def test_pool_command_samples_through_the_chat_template(tiny_policy_folder, tmp_path, capsys):
     """``mapjax pool --chat-template`` builds what ``build_pool(format_prompt=chat_formatter(tokenizer))`` builds,
     and its manifest tells ``mapjax finetune`` so; a tokenizer without a template is refused."""

@@ -51,6 +51,7 @@ def full_forward_logits(model, ids, width=32):
     return np.asarray(forward(state, jnp.asarray(padded), jnp.asarray(mask)))[0, :len(ids)]
 
 
+@pytest.mark.slow
 def test_greedy_is_stepwise_argmax(tiny):
     model, tokenizer = tiny
     result = generate(model, tokenizer, PROMPTS, greedy=True, max_new_tokens=8, batch_size=4)
@@ -68,6 +69,7 @@ def test_greedy_is_stepwise_argmax(tiny):
         np.testing.assert_array_equal(result.row_tokens(row), expected)
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers(torch_pair):
     import torch
 
@@ -82,6 +84,7 @@ def test_greedy_matches_transformers(torch_pair):
         np.testing.assert_array_equal(result.row_tokens(row), reference[:result.lengths[row]])
 
 
+@pytest.mark.slow
 def test_top_k_only_emits_top_k_tokens(tiny):
     model, tokenizer = tiny
     k = 3
@@ -95,6 +98,7 @@ def test_top_k_only_emits_top_k_tokens(tiny):
             ids.append(int(token))
 
 
+@pytest.mark.slow
 def test_top_p_keeps_the_nucleus(tiny):
     model, tokenizer = tiny
     result = generate(model, tokenizer, PROMPTS[:1], top_k=None, top_p=1e-4, max_new_tokens=4, num_samples=4)
@@ -104,6 +108,7 @@ def test_top_p_keeps_the_nucleus(tiny):
         np.testing.assert_array_equal(result.row_tokens(row), greedy.row_tokens(0))
 
 
+@pytest.mark.slow
 def test_seeding_and_batch_size_invariance(tiny):
     model, tokenizer = tiny
     options = dict(max_new_tokens=6, num_samples=3, top_k=20)
@@ -121,6 +126,7 @@ def test_seeding_and_batch_size_invariance(tiny):
     np.testing.assert_array_equal(chunk.tokens, first.tokens[6:])
 
 
+@pytest.mark.slow
 def test_eos_stops_rows_and_pads(tiny):
     model, tokenizer = tiny
     free = generate(model, tokenizer, PROMPTS, greedy=True, max_new_tokens=6, eos_token_id=-5)
@@ -137,6 +143,7 @@ def test_eos_stops_rows_and_pads(tiny):
     assert stopped.lengths[0] <= 3 and stopped.texts[0].split()[-1] == f"w{stop}"
 
 
+@pytest.mark.slow
 def test_padding_and_bucketing_do_not_change_results(tiny):
     model, tokenizer = tiny
     alone = generate(model, tokenizer, [PROMPTS[1]], greedy=True, max_new_tokens=6)
@@ -146,6 +153,7 @@ def test_padding_and_bucketing_do_not_change_results(tiny):
     np.testing.assert_allclose(alone.logprobs[0], together.logprobs[1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bucketing_reuses_compiled_programs(tiny):
     model, tokenizer = tiny
     options = dict(max_new_tokens=5, batch_size=2, seed=3)
@@ -158,6 +166,7 @@ def test_bucketing_reuses_compiled_programs(tiny):
     assert after["prefill"] == before["prefill"] + 1 and after["sample_loop"] == before["sample_loop"] + 1
 
 
+@pytest.mark.slow
 def test_sequence_logprobs_match_full_forward_and_sampler(tiny):
     model, tokenizer = tiny
     result = generate(model, tokenizer, PROMPTS, max_new_tokens=7, num_samples=2, seed=5, eos_token_id=-1)
@@ -181,6 +190,7 @@ def test_sequence_logprobs_match_full_forward_and_sampler(tiny):
     assert sequence_logprobs(model, tokenizer, ["w5"], [""])[0].shape == (0,)
 
 
+@pytest.mark.slow
 def test_perplexity_reward_is_the_mean_token_logprob(tiny):
     from mapjax.rewards import get_reward
 
@@ -203,6 +213,7 @@ def test_perplexity_reward_is_the_mean_token_logprob(tiny):
                                    abs=1e-4)
 
 
+@pytest.mark.slow
 def test_perplexity_reward_matches_transformers_loss(torch_pair):
     import torch
 
@@ -263,10 +274,11 @@ def test_prompt_longer_than_the_model_positions_is_refused(tiny):
         generate(model, tokenizer, [" ".join(["w3"] * 60)], max_new_tokens=10)
 
 
+@pytest.mark.slow
 def test_grouped_prefill_matches_rows_sampled_alone(tiny, monkeypatch):
     """A batch mixing short and long prompts is prefilled in length groups (each padded to its own bucket);
     every row still gets exactly what it gets sampled alone."""
-    import mapjax.generate as sampler
+    import mapjax.sampling.prefill as sampler
 
     model, tokenizer = tiny
     monkeypatch.setattr(sampler, "PREFILL_GROUP_ROWS", 2)
@@ -284,6 +296,7 @@ def test_grouped_prefill_matches_rows_sampled_alone(tiny, monkeypatch):
         np.testing.assert_array_equal(greedy.row_tokens(index), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("total,used,chunk", [(20, 20, 64), (130, 67, 64), (130, 130, 64), (100, 37, 16),
                                               (100, 100, 16), (23, 9, 4)])
 def test_cached_attention_over_used_slots_equals_full_attention(monkeypatch, total, used, chunk):

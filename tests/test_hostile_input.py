@@ -391,3 +391,18 @@ def test_request_bodies_python_cannot_read_are_a_400(running_explorer, body, wor
     port, records = running_explorer
     answer = raw_request(port, body)
     assert status_of(answer) == 400 and words in answer and b"Traceback" not in answer
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "nests too deeply"),
+    ("huge.json", '[{"prompt": "a", "n": 1' + "0" * 5000 + "}]", "integer of 5001 digits"),
+])
+def test_prompt_files_with_hostile_json_are_named_errors(tmp_path, name, text, expected):
+    """Rows 5 and 7 through the prompt reader (``mapjax pool --prompts``), not only the pool reader."""
+    from mapjax.errors import PromptSourceError
+    from mapjax.prompts import jsonl_prompts
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(PromptSourceError, match=expected):
+        jsonl_prompts(path)

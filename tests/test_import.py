@@ -37,6 +37,7 @@ def _xla_flags_around_import(user_flags: str | None) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("user_flags", [None, "--xla_cpu_enable_fast_math=false"])
+# Each case starts a Python that imports JAX and transformers (seconds): the user's own flags run in the slow tier.
+@pytest.mark.parametrize("user_flags", [None, pytest.param("--xla_cpu_enable_fast_math=false", marks=pytest.mark.slow)])
 def test_importing_mapjax_leaves_xla_flags_as_they_were(user_flags):
     assert _xla_flags_around_import(user_flags) == {"before": user_flags, "after": user_flags}

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from experiments import mapf
 from experiments.common import CONFIGS, load_config
 
 
+@pytest.mark.slow
 def test_mapf_experiment_tiny(tmp_path, tiny_policy_folder):
     policy = tiny_policy_folder("gpt2")
     prompts = tmp_path / "prompts.txt"

@@ -29,6 +29,7 @@ def _output_array(output):
 # --------------------------------------------------------------------------- #
 # Without torch: tiny models built in JAX
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LANGUAGE_MODELS)
 def test_a_call_always_returns_a_causal_lm_output(tiny_model, padded_batch, name):
     model = tiny_model(name)
@@ -62,6 +63,7 @@ def test_max_positions_is_the_configs_context(tiny_model, name, expected):
 DECODER_CACHE_CASES = ["gpt2", "opt_project_in_out", "llama_gqa_tied", "llama_llama3_rope"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DECODER_CACHE_CASES)
 def test_kv_cache_decoding_matches_full_forward(tiny_model, padded_batch, name):
     """Left-padded prefill, then one token at a time, equals one forward over the whole sequence."""
@@ -100,6 +102,7 @@ def test_kv_cache_overflow_is_reported(tiny_model):
         model(ids, jnp.ones_like(ids), cache=cache)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "opt_pre_ln", "llama_gqa_tied"])
 def test_bfloat16_parameters_track_float32(tiny_policy_folder, padded_batch, name):
     directory = tiny_policy_folder(name)
@@ -115,6 +118,7 @@ def test_bfloat16_parameters_track_float32(tiny_policy_folder, padded_batch, nam
     assert np.abs(np.asarray(logits16, np.float32)[real] - logits32[real]).max() < 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_export_and_reload_give_the_same_model(tiny_model, padded_batch, tmp_path, name):
     """export_pretrained then from_pretrained: the same weights through the one name map, both directions."""
@@ -143,6 +147,7 @@ def test_unknown_activation_is_a_model_error():
         layers.activation("gelu_9")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa_tied"])
 def test_gradients_flow_to_every_parameter(tiny_model, padded_batch, name):
     """The ports are differentiable end to end (MAP-F finetunes them)."""

@@ -176,6 +176,7 @@ def _max_diff_on_real_tokens(ours, theirs, mask) -> float:
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bert_model_matches_transformers(tiny_checkpoints):
     ids, mask = _right_padded_batch(pad_id=0)
     token_types = (np.arange(ids.shape[1])[None, :] >= 3).astype(np.int64) * mask
@@ -189,6 +190,7 @@ def test_bert_model_matches_transformers(tiny_checkpoints):
     assert np.abs(np.asarray(out.pooler_output) - expected.pooler_output.numpy()).max() <= FP32_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["DistilBertModel", "RobertaModel"])
 def test_other_base_encoders_match_transformers(tiny_checkpoints, name):
     pad_id = TINY_MODELS[name][2]
@@ -202,6 +204,7 @@ def test_other_base_encoders_match_transformers(tiny_checkpoints, name):
         assert np.abs(np.asarray(out.pooler_output) - expected.pooler_output.numpy()).max() <= FP32_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_classifier_logits_match_transformers(tiny_checkpoints, name):
     pad_id = TINY_MODELS[name][2]
@@ -212,6 +215,7 @@ def test_classifier_logits_match_transformers(tiny_checkpoints, name):
     assert np.abs(np.asarray(logits) - expected).max() <= FP32_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["BertModel", "DistilBertModel", "RobertaModel", *CLASSIFIERS])
 def test_left_padding_gives_the_right_padded_results(native_checkpoints, name):
     pad_id = TINY_MODELS[name][2]
@@ -430,6 +434,7 @@ def _sentence_embeddings(last_hidden_state, mask) -> np.ndarray:
     return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_minilm_matches_transformers_and_ranks_paraphrases(minilm_folder, minilm_batch, minilm_fp32):
     pytest.importorskip("torch")
     ids, mask, token_types = minilm_batch["input_ids"], minilm_batch["attention_mask"], minilm_batch["token_type_ids"]
@@ -446,6 +451,7 @@ def test_minilm_matches_transformers_and_ranks_paraphrases(minilm_folder, minilm
     assert paraphrase > unrelated + 0.2, similarity
 
 
+@pytest.mark.slow
 def test_minilm_bfloat16_is_close_to_float32(minilm_folder, minilm_batch, minilm_fp32):
     ids, mask = minilm_batch["input_ids"], minilm_batch["attention_mask"]
     model = loading.from_pretrained(minilm_folder, dtype=jnp.bfloat16)
@@ -459,6 +465,7 @@ def test_minilm_bfloat16_is_close_to_float32(minilm_folder, minilm_batch, minilm
     assert _max_diff_on_real_tokens(out.last_hidden_state, minilm_fp32(ids, mask).last_hidden_state, mask) < 0.25
 
 
+@pytest.mark.slow
 def test_bfloat16_classifier_runs_close_to_float32(native_checkpoints):
     ids, mask = _right_padded_batch(pad_id=0)
     folder = native_checkpoints["BertForSequenceClassification"]

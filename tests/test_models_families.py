@@ -174,6 +174,7 @@ def torch_outputs(torch_model, ids: np.ndarray, mask: np.ndarray | None = None) 
 # --------------------------------------------------------------------------- #
 # Parity with transformers
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CAUSAL + DECODER_CLASSIFIERS + DEBERTAS)
 def test_padded_batches_match_each_row_unpadded(pair, name):
     """Left- and right-padded batches give every row what PyTorch gives it alone, unpadded."""
@@ -189,6 +190,7 @@ def test_padded_batches_match_each_row_unpadded(pair, name):
             np.testing.assert_allclose(got, reference, atol=FP32_TOLERANCE, rtol=0, err_msg=f"{side} row {row}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DECODER_CLASSIFIERS + DEBERTAS)
 def test_classifier_scores_match_transformers_on_the_padded_batch(pair, name):
     """The same padded batch through both: the score head reads the same token as transformers'.
@@ -204,6 +206,7 @@ def test_classifier_scores_match_transformers_on_the_padded_batch(pair, name):
         assert np.abs(torch_outputs(torch_model, ids, mask)).max() > 0.1   # the head is not a near-zero map
 
 
+@pytest.mark.slow
 def test_multi_objective_head_gives_k_named_scores(pair):
     """A k-output regression DeBERTa: k scores per row from one forward pass, named by the config's id2label."""
     torch_model, model, directory = pair("deberta_v3_regression")
@@ -217,6 +220,7 @@ def test_multi_objective_head_gives_k_named_scores(pair):
     assert decoder.config.labels == ("helpfulness", "correctness", "verbosity")
 
 
+@pytest.mark.slow
 def test_longrope_switches_to_the_long_factors_past_the_original_context(pair):
     """Phi-3's longrope: a row longer than original_max_position_embeddings (32) uses the long factors, as
     transformers does for it alone; a shorter row in the same batch keeps the short ones."""
@@ -228,6 +232,7 @@ def test_longrope_switches_to_the_long_factors_past_the_original_context(pair):
                                    atol=FP32_TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CAUSAL)
 def test_greedy_generation_matches_transformers(pair, word_tokenizer, name):
     """mapjax's sampler (left-padded prefill, KV cache, one token per step) against transformers' generate,
@@ -268,6 +273,7 @@ def test_export_round_trip_loads_in_transformers(pair, tmp_path, name):
 # --------------------------------------------------------------------------- #
 # Without torch: tiny models built in JAX
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CAUSAL)
 def test_kv_cache_decoding_matches_full_forward(name):
     """Left-padded prefill then one token per step (jitted) equals one forward over the whole sequence, past
@@ -297,6 +303,7 @@ def test_kv_cache_decoding_matches_full_forward(name):
     assert int(cache.write_index) == 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, field", [("mistral", "sliding_window"), ("gemma2", "attn_logit_softcapping"),
                                          ("gemma2", "final_logit_softcapping")])
 def test_windows_and_soft_caps_change_the_outputs_where_they_should(name, field):
@@ -314,6 +321,7 @@ def test_windows_and_soft_caps_change_the_outputs_where_they_should(name, field)
     assert np.abs(limited[first_unaffected:] - free[first_unaffected:]).max(axis=-1).min() > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("used, seq", [(40, 1), (40, 6), (13, 13), (7, 1), (48, 3)])
 def test_window_and_soft_cap_in_attention_equal_an_explicit_band_mask(monkeypatch, used, seq):
     """``sliding_window`` in the chunked cached attention (which skips the chunks left of every query's window)
@@ -343,6 +351,7 @@ def test_window_and_soft_cap_in_attention_equal_an_explicit_band_mask(monkeypatc
     assert np.abs(np.asarray(uncapped) - np.asarray(reference))[real].max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CAUSAL)
 def test_bfloat16_tracks_float32_and_samples(word_tokenizer, name):
     """The bf16 path: parameters in bfloat16, float32 logits (every output head accumulates and returns float32)
@@ -363,6 +372,7 @@ def test_bfloat16_tracks_float32_and_samples(word_tokenizer, name):
     assert result.tokens.shape == (2, 4) and np.isfinite(result.logprobs).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma2_classifier", "deberta_v3_regression"])
 def test_bfloat16_reward_models_give_float32_scores_near_float32(name):
     model32 = native_model(name)
@@ -375,6 +385,7 @@ def test_bfloat16_reward_models_give_float32_scores_near_float32(name):
     assert np.abs(np.asarray(scores16) - scores32).max() < 0.05 * max(1.0, np.abs(scores32).max())
 
 
+@pytest.mark.slow
 def test_sequence_logprobs_are_the_full_forward_log_softmax(word_tokenizer):
     """sequence_logprobs on a soft-capped, windowed model: log-softmax of the full forward's logits."""
     from mapjax.generate import sequence_logprobs
@@ -389,6 +400,7 @@ def test_sequence_logprobs_are_the_full_forward_log_softmax(word_tokenizer):
     np.testing.assert_allclose(scored, [log_softmax[t - 1, ids[t]] for t in range(start, len(ids))], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma3", "phi3", "qwen2_classifier"])
 def test_gradients_reach_every_parameter(name):
     """The ports are differentiable end to end (MAP-F finetunes policies; reward models may be trained)."""
@@ -403,6 +415,7 @@ def test_gradients_reach_every_parameter(name):
         assert np.isfinite(array).all() and np.abs(array).max() > 0, f"no gradient reaches {path}"
 
 
+@pytest.mark.slow
 def test_weighted_finetuning_lowers_the_loss(word_tokenizer):
     """MAP-F's weighted finetuning runs on a Gemma 3 policy (q/k norms, two rope bases, windows) and learns."""
     from mapjax import RewardPool

@@ -151,6 +151,7 @@ def test_unknown_hub_id_offline(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- #
 # Formats
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_hub_id_resolves_from_local_cache(gpt2_folder, gpt2_reference_logits, monkeypatch, tmp_path):
     """A hub id is found in the HF cache layout (models--org--name/snapshots/<rev>) without network."""
     cache = tmp_path / "hub"
@@ -169,6 +170,7 @@ def test_hub_id_resolves_from_local_cache(gpt2_folder, gpt2_reference_logits, mo
     np.testing.assert_allclose(_logits(from_pretrained("tiny/gpt2"), ids, mask), expected, atol=0)
 
 
+@pytest.mark.slow
 def test_sharded_safetensors(gpt2_folder, gpt2_reference_logits, tmp_path):
     """Shards listed in model.safetensors.index.json, as transformers writes large checkpoints."""
     from safetensors.numpy import save_file
@@ -248,6 +250,7 @@ def test_legacy_gpt2_layout_without_prefix_and_with_mask_buffers(gpt2_folder, gp
     np.testing.assert_allclose(_logits(from_pretrained(folder), ids, mask), expected, atol=0)
 
 
+@pytest.mark.slow
 def test_opt_base_model_checkpoint_without_prefix(tiny_model, padded_batch, tmp_path):
     """Checkpoints saved from OPTModel (no "model." prefix, no head) load into OPTForCausalLM."""
     model = tiny_model("opt_pre_ln")
@@ -288,6 +291,7 @@ def test_registry_rejects_duplicates_and_accepts_new_builders(gpt2_folder):
 # --------------------------------------------------------------------------- #
 # Orbax checkpoints
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_orbax_round_trip(gpt2_folder, padded_batch, tmp_path, dtype):
     from flax import nnx
@@ -327,6 +331,7 @@ def smollm2():
     return from_gguf(GGUF_PATH)
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_gguf_matches_transformers_dequantisation(smollm2):
     """mapjax's GGUF reader vs transformers' own GGUF conversion fed to its PyTorch Llama.
@@ -366,6 +371,7 @@ def test_gguf_matches_transformers_dequantisation(smollm2):
     assert worst < 5e-4, worst
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_smollm2_greedy_decode_says_paris(smollm2):
     model, tokenizer = smollm2
@@ -380,6 +386,7 @@ def test_smollm2_greedy_decode_says_paris(smollm2):
     assert "Paris" in tokenizer.decode(ids)
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_gguf_fallback_tokenizer_matches_transformers(smollm2):
     from mapjax.models.gguf import _tokenizer_from_gguf_vocab

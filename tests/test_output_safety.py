@@ -204,6 +204,7 @@ def tiny_policy():
     return build_tiny_model("gpt2"), make_word_tokenizer()
 
 
+@pytest.mark.slow
 def test_an_interrupted_overwrite_leaves_the_old_pool_and_its_manifest_as_they_were(tiny_policy, tmp_path):
     from mapjax.build import build_pool, recorded_dtype
 
@@ -280,6 +281,7 @@ def test_sigkill_during_pool_overwrite_leaves_the_old_pool_and_manifest_byte_ide
 
 
 # --------------------------------------------------------------------------- row 10: divergence
+@pytest.mark.slow
 def test_a_diverging_finetune_raises_keeps_the_last_finite_checkpoint_and_exports_nothing(tiny_policy, tmp_path):
     import orbax.checkpoint as ocp
 

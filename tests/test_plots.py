@@ -32,6 +32,7 @@ def assert_png(path, minimum: int = 5000) -> None:
     assert len(data) > minimum
 
 
+@pytest.mark.slow
 def test_radar(tmp_path, small_pool):
     solution = solve(small_pool, "a>=q0.7, b>=mean")
     levels = dict(zip(small_pool.value_names, solution.realised))
@@ -55,6 +56,7 @@ def test_radar(tmp_path, small_pool):
     assert not (tmp_path / "two.png").exists() and not (tmp_path / "dup.png").exists()
 
 
+@pytest.mark.slow
 def test_reward_histograms(tmp_path, small_pool):
     solution = solve(small_pool, "a>=q0.7")
     weights = tilted_weights(small_pool, solution.lam)
@@ -70,6 +72,7 @@ def test_reward_histograms(tmp_path, small_pool):
         reward_histograms(small_pool, tmp_path / "bad.png", weights={"w": np.ones(3)})
 
 
+@pytest.mark.slow
 def test_pareto_plot(tmp_path, small_pool):
     morl = adjust.random_morl_lambdas(small_pool, ["a", "b"], 40, seed=0)
     palettes, _ = adjust.random_palettes(small_pool, ["a", "b"], 20, seed=0)
@@ -80,6 +83,7 @@ def test_pareto_plot(tmp_path, small_pool):
         pareto_plot(small_pool, "a", "b", path, morl=morl)
 
 
+@pytest.mark.slow
 def test_feasible_region(tmp_path, small_pool):
     grid = region_grid(small_pool, "a", "b", fixed={"c": "mean"}, points=8)
     assert grid.feasible.shape == (8, 8)

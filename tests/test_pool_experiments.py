@@ -69,6 +69,7 @@ def assert_png(path: Path) -> None:
     assert data[:8] == PNG_SIGNATURE and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_feasibility_vs_m(tmp_path, pool_file, configs, capsys):
     script = feasibility_vs_m
     out = tmp_path / "out"
@@ -112,6 +113,7 @@ def test_sequential_vs_joint(tmp_path, pool_file, configs, capsys):
     assert "pass --force" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pareto_and_region(tmp_path, pool_file, configs, capsys):
     script = pareto_and_region
     out = tmp_path / "out"

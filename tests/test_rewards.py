@@ -169,6 +169,7 @@ def torch_classifier_scores(folder: Path, model, texts, max_length: int) -> np.n
 # ----------------------------------------------------------------------------------------------------- #
 # Without torch: rewards from folders written by export_pretrained, against the model on each text alone
 # ----------------------------------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_classifier_reward_on_a_native_model_scores_each_text_as_alone(native):
     folder, model = native["roberta"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
@@ -185,6 +186,7 @@ def test_classifier_reward_on_a_native_model_scores_each_text_as_alone(native):
     np.testing.assert_allclose(positive(PROMPTS, CONTINUATIONS), log_probs[:, 1], atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_pair_reward_on_a_native_model_scores_each_pair_as_alone(native):
     folder, model = native["gpt2"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
@@ -202,6 +204,7 @@ def test_pair_reward_on_a_native_model_scores_each_pair_as_alone(native):
 # ----------------------------------------------------------------------------------------------------- #
 # Classifier rewards
 # ----------------------------------------------------------------------------------------------------- #
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["roberta", "distilbert"])
 def test_classifier_reward_matches_pytorch(tiny, kind):
     folder, torch_model = tiny[kind]
@@ -227,6 +230,7 @@ def test_classifier_reward_matches_pytorch(tiny, kind):
     np.testing.assert_allclose(scores, log_probs[:, 1], atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_classifier_scales_labels_and_continuation_text(tiny):
     folder, torch_model = tiny["roberta"]
     logits = torch_classifier_scores(folder, torch_model, CONTINUATIONS, max_length=64)
@@ -256,6 +260,7 @@ def test_classifier_reward_errors_name_the_model(tmp_path, tiny):
 # ----------------------------------------------------------------------------------------------------- #
 # GPT-2 pair reward models
 # ----------------------------------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_gpt2_pair_reward_matches_authors_one_pair_at_a_time(tiny):
     import torch
 
@@ -289,6 +294,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+@pytest.mark.slow
 def test_coherence_minilm_matches_sentence_transformers_pooling():
     torch = pytest.importorskip("torch")
     minilm = minilm_folder()
@@ -316,6 +322,7 @@ def test_coherence_minilm_matches_sentence_transformers_pooling():
     assert pair[0] > pair[1]
 
 
+@pytest.mark.slow
 def test_coherence_pooler_matches_pytorch(tiny):
     import torch
 

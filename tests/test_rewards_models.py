@@ -139,6 +139,7 @@ def jax_scores(folder, ids: list[int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------- #
 # Formatting
 # --------------------------------------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_chat_format_renders_the_template_with_one_bos(native_folder):
     reward = RewardModel(native_folder("llama"), name="rm")
     assert reward.names == ("rm",)
@@ -176,6 +177,7 @@ def test_llama_reward_model_matches_transformers_in_chat_format(torch_folder):
     assert np.abs(scores).max() > 0.1
 
 
+@pytest.mark.slow
 def test_deberta_regression_reward_matches_transformers_with_named_outputs(torch_folder):
     torch_model, folder = torch_folder("deberta3")
     reward = reward_model(folder, format="pair", name="rm", batch_size=4)
@@ -197,6 +199,7 @@ def test_deberta_regression_reward_matches_transformers_with_named_outputs(torch
 # --------------------------------------------------------------------------------------------------------- #
 # Multi-objective pools
 # --------------------------------------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_k_output_head_gives_k_pool_columns_from_one_pass_per_chunk(native_folder, tiny_model, tmp_path):
     folder = native_folder("llama3")
     policy, tokenizer = tiny_model("gpt2"), word_tokenizer(chat=False)
@@ -231,6 +234,7 @@ def test_k_output_head_gives_k_pool_columns_from_one_pass_per_chunk(native_folde
         build_pool(policy, tokenizer, prompts, [other, "diversity"], out=out, **options)
 
 
+@pytest.mark.slow
 def test_registry_reward_model_expands_into_columns(native_folder, tiny_model):
     folder = native_folder("deberta3")
     reward = get_reward("reward_model", path=str(folder), format="full", name="nemo")

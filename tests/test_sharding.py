@@ -268,6 +268,7 @@ def tiny_policy():
 ONE_DEVICE_OPTIONS = dict(num_samples=2, max_new_tokens=5, batch_size=4, seed=7)
 
 
+@pytest.mark.slow
 def test_one_device_mesh_samples_and_scores_as_without_one(tiny_policy):
     model, tokenizer = tiny_policy
     plain = generate(model, tokenizer, SHORT, **ONE_DEVICE_OPTIONS)
@@ -281,6 +282,7 @@ def test_one_device_mesh_samples_and_scores_as_without_one(tiny_policy):
         np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mesh_none_takes_the_single_device_path(tiny_policy, monkeypatch):
     model, tokenizer = tiny_policy
 
@@ -332,6 +334,7 @@ def _classifier_folder(directory):
     return directory
 
 
+@pytest.mark.slow
 def test_one_device_mesh_reward_scores_as_without_one(tmp_path, tiny_policy):
     folder = _classifier_folder(tmp_path)
     prompts, answers = ["w10 w11", "w20", "w30 w31 w32"], ["w40", "w50 w51 w52 w53", "w60"]
@@ -439,6 +442,7 @@ def eight_devices(host_devices):
     return host_devices.result(EIGHT_DEVICES, devices=8)
 
 
+@pytest.mark.slow
 def test_sharded_sampling_and_scoring_match_one_device(eight_devices):
     results = eight_devices["generate"]
     assert set(results) == {"gpt2 data=2,fsdp=4", "gpt2 token_logprobs data=2,fsdp=2,model=2",
@@ -449,6 +453,7 @@ def test_sharded_sampling_and_scoring_match_one_device(eight_devices):
         assert result["logprobs"] <= 1e-5, f"{layout}: log-probabilities off by {result['logprobs']}"
 
 
+@pytest.mark.slow
 def test_weights_and_caches_are_really_split(eight_devices):
     llama, gpt2 = eight_devices["specs"]["llama_gqa_tied"], eight_devices["specs"]["gpt2"]
     assert llama["layers.0.q_proj.weight"] == ["model", "fsdp"]
@@ -464,6 +469,7 @@ def test_weights_and_caches_are_really_split(eight_devices):
     assert eight_devices["cache"]["llama_gqa_tied"]["keys"] == ["fsdp"]
 
 
+@pytest.mark.slow
 def test_sharded_reward_scores_match_one_device(eight_devices):
     reward = eight_devices["reward"]
     assert reward["scale"] > 0.1 and reward["diff"] <= 1e-5 * max(1.0, reward["scale"])
@@ -473,12 +479,14 @@ def test_sharded_reward_scores_match_one_device(eight_devices):
     assert specs["classifier.weight"] == [None, "fsdp"]
 
 
+@pytest.mark.slow
 def test_multidevice_errors_name_the_counts(eight_devices):
     rows_error, count_error = eight_devices["errors"]
     assert "a batch of 6 rows" in rows_error and "pad it to a multiple of 8 rows" in rows_error
     assert count_error == "mesh data=3 needs 3 devices, this process has 8"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_loads_straight_onto_a_mesh(eight_devices):
     """``from_pretrained(..., mesh=)`` places every weight by its logical axes while loading (no whole copy on
     one device first) and loads the same values."""

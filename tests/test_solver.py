@@ -85,6 +85,7 @@ def test_shift_invariance(pilot, paper_values, paper_hhh):
     np.testing.assert_allclose(shifted.lam, base.lam, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_lambda_grows_with_its_level(pilot):
     levels = np.linspace(pilot.means()[pilot.index_of("humor")], 2.54, 12)
     palettes = [{"humor": float(c), "gpt2-harmless": 0.5} for c in levels]
@@ -107,6 +108,7 @@ def test_batched_equals_one_at_a_time(pilot, paper_values):
             np.testing.assert_allclose(single.realised, batch[row].realised, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_float32_agrees_with_float64(pilot, paper_values, paper_hhh):
     palette = paper_hhh["HHH-70"]["levels"]
     single = solve(pilot, palette, values=paper_values, dtype="float32")
@@ -115,6 +117,7 @@ def test_float32_agrees_with_float64(pilot, paper_values, paper_hhh):
     np.testing.assert_allclose(single.lam, double.lam, rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_verdicts_agree_with_the_lp_on_random_palettes(pilot, paper_values):
     rng = np.random.default_rng(0)
     problem = DualProblem.from_pool(pilot)
@@ -137,6 +140,7 @@ def test_verdicts_agree_with_the_lp_on_random_palettes(pilot, paper_values):
         assert 0 < solutions.feasible.sum() < len(solutions)
 
 
+@pytest.mark.slow
 def test_per_prompt_normaliser_on_ragged_pool(ragged_pool):
     pool = ragged_pool
     rng = np.random.default_rng(1)
@@ -159,6 +163,7 @@ def test_per_prompt_normaliser_on_ragged_pool(ragged_pool):
         np.testing.assert_allclose(np.mean(levels, axis=0), solution.realised, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_per_prompt_with_one_sample_per_prompt_cannot_move(pilot):
     single = RewardPool.from_array(pilot.flat(), value_names=pilot.value_names)
     solution = solve(single, "humor>=q0.6", normaliser="per_prompt")
@@ -237,6 +242,7 @@ def test_evaluate_lambdas_returns_the_palettes_they_solve(pilot):
 # ------------------------------------------------------------------ one verdict at the boundary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normaliser", ["pooled", "per_prompt"])
 def test_a_level_at_the_maximum_is_infeasible_everywhere(pilot, normaliser):
     humor = pilot.index_of("humor")
@@ -260,6 +266,7 @@ def test_a_level_at_the_maximum_is_infeasible_everywhere(pilot, normaliser):
     assert "only in the limit" in solve(pilot, "humor>=q1").certificate.explain()
 
 
+@pytest.mark.slow
 def test_a_palette_on_an_edge_of_the_samples_is_reached_only_in_the_limit():
     # Pooled, the reachable levels are the convex hull of the samples; (0.5, 0.5) is on its edge from (1, 0)
     # to (0, 1): reachable only by weights that leave every other sample, i.e. λ → ∞ along (1, 1).
@@ -295,6 +302,7 @@ def test_levels_just_below_the_maximum_follow_the_lp(pilot):
 # ------------------------------------------------------------------ entry points: any data, any palette
 
 
+@pytest.mark.slow
 def test_plain_array_input():
     rng = np.random.default_rng(5)
     rewards = rng.normal(size=(500, 2))
@@ -304,6 +312,7 @@ def test_plain_array_input():
     assert solution.lam[1] == 0.0
 
 
+@pytest.mark.slow
 def test_every_entry_point_takes_an_array_and_any_palette_form(ragged_pool):
     pool = RewardPool.from_array(ragged_pool.flat(), value_names=("a", "b", "c"))
     array = pool.flat()

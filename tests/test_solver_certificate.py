@@ -18,6 +18,7 @@ def random_targets(pool: RewardPool, rng, count: int) -> np.ndarray:
     return np.where(keep, targets, np.nan)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normaliser", ["pooled", "per_prompt"])
 def test_decomposed_lp_equals_the_primal_lp(pilot, ragged_pool_factory, normaliser):
     pools = [ragged_pool_factory(seed=seed, prompts=40 + 25 * seed, max_samples=3 + seed) for seed in range(4)]

@@ -78,6 +78,7 @@ def near_overflow_palettes(pool: RewardPool, paper_values) -> np.ndarray:
     return np.array(rows)
 
 
+@pytest.mark.slow
 def test_reference_matches_pytorch_near_overflow(pilot, paper_values):
     pytest.importorskip("torch")
     from benchmarks.torch_reference import reference_lambdas as torch_lambdas
@@ -107,6 +108,7 @@ def test_reference_matches_pytorch_when_only_the_sum_overflows():
     np.testing.assert_allclose(jax_lam[:2], torch_lam[:2], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_jax_reference_matches_the_pytorch_original(pilot, paper_values, paper_hhh):
     pytest.importorskip("torch")
     from benchmarks.torch_reference import reference_lambdas as torch_lambdas

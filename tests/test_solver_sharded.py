@@ -90,6 +90,7 @@ def sharded(pilot_file, tmp_path_factory, host_devices):
         return dict(results)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_lambda_equals_one_device(sharded, case):
     assert list(sharded[f"{case}/sharded/status"]) == list(sharded[f"{case}/single/status"])
@@ -101,11 +102,13 @@ def test_sharded_lambda_equals_one_device(sharded, case):
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pilot_has_feasible_and_infeasible_palettes(sharded):
     assert list(sharded["pilot_data8/single/status"]) == ["optimal", "optimal", "infeasible"]
     assert np.all(np.isfinite(sharded["pilot_data8/sharded/lam"][:2]))
 
 
+@pytest.mark.slow
 def test_samples_are_split_and_padded_over_the_batch_axes(sharded, pilot):
     # pilot: one group of all its samples, its slots split over the 8 devices
     assert list(sharded["pilot_data8/placement"]) == [8, 1, -(-int(pilot.mask.sum()) // 8) * 8, 6]
@@ -122,6 +125,7 @@ def test_samples_are_split_and_padded_over_the_batch_axes(sharded, pilot):
     assert list(sharded["tall_model8/devices"]) == [1, 8]
 
 
+@pytest.mark.slow
 def test_given_lambdas_and_sequential_solve_on_a_mesh(sharded):
     np.testing.assert_allclose(sharded["given/sharded/realised"], sharded["given/single/realised"],
                                rtol=1e-9, atol=1e-9)
@@ -136,6 +140,7 @@ def test_a_bad_mesh_is_refused_before_any_work(ragged_pool):
         solve_many(ragged_pool, "v0>=q0.5", mesh="data=3")
 
 
+@pytest.mark.slow
 def test_a_one_device_mesh_gives_the_one_device_answer(ragged_pool):
     palettes = ["v0>=q0.7", "v0>=q0.6, v1>=q0.6"]
     plain = solve_many(ragged_pool, palettes)

@@ -218,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     from mapjax.finetune.examples import check_pool_texts
     from mapjax.generate import load_policy
     from mapjax.pool import RewardPool
+    from mapjax.solver.solution import DEGENERATE_ESS, below_threshold_text
 
     online = args.method in ONLINE_METHODS
     config = finetune_config(args)
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     lam = dict(zip(solution.value_names, (float(v) for v in solution.lam)))
     print("λ = " + ", ".join(f"{name} {value:.4g}" for name, value in lam.items()))
     if solution.degenerate:
-        print(f"warning: p_λ sits on about one sample per prompt (ESS {solution.ess:.2f}): the palette is at the "
+        print(f"warning: p_λ sits on about one sample per prompt (ESS {below_threshold_text(solution.ess, DEGENERATE_ESS)} < {DEGENERATE_ESS:g}): the palette is at the "
               "edge of what the pool reaches, and finetuning will copy single samples")
     prompts = None
     if online:

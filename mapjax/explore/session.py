@@ -29,7 +29,7 @@ from mapjax.palette import Palette, palette_targets, parse
 from mapjax.pool import RewardPool
 from mapjax.problem import NORMALISERS, DualProblem, Normaliser, tilt_weights
 from mapjax.solver import Solution, evaluate_lambdas, solve_many
-from mapjax.solver.solution import DEGENERATE_ESS
+from mapjax.solver.solution import DEGENERATE_ESS, below_threshold_text
 
 # Request limits: what a page ever sends is far below these, so anything above is refused, not truncated.
 MAX_PALETTE_CHARS = 2000
@@ -559,7 +559,7 @@ class ExploreSession:
             return None
         if solution.degenerate:
             per = "prompt" if self.normaliser == "per_prompt" else "pool"
-            return (f"ESS {solution.ess:.2f} < {DEGENERATE_ESS:g}: p_λ sits on about one sample per {per}; "
+            return (f"ESS {below_threshold_text(solution.ess, DEGENERATE_ESS)} < {DEGENERATE_ESS:g}: p_λ sits on about one sample per {per}; "
                     "the palette is at the edge of what these samples reach, and MAP-D or MAP-F cannot realise it")
         if self.normaliser == "pooled" and solution.ess < SMALL_ESS:
             return (f"p_λ rests on about {solution.ess:.0f} effective samples of {self.pool.num_samples}: the "

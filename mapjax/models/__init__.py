@@ -5,7 +5,8 @@
 >>> logits = model(input_ids, attention_mask).logits      # [batch, seq, vocab]
 
 Layout: ``base`` (the HF name map, (de)serialisation, random init, the ``CausalLM`` protocol), ``layers``
-(shared layers, the KV cache, activations), ``padding`` (length buckets and padded batches), one module per
+(a package of shared layers, one module per concern: logical axes, linear, norms, activations, rope, the KV cache,
+attention), ``padding`` (length buckets and padded batches), one module per
 architecture, ``loading`` (safetensors folders and export), ``gguf`` (llama.cpp files), ``checkpoint`` (orbax),
 ``registry`` (architecture name -> builder), ``errors``.
 """

@@ -136,7 +136,7 @@ def test_jsonl_prompts_and_selection(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "ok"}\n{"text": "no prompt"}\n', r"prompts.jsonl line 2: no field 'prompt'; fields: \['text'\]"),
-    ('{"prompt": "ok"}\n\n{"prompt": "ok"\n', "prompts.jsonl line 3: not valid JSON"),
+    ('{"prompt": "ok"}\n\n{"prompt": "ok"\n', "prompts.jsonl line 3 is not valid JSON"),
     ('{"prompt": 5}\n', "line 1: field 'prompt' is int, not text"),
     ('{"prompt": "  "}\n', "line 1: field 'prompt' is empty"),
     ('["prompt"]\n', "line 1: expected a JSON object, got list"),

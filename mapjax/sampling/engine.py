@@ -1,0 +1,299 @@
+"""Running the rows of a ``generate`` call: static batches, or continuous batching over a fixed set of slots.
+
+**Static** (``run_static``): rows sorted by prompt length are cut into batches; each batch is prefilled and
+sampled until its last row ends, so a row that ends early idles until then.
+
+**Continuous** (``run_continuous``): ``slots`` rows run at once. The jitted chunk takes at most ``chunk_steps``
+steps; between chunks the host reads which slots finished, keeps their tokens, and refills them from the
+queue of waiting rows: the new rows are prefilled (grouped by length bucket, a power-of-two row count per
+call) and written into their slots' cache rows, right-aligned to the shared write slot, with their own
+position ids (the cache's per-row ``token_count``). Before that the cache is *rebased*: every row is shifted
+along the slot axis so that the oldest live token sits at slot 0 (or far enough right for the new prompts'
+bucket), which bounds the cache at ``longest bucket - 1 + max_new_tokens + chunk_steps`` slots whatever the
+number of refills. Every shape is fixed by (slots, bucket, row count), so refills reuse compiled programs.
+
+A row's tokens depend only on its key (seed, prompt index, sample index) and its own token count (see
+``LoopState``), so both ways sample the same tokens for the same rows, to float rounding of the attention.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mapjax.models.base import CausalLM
+from mapjax.models.layers import KVCache
+from mapjax.models.padding import length_bucket, next_power_of_two
+from mapjax.sampling.filters import SamplingSettings
+from mapjax.sampling.loop import sample_chunk_jit, sample_loop_jit
+from mapjax.sampling.prefill import (
+    PREFILL_GROUP_ROWS,
+    cache_shardings,
+    constrain_cache,
+    device_rows,
+    prefill_cache,
+    prefill_rows,
+)
+from mapjax.sampling.state import LoopState, constrain_state, initial_state
+from mapjax.sampling.tracing import count_trace
+from mapjax.sharding import place as place_arrays
+from mapjax.sharding import round_up_rows
+
+# Steps per jitted chunk of the continuous engine: fewer means finished slots wait less for a refill, more
+# means fewer host round trips and cache rebases.
+DEFAULT_CHUNK_STEPS = 16
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """What a run did, for measurements (not part of ``Generation``)."""
+
+    slot_steps: int = 0       # rows (slots) x steps of every compiled loop call: the work paid for
+    useful_tokens: int = 0    # new tokens of real rows, EOS included: the work that was wanted
+    loop_calls: int = 0       # static batches or engine chunks
+    prefill_calls: int = 0    # prefill programs run
+    seconds: float = 0.0      # wall time of the run
+
+    @property
+    def idle_fraction(self) -> float:
+        """Share of the slot-steps paid for that produced no wanted token."""
+        return 1.0 - self.useful_tokens / self.slot_steps if self.slot_steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.useful_tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclasses.dataclass
+class RowResults:
+    """Host arrays the runs fill, one row per work item."""
+
+    tokens: np.ndarray     # int32 [rows, max_new_tokens]
+    logprobs: np.ndarray   # float32 [rows, max_new_tokens]
+    lengths: np.ndarray    # int32 [rows]
+
+    @classmethod
+    def empty(cls, rows: int, settings: SamplingSettings) -> "RowResults":
+        return cls(tokens=np.full((rows, settings.max_new_tokens), settings.pad_token_id, np.int32),
+                   logprobs=np.zeros((rows, settings.max_new_tokens), np.float32),
+                   lengths=np.zeros((rows,), np.int32))
+
+
+def _progress_bar(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="seq")
+
+
+def _advance_bar(bar: Any, finished: int, stats: EngineStats, started: float) -> None:
+    if bar is None:
+        return
+    bar.update(finished)
+    elapsed = time.perf_counter() - started
+    bar.set_postfix_str(f"{stats.useful_tokens / elapsed if elapsed else 0.0:.0f} tok/s")
+
+
+# --------------------------------------------------------------------------- #
+# Static batches
+# --------------------------------------------------------------------------- #
+def run_static(model: CausalLM, graphdef: Any, params: Any, settings: SamplingSettings,
+               sequences: Sequence[Sequence[int]], keys: np.ndarray, rows_per_call: int, *,
+               mesh: Mesh | None = None, progress: bool = False) -> tuple[RowResults, EngineStats]:
+    """Sample every row of ``sequences`` (its prompt tokens; ``keys[row]`` its PRNG key) in static batches of
+    ``rows_per_call`` rows (filler rows, starting done, complete the last one)."""
+    started = time.perf_counter()
+    total = len(sequences)
+    results, stats = RowResults.empty(total, settings), EngineStats()
+    # Sorting rows by prompt length keeps each batch's padding small; per-row keys make the order irrelevant.
+    order = sorted(range(total), key=lambda row: len(sequences[row]))
+    bar = _progress_bar(progress, total)
+    for start in range(0, total, rows_per_call):
+        batch = order[start:start + rows_per_call]
+        filled = batch + [batch[0]] * (rows_per_call - len(batch))
+        rows = [sequences[row] for row in filled]
+        cache = prefill_cache(model, graphdef, params, rows, settings.pad_token_id, settings.max_new_tokens,
+                              mesh=mesh)
+        stats.prefill_calls += 1
+        done = np.arange(rows_per_call) >= len(batch)
+        last_tokens = np.asarray([ids[-1] for ids in rows], np.int32)
+        loop = initial_state(cache, device_rows(last_tokens, mesh), device_rows(keys[filled], mesh),
+                             device_rows(done, mesh), settings.max_new_tokens, settings.pad_token_id)
+        loop = sample_loop_jit(graphdef, settings, params, loop, mesh=mesh)
+        tokens, logprobs, lengths, steps = jax.device_get((loop.tokens, loop.logprobs, loop.lengths, loop.step))
+        real = len(batch)
+        results.tokens[batch] = tokens[:real]
+        results.logprobs[batch] = logprobs[:real]
+        results.lengths[batch] = lengths[:real]
+        stats.slot_steps += int(steps) * rows_per_call
+        stats.useful_tokens += int(lengths[:real].sum())
+        stats.loop_calls += 1
+        _advance_bar(bar, real, stats, started)
+    if bar is not None:
+        bar.close()
+    stats.seconds = time.perf_counter() - started
+    return results, stats
+
+
+# --------------------------------------------------------------------------- #
+# Continuous batching: the device-side pieces
+# --------------------------------------------------------------------------- #
+def _rebase(cache: KVCache, shift: jax.Array, mesh: Mesh | None = None) -> KVCache:
+    """Every row shifted ``shift`` slots along the slot axis (negative: left) and the write slot with it.
+
+    Slots that wrap around are masked out: the caller keeps every live token at slots ``>= -shift`` when
+    shifting left, and slots at or right of the write slot are never live (nothing is written there yet).
+    """
+    count_trace("rebase")
+    write_index = cache.write_index + shift
+    live = jnp.arange(cache.max_len) < write_index
+    roll = lambda array, axis: jnp.roll(array, shift, axis=axis)   # noqa: E731  (one rule, four uses)
+    return constrain_cache(dataclasses.replace(
+        cache,
+        keys=tuple(roll(array, 2) for array in cache.keys),
+        values=tuple(roll(array, 2) for array in cache.values),
+        slot_mask=roll(cache.slot_mask, 1) & live[None, :],
+        write_index=write_index,
+    ), mesh)
+
+
+_rebase_jit = jax.jit(_rebase, donate_argnames=("cache",), static_argnames=("mesh",))
+
+
+def _place_new_rows(loop: LoopState, part: KVCache, slot_ids: jax.Array, current: jax.Array, keys: jax.Array,
+                    pad_token_id: int, mesh: Mesh | None = None) -> LoopState:
+    """``loop`` with the prefilled rows of ``part`` (a cache of ``bucket - 1`` slots) in slots ``slot_ids``:
+    their cache rows hold the prompt right-aligned to the write slot (nothing else), their positions continue
+    from the prompt, and they start sampling from ``current`` with ``keys``. A slot id past the last slot
+    marks a filler row, dropped."""
+    count_trace("place_new_rows")
+    cache = loop.cache
+    width = part.max_len
+    first_slot = cache.write_index - width
+
+    def rows_of(full: jax.Array, piece: jax.Array) -> jax.Array:
+        blank = jnp.zeros((piece.shape[0], *full.shape[1:]), full.dtype)
+        placed = jax.lax.dynamic_update_slice(blank, piece.astype(full.dtype), (0, 0, first_slot, 0))
+        return full.at[slot_ids].set(placed, mode="drop")
+
+    blank_mask = jnp.zeros((part.slot_mask.shape[0], cache.max_len), bool)
+    cache = dataclasses.replace(
+        cache,
+        keys=tuple(map(rows_of, cache.keys, part.keys)),
+        values=tuple(map(rows_of, cache.values, part.values)),
+        slot_mask=cache.slot_mask.at[slot_ids].set(
+            jax.lax.dynamic_update_slice(blank_mask, part.slot_mask, (0, first_slot)), mode="drop"),
+        token_count=cache.token_count.at[slot_ids].set(part.token_count, mode="drop"),
+    )
+    steps = loop.tokens.shape[1]
+    loop = loop.replace(
+        cache=cache,
+        current=loop.current.at[slot_ids].set(current, mode="drop"),
+        keys=loop.keys.at[slot_ids].set(keys, mode="drop"),
+        done=loop.done.at[slot_ids].set(False, mode="drop"),
+        lengths=loop.lengths.at[slot_ids].set(0, mode="drop"),
+        tokens=loop.tokens.at[slot_ids].set(jnp.full((slot_ids.shape[0], steps), pad_token_id, jnp.int32),
+                                            mode="drop"),
+        logprobs=loop.logprobs.at[slot_ids].set(jnp.zeros((slot_ids.shape[0], steps), jnp.float32), mode="drop"),
+    )
+    return constrain_state(loop, mesh)
+
+
+_place_new_rows_jit = jax.jit(_place_new_rows, donate_argnames=("loop",), static_argnames=("pad_token_id", "mesh"))
+
+
+# --------------------------------------------------------------------------- #
+# Continuous batching: the host-side scheduler
+# --------------------------------------------------------------------------- #
+def run_continuous(model: CausalLM, graphdef: Any, params: Any, settings: SamplingSettings,
+                   sequences: Sequence[Sequence[int]], keys: np.ndarray, slots: int, *,
+                   chunk_steps: int = DEFAULT_CHUNK_STEPS, mesh: Mesh | None = None,
+                   progress: bool = False) -> tuple[RowResults, EngineStats]:
+    """Sample every row of ``sequences`` (its prompt tokens; ``keys[row]`` its PRNG key) on ``slots`` slots
+    (a multiple of ``row_multiple(mesh)``), refilling finished slots every ``chunk_steps`` steps."""
+    started = time.perf_counter()
+    total = len(sequences)
+    results, stats = RowResults.empty(total, settings), EngineStats()
+    max_new = settings.max_new_tokens
+    buckets = [length_bucket(len(ids)) for ids in sequences]
+    cache_len = max(buckets) - 1 + max_new + chunk_steps
+    # Shortest prompts first, as the static path does: neighbours in the queue share a bucket, so a refill
+    # needs few prefill calls.
+    waiting = collections.deque(sorted(range(total), key=lambda row: len(sequences[row])))
+    group_rows = round_up_rows(min(PREFILL_GROUP_ROWS, next_power_of_two(slots)), mesh)
+
+    cache = model.init_cache(slots, cache_len)
+    if mesh is not None:
+        cache = place_arrays(cache, cache_shardings(cache, mesh))
+    loop = initial_state(cache, device_rows(np.zeros((slots,), np.int32), mesh),
+                         device_rows(np.zeros((slots, *keys.shape[1:]), keys.dtype), mesh),
+                         device_rows(np.ones((slots,), bool), mesh), max_new, settings.pad_token_id)
+    slot_row = np.full((slots,), -1)          # the work item each slot holds, -1 when idle
+    extent = np.zeros((slots,), np.int64)     # live slots of each busy row: its prompt and new tokens so far
+    write_index = 0                           # the cache's write slot, tracked on the host
+    bar = _progress_bar(progress, total)
+
+    while True:
+        free = np.flatnonzero(slot_row < 0)
+        new_rows = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+        busy = slot_row >= 0
+        if not new_rows and not busy.any():
+            break
+        # Rebase so that the oldest live token sits at slot 0, or further right where a new prompt's bucket
+        # needs room left of the write slot.
+        target = max([int(extent[busy].max()) if busy.any() else 0]
+                     + [buckets[row] - 1 for row in new_rows])
+        if target != write_index:
+            loop = loop.replace(cache=_rebase_jit(loop.cache, jnp.asarray(target - write_index, jnp.int32),
+                                                  mesh=mesh))
+            write_index = target
+        # Refill: one prefill per (bucket, up to group_rows rows), placed into the free slots.
+        by_bucket: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+        for slot, row in zip(free, new_rows):
+            by_bucket[buckets[row]].append((int(slot), row))
+            slot_row[slot] = row
+            extent[slot] = len(sequences[row]) - 1
+        for bucket, placed in by_bucket.items():
+            for start in range(0, len(placed), group_rows):
+                group = placed[start:start + group_rows]
+                call_rows = round_up_rows(next_power_of_two(len(group)), mesh)
+                fillers = call_rows - len(group)
+                rows = [sequences[row] for _, row in group] + [sequences[group[0][1]]] * fillers
+                part = prefill_rows(graphdef, params, rows, bucket, settings.pad_token_id, bucket - 1, mesh)
+                stats.prefill_calls += 1
+                slot_ids = np.asarray([slot for slot, _ in group] + [slots] * fillers, np.int32)
+                current = np.asarray([ids[-1] for ids in rows], np.int32)
+                row_ids = [row for _, row in group] + [group[0][1]] * fillers
+                loop = _place_new_rows_jit(loop, part, jnp.asarray(slot_ids), jnp.asarray(current),
+                                           jnp.asarray(keys[row_ids]), pad_token_id=settings.pad_token_id, mesh=mesh)
+        loop = sample_chunk_jit(graphdef, settings, chunk_steps, params, loop, mesh=mesh)
+        steps, done, lengths = jax.device_get((loop.step, loop.done, loop.lengths))
+        steps = int(steps)
+        write_index += steps
+        stats.loop_calls += 1
+        stats.slot_steps += steps * slots
+        busy = slot_row >= 0
+        extent[busy] += steps
+        finished = np.flatnonzero(busy & done)
+        if len(finished):
+            tokens, logprobs = jax.device_get((loop.tokens, loop.logprobs))
+            rows = slot_row[finished]
+            results.tokens[rows] = tokens[finished]
+            results.logprobs[rows] = logprobs[finished]
+            results.lengths[rows] = lengths[finished]
+            stats.useful_tokens += int(lengths[finished].sum())
+            slot_row[finished] = -1
+            extent[finished] = 0
+            _advance_bar(bar, len(finished), stats, started)
+    if bar is not None:
+        bar.close()
+    stats.seconds = time.perf_counter() - started
+    return results, stats
