@@ -311,3 +311,19 @@ def host_devices() -> HostDevices:
     """:class:`HostDevices`: run Python children that see several host devices (``environment``, ``run``,
     ``start``, ``result``)."""
     return HostDevices()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command gets as far as loading a policy: arguments, limits and outputs are checked first."""
+    import mapjax.generate
+    import mapjax.models
+    import mapjax.models.policy
+
+    def refuse(*args, **kwargs):
+        pytest.fail("a model was loaded before every argument, limit and output was checked")
+
+    monkeypatch.setattr(mapjax.generate, "load_policy", refuse)
+    monkeypatch.setattr(mapjax.models.policy, "load_policy", refuse)
+    monkeypatch.setattr(mapjax.models, "from_gguf", refuse)
+    monkeypatch.setattr(mapjax.models, "from_pretrained", refuse)

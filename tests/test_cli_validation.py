@@ -13,19 +13,6 @@ POLICY = "some-org/some-model"   # a hub id: looked up only when loaded, which t
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if any command gets as far as loading a policy."""
-    import mapjax.generate
-    import mapjax.models
-
-    def refuse(*args, **kwargs):
-        pytest.fail("a model was loaded before every argument was checked")
-
-    monkeypatch.setattr(mapjax.generate, "load_policy", refuse)
-    monkeypatch.setattr(mapjax.models, "from_gguf", refuse)
-
-
-@pytest.fixture
 def files(tmp_path):
     """A scored pool (diversity, sentiment) with texts, and a prompts file."""
     rng = np.random.default_rng(0)

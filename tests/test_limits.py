@@ -28,18 +28,6 @@ def sixteen_gigabytes(monkeypatch):
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    import mapjax.generate
-    import mapjax.models
-
-    def refuse(*args, **kwargs):
-        pytest.fail("a model was loaded before the limits were checked")
-
-    monkeypatch.setattr(mapjax.generate, "load_policy", refuse)
-    monkeypatch.setattr(mapjax.models, "from_gguf", refuse)
-
-
-@pytest.fixture
 def files(tmp_path):
     rng = np.random.default_rng(0)
     records = [{"prompt": f"w{3 + i // 4}", "generated": f"w{10 + i % 7}", "diversity": float(rng.uniform(0.3, 1)),

@@ -27,20 +27,6 @@ PROMPTS = ["w3 w4", "w5", "w6 w7 w8", "w9 w10"]
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if a command gets as far as loading a policy."""
-    import mapjax.generate
-    import mapjax.models
-
-    def refuse(*args, **kwargs):
-        pytest.fail("a model was loaded before the output was checked")
-
-    monkeypatch.setattr(mapjax.generate, "load_policy", refuse)
-    monkeypatch.setattr(mapjax.models, "from_gguf", refuse)
-    monkeypatch.setattr(mapjax.models, "from_pretrained", refuse)
-
-
 def scored_pool(rows: int = 40) -> RewardPool:
     rng = np.random.default_rng(0)
     records = [{"prompt": f"w{3 + i // 4}", "generated": f"w{10 + i % 7} w{20 + i % 5}",
