@@ -297,15 +297,15 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
     Raises:
         BuildError: ``out`` holds a build with other settings (resume refused), or bad arguments.
     """
-    from mapjax.generate import _check_positive_int, _check_prompts
+    from mapjax.sampling.inputs import check_positive_int, check_prompts
 
-    prompts = _check_prompts(prompts)
-    samples_per_prompt = _check_positive_int("samples_per_prompt", samples_per_prompt)
-    chunk_size = _check_positive_int("chunk_size", chunk_size)
-    _check_positive_int("max_new_tokens", max_new_tokens)
-    _check_positive_int("batch_size", batch_size)
+    prompts = check_prompts(prompts)
+    samples_per_prompt = check_positive_int("samples_per_prompt", samples_per_prompt)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("batch_size", batch_size)
     if top_k is not None:
-        _check_positive_int("top_k", top_k)
+        check_positive_int("top_k", top_k)
     values = values if isinstance(values, str) else list(values)
     # Before any file is written: a request this machine cannot hold is refused now, not after an hour.
     check_sampled_rows(len(prompts), samples_per_prompt, max_new_tokens=max_new_tokens,

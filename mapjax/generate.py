@@ -10,8 +10,6 @@ from mapjax.sampling.api import Generation, generate, last_run_stats
 from mapjax.sampling.filters import SamplingSettings, choose_tokens
 from mapjax.sampling.inputs import (
     bos_token_id,
-    check_positive_int,
-    check_prompts,
     continuation_text,
     row_keys,
     tokenize_prompts,
@@ -19,10 +17,6 @@ from mapjax.sampling.inputs import (
 from mapjax.sampling.prefill import PREFILL_GROUP_ROWS, prefill_cache
 from mapjax.sampling.scoring import sequence_logprobs, token_logprobs
 from mapjax.sampling.tracing import trace_counts
-
-# The names ``mapjax.build`` and ``mapjax.finetune.online`` imported before the split.
-_check_prompts = check_prompts
-_check_positive_int = check_positive_int
 
 __all__ = [
     "Generation", "PREFILL_GROUP_ROWS", "SamplingSettings", "bos_token_id", "choose_tokens", "continuation_text",

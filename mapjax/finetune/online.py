@@ -606,7 +606,8 @@ def finetune_online(model: CausalLM, tokenizer: Any, prompts: Sequence[str], val
         export: write ``out/model`` at the end.
     """
     from mapjax.build import model_fingerprint, prompts_hash, resolve_values
-    from mapjax.generate import _check_prompts, tokenize_prompts
+    from mapjax.generate import tokenize_prompts
+    from mapjax.sampling.inputs import check_prompts
 
     config = config or OnlineConfig()
     config.validate(method)
@@ -615,7 +616,7 @@ def finetune_online(model: CausalLM, tokenizer: Any, prompts: Sequence[str], val
     if jax.process_count() > 1:
         raise FinetuneError(f"method {method!r} runs in one process (a mesh over its devices); under "
                             "jax.distributed finetune with method 'weighted' or 'dpo'")
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     device_mesh = _as_mesh(mesh, config)
     solved = None
     if _is_palette_spec(lam) and pool is not None:   # before any reward model is built
