@@ -106,14 +106,19 @@ def load_text(text: str | bytes, suffix: str):
         return RewardPool.load(path)
 
 
-@FUZZ
-@given(st.text(max_size=300) | st.binary(max_size=200), st.sampled_from([".json", ".jsonl"]))
-def test_any_text_as_a_pool_file_loads_or_is_a_mapjax_error(text, suffix):
+def loads_as_a_pool_or_refuses(text: str | bytes, suffix: str) -> None:
+    """The property of every pool file: it loads as a documented pool, or it is refused with a MapjaxError."""
     try:
         pool = load_text(text, suffix)
     except MapjaxError:
         return
     check_pool(pool)
+
+
+@FUZZ
+@given(st.text(max_size=300) | st.binary(max_size=200), st.sampled_from([".json", ".jsonl"]))
+def test_any_text_as_a_pool_file_loads_or_is_a_mapjax_error(text, suffix):
+    loads_as_a_pool_or_refuses(text, suffix)
 
 
 @FUZZ
@@ -121,11 +126,7 @@ def test_any_text_as_a_pool_file_loads_or_is_a_mapjax_error(text, suffix):
 def test_any_json_value_as_a_pool_loads_or_is_a_mapjax_error(value, suffix):
     text = json.dumps(value) if suffix == ".json" else "\n".join(json.dumps(item) for item in
                                                                    (value if isinstance(value, list) else [value]))
-    try:
-        pool = load_text(text, suffix)
-    except MapjaxError:
-        return
-    check_pool(pool)
+    loads_as_a_pool_or_refuses(text, suffix)
 
 
 @FUZZ
