@@ -93,12 +93,14 @@ def pin_threads(threads: int | None) -> None:
 
 # --------------------------------------------------------------------------------------------------- workers
 class JaxWorker:
-    """mapjax's train step (``mapjax.finetune.train.Stepper``), plus its phases compiled apart."""
+    """mapjax's train step (``mapjax.finetune.engine.Engine``), plus its phases compiled apart."""
 
     def __init__(self, args, folder: Path, vocab: int):
         import jax
 
-        from mapjax.finetune.train import FinetuneConfig, Stepper
+        from mapjax.finetune import FinetuneConfig
+        from mapjax.finetune.engine import Engine
+        from mapjax.finetune.offline import objective_for
         from mapjax.models import from_pretrained
 
         if args.device == "cpu":
@@ -111,14 +113,17 @@ class JaxWorker:
         self.batch = {"ids": ids[None], "attention": attention[None], "loss_mask": loss_mask[None],
                       "weight": weights[None]}
         self.config = FinetuneConfig(batch_size=args.batch, learning_rate=1e-5, clip_norm=1.0, dtype=args.dtype)
-        self.stepper = Stepper(model, "weighted", self.config, total_steps=10_000)
+        self.engine = Engine(model, self.config, total_updates=10_000)
+        self.objective = objective_for("weighted", self.config)
+        self.updates = 0
         del model
         device = jax.devices()[0]
         self.device = f"{device.platform} ({device.device_kind})"
         self._phases: dict[str, Callable[[], Any]] | None = None
 
     def step(self) -> float:
-        return self.stepper.step(None, self.batch)["loss"]   # float(): waits for the step
+        self.updates += 1
+        return self.engine.update(self.batch, self.objective, self.updates - 1)["loss"]   # float(): waits
 
     def phase_functions(self) -> dict[str, Callable[[], Any]]:
         """Forward (the loss), forward + backward (loss and gradients) and the optimizer update alone, each
@@ -128,31 +133,30 @@ class JaxWorker:
             import jax.numpy as jnp
             import optax
 
-            from mapjax.finetune.train import _apply, _loss_and_grad, optimizer
+            from mapjax.finetune.engine import accumulated_gradients, optimizer
             from mapjax.finetune.weighted import batch_loss
 
-            stepper, config, jax = self.stepper, self.config, self.jax
-            state = {"params": [jnp.array(leaf, copy=True) for leaf in stepper.params],
-                     "opt": jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), stepper.opt_state)}
+            engine, jax = self.engine, self.jax
+            state = {"params": jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), engine.state.trainable),
+                     "opt": jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), engine.state.opt_state)}
             batch = {key: jnp.asarray(value) for key, value in self.batch.items()}
-
-            def apply(params, ids, attention):
-                return _apply(stepper.graphdef, stepper.treedef, config.dtype, stepper.rest, params, ids, attention)
+            apply = engine.policy.apply(engine.state.frozen)
 
             def loss_and_grad(params):
-                return _loss_and_grad(stepper.graphdef, stepper.treedef, "weighted", config, stepper.rest, params,
-                                      None, batch)
+                return accumulated_gradients(params, engine.state.frozen, engine.reference, batch, None,
+                                             engine.run_key, policy=engine.policy, objective=self.objective)
 
-            tx = optimizer(config, stepper.total_steps)
+            tx = optimizer(engine.settings)
 
             def update(params, opt_state, grads):
                 updates, opt_state = tx.update(grads, opt_state, params)
+                updates = jax.tree.map(lambda update: 1e-5 * update, updates)
                 return optax.apply_updates(params, updates), opt_state
 
             forward = jax.jit(lambda params: batch_loss(apply, params, None, batch))
             backward = jax.jit(loss_and_grad)
             update_jit = jax.jit(update, donate_argnums=(0, 1))
-            state["grads"] = backward(state["params"])[1]
+            state["grads"] = backward(state["params"])[0]
 
             def run_update():
                 state["params"], state["opt"] = update_jit(state["params"], state["opt"], state["grads"])

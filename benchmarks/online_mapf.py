@@ -100,7 +100,7 @@ class WordLevel:
 def _rewards(names_or_rewards: Sequence[Any], policy: Any, tokenizer: Any) -> list[Any]:
     """Reward instances for the values, built once (a model reward loads once for pool, training and
     evaluation); ``perplexity`` under the base policy, as the pool scores it."""
-    from mapjax.build import resolve_values
+    from mapjax.scoring import resolve_values
 
     return [value.reward for value in resolve_values(list(names_or_rewards), policy, tokenizer, None)]
 
@@ -145,8 +145,7 @@ def method_settings(setting: Setting, overrides: Sequence[str]) -> dict[str, dic
     unknown method or key is an error before anything runs."""
     import yaml
 
-    from mapjax.finetune.online import OnlineConfig
-    from mapjax.finetune.train import FinetuneConfig
+    from mapjax.finetune import FinetuneConfig, OnlineConfig
 
     settings = {method: dict(values) for method, values in setting.defaults.items()}
     for override in overrides:
@@ -170,8 +169,7 @@ def method_settings(setting: Setting, overrides: Sequence[str]) -> dict[str, dic
 def trainer(method: str, setting: Setting, pool: Any, solution: Any, settings: dict[str, Any]
             ) -> Callable[[int, Callable[[int, dict[str, Any]], None]], Any]:
     """``train(steps, callback) -> model``: the method from the base policy toward the solution's p_λ."""
-    from mapjax.finetune.online import OnlineConfig, finetune_online
-    from mapjax.finetune.train import FinetuneConfig, finetune
+    from mapjax.finetune import FinetuneConfig, OnlineConfig, finetune, finetune_online
 
     if method in OFFLINE:
         options = {}
@@ -239,10 +237,10 @@ def evaluate(setting: Setting, model: Any, targets: dict[str, float], args: argp
     """Realised levels on fresh samples of the held-out prompts, and the KL to the base from those samples."""
     import numpy as np
 
-    from mapjax.build import resolve_values
     from mapjax.evaluate import realised_levels
     from mapjax.finetune.against_base import kl_to_base, sample_and_score
     from mapjax.pool import RewardPool
+    from mapjax.scoring import resolve_values
 
     scored = resolve_values(setting.values, setting.policy, setting.tokenizer, None)
     generation, scores = sample_and_score(model, setting.tokenizer, setting.heldout, scored,

@@ -300,7 +300,9 @@ def train_case(context: Context, name: str) -> Iterator[Row]:
     import torch
 
     from benchmarks.finetune import make_batch
-    from mapjax.finetune.train import FinetuneConfig, Stepper
+    from mapjax.finetune import FinetuneConfig
+    from mapjax.finetune.engine import Engine
+    from mapjax.finetune.offline import objective_for
 
     sizes, spec = context.sizes, context.spec(name)
     model, _ = context.pair(name)
@@ -308,11 +310,12 @@ def train_case(context: Context, name: str) -> Iterator[Row]:
     batch = {"ids": ids[None], "attention": attention[None], "loss_mask": loss_mask[None], "weight": weights[None]}
     config = FinetuneConfig(batch_size=sizes.train_batch, learning_rate=1e-5, clip_norm=1.0, weight_decay=0.0,
                             dtype=context.dtype)
-    stepper = Stepper(model, "weighted", config, total_steps=10_000)
+    engine = Engine(model, config, total_updates=10_000)
+    objective = objective_for("weighted", config)
     losses: dict[str, list[float]] = {"mapjax": [], "pytorch": []}
 
     def run_mapjax(repeat: int) -> None:
-        losses["mapjax"].append(stepper.step(None, batch)["loss"])
+        losses["mapjax"].append(engine.update(batch, objective, len(losses["mapjax"]))["loss"])
 
     device = context.torch_device
     torch_model = build_torch_twin(model, spec, device, "float32").train()

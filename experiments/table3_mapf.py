@@ -163,7 +163,7 @@ def _known(key: str, names: Sequence[str], scored: Sequence[str]) -> None:
 
 def dpo_config(settings: DpoSettings, beta: float) -> Any:
     """The FinetuneConfig of DPO(β): ``dpo.config``'s settings with ``beta``; a ConfigError naming a bad one."""
-    from mapjax.finetune.train import FinetuneConfig
+    from mapjax.finetune import FinetuneConfig
 
     known = {field.name for field in dataclasses.fields(FinetuneConfig)}
     for key in settings.config:
@@ -181,7 +181,7 @@ def dpo_config(settings: DpoSettings, beta: float) -> Any:
 
 def online_config(settings: OnlineSettings) -> Any:
     """The OnlineConfig of the online columns; a ConfigError naming a bad setting."""
-    from mapjax.finetune.online import OnlineConfig
+    from mapjax.finetune import OnlineConfig
 
     known = {field.name for field in dataclasses.fields(OnlineConfig)}
     for key in settings.config:
@@ -297,7 +297,7 @@ class Context:
     policy: Any
     tokenizer: Any
     rewards: list[Any]                         # Reward instances, the pool's columns in order
-    scored: list[Any]                          # the same as build.ScoredValue (for sampling evaluations)
+    scored: list[Any]                          # mapjax.scoring.ScoredValue s (for sampling evaluations)
     format_prompt: Callable[[str], str] | None
     pool: Any                                  # training pool: pool_samples per training prompt
     candidates: Any                            # evaluation candidates: k per evaluation prompt (from p0)
@@ -491,7 +491,7 @@ def _resuming(train: Callable[[bool], Any], force: bool) -> Any:
 
 def online_model(ctx: Context, name: str, lam: np.ndarray) -> Any:
     """The policy finetuned online (PPO or GRPO) toward p_λ on the training prompts (resumable)."""
-    from mapjax.finetune.online import finetune_online
+    from mapjax.finetune import finetune_online
 
     config = ctx.config
     folder = _run_folder(ctx, name)
@@ -526,7 +526,7 @@ def dpo_name(beta: float, ratio: float) -> str:
 
 def dpo_folder(ctx: Context, beta: float, ratio: float) -> Path:
     """The exported DPO(β, ρ) model, trained first when it is not there yet (resumable)."""
-    from mapjax.finetune.train import finetune
+    from mapjax.finetune import finetune
 
     config = ctx.config
     folder = _run_folder(ctx, f"dpo {dpo_name(beta, ratio)}")
@@ -671,9 +671,9 @@ def _build(force: bool, **arguments: Any) -> Any:
 def run(config: Table3Config | Mapping[str, Any], out: str | Path, *, force: bool = False,
         progress: bool = False) -> dict[str, Any]:
     """Run every configured column and write ``table3.md`` / ``table3.json``; returns the JSON's content."""
-    from mapjax.build import resolve_values
     from mapjax.evaluate import resolve_targets
     from mapjax.prompts import chat_formatter
+    from mapjax.scoring import resolve_values
 
     started = time.perf_counter()
     config = resolve_config(config)

@@ -21,6 +21,9 @@ the chunks are cut into one contiguous part per process, each process writes its
 and once every part is done process 0 joins them in prompt order into ``out`` and ``<out>.manifest.json``: the
 same bytes a single process writes, since every chunk holds the same prompts and rows keep their keys.
 
+Resolving values, scoring a chunk, the fingerprints and reading a manifest live in :mod:`mapjax.scoring`, shared with
+finetuning; this module keeps the resumable pipeline around them.
+
 Records follow the authors' schema plus a grouping key: ``{prompt_id, prompt, generated, <value>: number}``
 where ``generated`` is the continuation only (the text of the new tokens); ``RewardPool.load`` reads it.
 """
@@ -38,6 +41,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mapjax import scoring
 from mapjax.distributed import contiguous_share
 from mapjax.dtypes import DEFAULT_DTYPE, DTYPES, dtype_name, model_dtype_name
 from mapjax.errors import BuildError  # re-exported: mapjax.build.BuildError keeps working
@@ -45,129 +49,15 @@ from mapjax.generate import generate
 from mapjax.limits import check_sampled_rows
 from mapjax.outputs import staging_file
 from mapjax.pool import RewardPool
+from mapjax.scoring import (  # also re-exported for code written against mapjax.build
+    RewardColumn,  # noqa: F401
+    ScoredValue,
+    model_fingerprint,
+    prompts_hash,
+    resolve_values,
+)
 
 MANIFEST_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoredValue:
-    """A value to score samples with: its name, the reward that scores it, and how a manifest recognises it."""
-
-    name: str
-    reward: Any
-    identity: str   # what the manifest records to recognise the same reward on resume
-
-
-class RewardColumn:
-    """Column ``index`` of a multi-objective reward (one with ``.scores(prompts, continuations) -> [n, k]`` and
-    ``.names``) as a one-score reward. Calling it scores all k outputs and keeps one; ``build_pool`` instead
-    scores each chunk once per ``source`` and fills every column from that pass."""
-
-    def __init__(self, source: Any, index: int):
-        self.source, self.index = source, index
-        self.name = str(source.names[index])
-
-    def __call__(self, prompts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
-        return np.asarray(self.source.scores(prompts, continuations))[:, self.index]
-
-
-def _columns(reward: Any, identity: str) -> list[ScoredValue]:
-    """One value per output of ``reward``: itself when it has one, a :class:`RewardColumn` per name when its
-    ``.names`` lists several (the manifest records each column under the reward's identity and its name)."""
-    names = getattr(reward, "names", None)
-    if not isinstance(names, (list, tuple)) or len(names) <= 1:
-        return [ScoredValue(reward.name, reward, identity)]
-    if not callable(getattr(reward, "scores", None)):
-        from mapjax.rewards.base import RewardError
-
-        raise RewardError(f"reward {reward.name!r} names {len(names)} outputs but has no .scores(prompts, "
-                          "continuations) method returning them")
-    return [ScoredValue(str(column), RewardColumn(reward, index), f"{identity}#{column}")
-            for index, column in enumerate(names)]
-
-
-def resolve_values(values: Sequence[Any] | str, policy: Any, tokenizer: Any,
-                   reward_options: Mapping[str, Mapping[str, Any]] | None, *, dtype: Any = None, mesh: Any = None
-                   ) -> list[ScoredValue]:
-    """The rewards for ``values`` (names, rewards, or a comma-separated string), ``perplexity`` under ``policy``;
-    shared by pool building and finetuning's evaluation, so both score a value the same way.
-
-    ``dtype`` (``"float32"`` or ``"bfloat16"``; None: each reward's default, float32) is the parameter dtype of
-    the reward models built by name; a ``dtype`` in a reward's ``reward_options`` wins over it. ``mesh`` (a
-    ``jax.sharding.Mesh`` or spec) goes to every reward built by name that takes a ``mesh`` option, unless its
-    ``reward_options`` give one; scores do not depend on it, so no identity records it.
-    """
-    from mapjax.rewards.base import RewardError, get_reward, reward_takes_option
-
-    default_dtype = None if dtype is None else dtype_name(dtype, error=BuildError)
-
-    if isinstance(values, str):
-        values = [name.strip() for name in values.split(",") if name.strip()]
-    values = list(values)
-    if not values:
-        raise BuildError("values is empty: name at least one reward")
-    options = dict(reward_options or {})
-    resolved = []
-    for index, value in enumerate(values):
-        if isinstance(value, str):
-            kwargs = dict(options.get(value, {}))
-            if "dtype" in kwargs:   # recorded by name, so jnp.bfloat16 and "bfloat16" are the same setting
-                kwargs["dtype"] = dtype_name(kwargs["dtype"], what=f"reward_options[{value!r}]['dtype']",
-                                             error=BuildError)
-            if value == "perplexity" and "model" not in kwargs and "model_path" not in kwargs:
-                # The paper scores perplexity under the model that generated the samples.
-                kwargs.update(model=policy, tokenizer=tokenizer)
-            # The run's dtype is recorded once in the manifest's settings, not in every reward's identity.
-            identity = f"registry:{value}:" + json.dumps(
-                {k: v for k, v in sorted(kwargs.items())
-                 if k != "mesh" and isinstance(v, (str, int, float, bool, type(None)))})
-            if default_dtype is not None and "dtype" not in kwargs and reward_takes_option(value, "dtype"):
-                kwargs["dtype"] = default_dtype
-            if mesh is not None and "mesh" not in kwargs and reward_takes_option(value, "mesh"):
-                kwargs["mesh"] = mesh
-            reward = get_reward(value, **kwargs)
-            if len(getattr(reward, "names", None) or ()) > 1:
-                resolved.extend(_columns(reward, identity))
-            else:
-                resolved.append(ScoredValue(value, reward, identity))
-        elif callable(value) and isinstance(getattr(value, "name", None), str):
-            resolved.extend(_columns(value, f"instance:{type(value).__qualname__}:{value.name}"))
-        else:
-            raise RewardError(f"values[{index}] is {value!r}: expected a reward name or a Reward (a callable "
-                              "with a .name)")
-    names = [value.name for value in resolved]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise BuildError(f"values name the same reward twice: {repeated}")
-    reserved = {"prompt", "prompt_id", "generated"} & set(names)
-    if reserved:
-        raise BuildError(f"reward names {sorted(reserved)} clash with the pool's text columns")
-    return resolved
-
-
-def model_fingerprint(model: Any, samples_per_tensor: int = 256) -> str:
-    """A cheap hash of a model: every parameter's path, shape and dtype, and a strided sample of its values."""
-    from flax import nnx
-
-    digest = hashlib.sha256()
-    for path, leaf in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda item: str(item[0])):
-        array = np.asarray(leaf.get_value() if hasattr(leaf, "get_value") else leaf)
-        digest.update(f"{'.'.join(map(str, path))}:{array.shape}:{array.dtype};".encode())
-        flat = array.reshape(-1)
-        stride = max(1, flat.size // samples_per_tensor)
-        digest.update(np.ascontiguousarray(flat[::stride].astype(np.float32)).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    probe = "MAP palette: humor, helpfulness, harmlessness. 0123456789 ÀÉ \n\t"
-    ids = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    text = json.dumps([type(tokenizer).__name__, len(tokenizer), list(map(int, ids))])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def prompts_hash(prompts: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 POOL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -186,7 +76,7 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, inputs: Mapping[str
         raise BuildError(f"{path}: unknown pool format {path.suffix!r}; use {', '.join(POOL_SUFFIXES)}")
     if path.is_dir():
         raise BuildError(f"{path} is a folder; give a pool file")
-    if path.exists() and not overwrite and not _paths(path)[1].exists():
+    if path.exists() and not overwrite and not scoring.manifest_path(path).exists():
         raise BuildError(f"{path} exists and was not written by an unfinished build; pass overwrite=True "
                          "(--overwrite) to replace it")
     return check_file_output(path, overwrite=overwrite, flag=flag, inputs=inputs, exists_ok=not overwrite)
@@ -196,16 +86,18 @@ def recorded_dtype(pool_file: str | os.PathLike) -> str | None:
     """The reward models' dtype the build of ``pool_file`` recorded in its manifest; None when there is no
     manifest (a pool from elsewhere) or it predates the setting. Lets later scoring (e.g. finetuning's
     evaluation) use the models the pool was scored with."""
-    manifest_path = _paths(Path(pool_file).expanduser())[1]
-    if not manifest_path.is_file():
+    manifest = scoring.manifest_path(Path(pool_file).expanduser())
+    if not manifest.is_file():
         return None
-    value = _read_manifest(manifest_path).get("settings", {}).get("dtype")
+    value = scoring.read_manifest(manifest).get("settings", {}).get("dtype")
     return value if value in DTYPES else None
 
 
-def _paths(out: Path) -> tuple[Path, Path]:
-    # The partial file ends in .jsonl so that RewardPool.load reads it as it is.
-    return out.with_name(out.name + ".partial.jsonl"), out.with_name(out.name + ".manifest.json")
+def _partial_path(out: Path) -> Path:
+    """The file an unfinished build of ``out`` appends its chunks to (its manifest is
+    :func:`mapjax.scoring.manifest_path`)."""
+    # It ends in .jsonl so that RewardPool.load reads it as it is.
+    return out.with_name(out.name + ".partial.jsonl")
 
 
 def _records_for_chunk(first_prompt: int, prompts: Sequence[str], generation: Any, scores: dict[str, np.ndarray]
@@ -219,14 +111,6 @@ def _records_for_chunk(first_prompt: int, prompts: Sequence[str], generation: An
             record[name] = float(values[row])
         records.append(record)
     return records
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BuildError(f"{path}: unreadable build manifest ({error}); delete it and the .partial file beside "
-                         "it to start over") from None
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -332,7 +216,7 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
                     formatted_prompts_sha256=None if format_prompt is None else prompts_hash(
                         [format_prompt(prompt) for prompt in prompts]),
                     prompt_count=len(prompts), policy=model_fingerprint(policy),
-                    tokenizer=_tokenizer_fingerprint(tokenizer), dtype=dtype, policy_dtype=policy_dtype)
+                    tokenizer=scoring.tokenizer_fingerprint(tokenizer), dtype=dtype, policy_dtype=policy_dtype)
     names = [value.name for value in resolved]
     work = _Work(policy, tokenizer, prompts, resolved, samples_per_prompt, chunk_size, generation_options,
                  format_prompt, mesh)
@@ -355,9 +239,9 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
     # Under overwrite an existing pool stays untouched, its manifest included: the new build is made beside it
     # (its own partial file, manifest and parts) and renamed into place once complete.
     target = staging_file(out_path) if overwrite and out_path.exists() else out_path
-    partial_path, manifest_path = _paths(target)
+    partial_path, manifest_path = _partial_path(target), scoring.manifest_path(target)
     if overwrite:
-        staged = _read_manifest(manifest_path) if target != out_path and manifest_path.exists() else None
+        staged = scoring.read_manifest(manifest_path) if target != out_path and manifest_path.exists() else None
         resumes = staged is not None and not _differences(*_comparable(staged.get("settings", {}), settings))
         if _is_primary() and not resumes:   # start afresh (an interrupted rebuild of these settings resumes)
             for path in (partial_path, manifest_path, *_part_files(target)):
@@ -365,7 +249,7 @@ def build_pool(policy: Any, tokenizer: Any, prompts: Sequence[str], values: Sequ
             if target != out_path:
                 target.unlink(missing_ok=True)
         _barrier(f"mapjax.build: {target} cleared")
-    manifest = _read_manifest(manifest_path) if manifest_path.exists() else None
+    manifest = scoring.read_manifest(manifest_path) if manifest_path.exists() else None
     if manifest is not None:
         _refuse_other_settings(out_path, manifest, settings)
         if manifest.get("complete") and target.exists():
@@ -408,18 +292,18 @@ def _put_in_place(staged: Path, out_path: Path) -> None:
     manifest, each in one rename. A kill between the two is finished by the next build of ``out_path``
     (:func:`_finish_interrupted_replacement`)."""
     os.replace(staged, out_path)
-    os.replace(_paths(staged)[1], _paths(out_path)[1])
+    os.replace(scoring.manifest_path(staged), scoring.manifest_path(out_path))
 
 
 def _finish_interrupted_replacement(out_path: Path) -> None:
     """A rebuild killed between moving its pool into place and moving its manifest: the staged manifest is
     complete and its pool already is ``out_path``, so the manifest follows it."""
     staged = staging_file(out_path)
-    staged_manifest = _paths(staged)[1]
+    staged_manifest = scoring.manifest_path(staged)
     if staged.exists() or not staged_manifest.is_file() or not out_path.exists():
         return
-    if _read_manifest(staged_manifest).get("complete"):
-        os.replace(staged_manifest, _paths(out_path)[1])
+    if scoring.read_manifest(staged_manifest).get("complete"):
+        os.replace(staged_manifest, scoring.manifest_path(out_path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,11 +320,11 @@ class _Part:
 
     @property
     def partial(self) -> Path:
-        return _paths(self.base)[0]
+        return _partial_path(self.base)
 
     @property
     def manifest(self) -> Path:
-        return _paths(self.base)[1]
+        return scoring.manifest_path(self.base)
 
 
 def _part_base(out_path: Path, index: int, count: int) -> Path:
@@ -491,7 +375,7 @@ def _open_part(part: _Part, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The part's manifest, created with an empty partial file when new; a resumed one is checked against this
     call's settings and its partial file cut back to the bytes it records (dropping a chunk cut off mid-write)."""
     if part.manifest.exists():
-        manifest = _read_manifest(part.manifest)
+        manifest = scoring.read_manifest(part.manifest)
         _refuse_other_settings(part.base, manifest, settings)
         if manifest.get("part") != _part_record(part):
             raise BuildError(f"{part.manifest} records part {manifest.get('part')!r}, not {_part_record(part)!r}; "
@@ -534,10 +418,10 @@ def _build_part(part: _Part, manifest: dict[str, Any], work: "_Work", bar: Any) 
 def _finish(out_path: Path, parts: Sequence[_Part], settings: Mapping[str, Any], names: list[str]) -> RewardPool:
     """Write the finished pool to ``out_path`` and mark its manifest complete; parts are first joined, in prompt
     order, into the single-process partial file (so the pool is byte for byte a single process's)."""
-    partial_path, manifest_path = _paths(out_path)
+    partial_path, manifest_path = _partial_path(out_path), scoring.manifest_path(out_path)
     if len(parts) > 1:
         for part in parts:
-            manifest = _read_manifest(part.manifest) if part.manifest.exists() else None
+            manifest = scoring.read_manifest(part.manifest) if part.manifest.exists() else None
             if manifest is None or not manifest.get("complete") or not part.partial.exists() \
                     or part.partial.stat().st_size != int(manifest["bytes_done"]):
                 raise BuildError(f"{part.manifest}: part {part.index} of {part.count} is not finished where process 0 "
@@ -554,7 +438,7 @@ def _finish(out_path: Path, parts: Sequence[_Part], settings: Mapping[str, Any],
                     "bytes_done": size, "complete": False, "parts": len(parts)}
         _write_manifest(manifest_path, manifest)   # an interrupted merge is redone from the parts
     else:
-        manifest = _read_manifest(manifest_path)
+        manifest = scoring.read_manifest(manifest_path)
     pool = RewardPool.load(partial_path, value_names=names)
     # Both ways replace an older pool in one rename: until then ``out`` holds the old pool whole.
     if out_path.suffix.lower() == ".jsonl":
@@ -599,7 +483,7 @@ class _Work:
             generation = _generate_chunk(self.policy, self.tokenizer, shown, start, self.samples, self.options,
                                          self.mesh)
             chunk_prompts = [chunk[i] for i in generation.prompt_index]
-            scores = _score_chunk(self.resolved, chunk_prompts, generation.texts)
+            scores = scoring.score_chunk(self.resolved, chunk_prompts, generation.texts)
             yield start + len(chunk), _records_for_chunk(start, self.prompts, generation, scores)
 
 
@@ -696,32 +580,3 @@ def _generate_chunk(policy: Any, tokenizer: Any, chunk: list[str], start: int, s
                     options: Mapping[str, Any], mesh: Any = None) -> Any:
     """``generate`` on one chunk, each row keyed by its index in the whole prompt list (chunking-invariant)."""
     return generate(policy, tokenizer, chunk, num_samples=samples, prompt_index_offset=start, mesh=mesh, **options)
-
-
-def _score(value: ScoredValue, prompts: list[str], continuations: list[str]) -> np.ndarray:
-    from mapjax.rewards.base import check_scores
-
-    return check_scores(value.name, np.asarray(value.reward(prompts, continuations)), len(prompts))
-
-
-def _score_chunk(resolved: Sequence[ScoredValue], prompts: list[str], continuations: list[str]
-                 ) -> dict[str, np.ndarray]:
-    """Every value's scores on one chunk, in ``resolved``'s order; a multi-objective reward runs once for all
-    its columns."""
-    from mapjax.rewards.base import RewardError, check_scores
-
-    passes: dict[int, np.ndarray] = {}   # id(source) -> its [n, k] scores on this chunk
-    scores = {}
-    for value in resolved:
-        if not isinstance(value.reward, RewardColumn):
-            scores[value.name] = _score(value, prompts, continuations)
-            continue
-        source = value.reward.source
-        if id(source) not in passes:
-            table = np.asarray(source.scores(prompts, continuations), dtype=np.float32)
-            if table.ndim != 2 or table.shape != (len(prompts), len(source.names)):
-                raise RewardError(f"reward {source.name!r}.scores returned shape {table.shape} for {len(prompts)} "
-                                  f"pairs and {len(source.names)} outputs")
-            passes[id(source)] = table
-        scores[value.name] = check_scores(value.name, passes[id(source)][:, value.reward.index], len(prompts))
-    return scores

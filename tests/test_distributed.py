@@ -48,11 +48,11 @@ CLUSTER_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLU
 WORKER = r'''
 import sys
 
-import mapjax.build as build
+import mapjax.scoring as scoring
 from mapjax.cli import main
 
 limit, scored = int(sys.argv[1]), [0]
-score_chunk = build._score_chunk
+score_chunk = scoring.score_chunk
 
 
 def score_or_stop(*args, **kwargs):
@@ -62,7 +62,7 @@ def score_or_stop(*args, **kwargs):
     return score_chunk(*args, **kwargs)
 
 
-build._score_chunk = score_or_stop
+scoring.score_chunk = score_or_stop   # mapjax.build scores every chunk through scoring.score_chunk
 sys.exit(main(sys.argv[2:]))
 '''
 

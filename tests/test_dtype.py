@@ -158,8 +158,8 @@ def test_bfloat16_classifier_reward_scores_stay_near_float32(scaled_folder):
 
 @pytest.mark.slow
 def test_bfloat16_coherence_through_the_registry_stays_near_float32(tiny_model, word_tokenizer):
-    from mapjax.build import resolve_values
     from mapjax.models.packaged import minilm_path
+    from mapjax.scoring import resolve_values
 
     try:
         minilm_path()

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from mapjax.errors import FinetuneError
-from mapjax.finetune import grpo, ppo
-from mapjax.finetune.online import OnlineConfig, finetune_online
+from mapjax.finetune import OnlineConfig, finetune_online, grpo, ppo
 from mapjax.pool import RewardPool
 
 

@@ -181,10 +181,10 @@ def test_pool_prompt_format_reads_the_manifest(chat_setup, tmp_path):
 
 @pytest.mark.slow
 def test_evaluation_samples_with_the_pool_formatting(chat_setup):
-    from mapjax.build import resolve_values
     from mapjax.finetune.against_base import evaluate_finetuned, pool_prompt_format, sample_and_score
     from mapjax.generate import generate
     from mapjax.pool import RewardPool
+    from mapjax.scoring import resolve_values
 
     model, tokenizer, prompts, pools = chat_setup
     formatter = pool_prompt_format(pools["chat"], tokenizer)

@@ -287,7 +287,7 @@ def test_a_diverging_finetune_raises_keeps_the_last_finite_checkpoint_and_export
         assert list(manager.all_steps()) == finite_steps[-2:]   # the diverged step was never saved
         for step in manager.all_steps():
             state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-            assert all(np.isfinite(np.asarray(leaf)).all() for leaf in state["params"].values())
+            assert all(np.isfinite(np.asarray(leaf)).all() for leaf in state["trainable"].values())
     finally:
         manager.close()
 
@@ -310,7 +310,7 @@ def test_finetune_command_with_a_diverging_learning_rate_exits_1_and_exports_not
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_online_finetuning_stops_when_it_diverges(tiny_policy, tmp_path, method):
-    from mapjax.finetune.online import OnlineConfig, finetune_online
+    from mapjax.finetune import OnlineConfig, finetune_online
 
     model, tokenizer = tiny_policy
 

@@ -59,8 +59,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     command.add_argument("--method", choices=OFFLINE_METHODS + ONLINE_METHODS, default="weighted",
                          help="weighted / dpo: offline, on the pool's samples; grpo / ppo: online, on the policy's "
                               "own samples")
-    command.add_argument("--out", required=True, help="run folder: checkpoints/, model/, losses.json, "
-                                                      "evaluation.json")
+    command.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, model/, adapter/ "
+                                                      "(LoRA), losses.json, evaluation.json")
     command.add_argument("--steps", type=positive_int, default=None,
                          help="optimizer steps (online: rollout steps; default: --epochs passes)")
     command.add_argument("--epochs", type=positive_float, default=1.0,
@@ -129,6 +129,23 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     online.add_argument("--loss-aggregation", choices=("token", "sequence"), default="token")
     online.add_argument("--lam-refresh-every", type=positive_int, default=None,
                         help="re-solve λ on the policy's samples of the last N steps, every N steps")
+    adapters = command.add_argument_group("LoRA / QLoRA (every method; default: train every weight)")
+    adapters.add_argument("--lora-rank", type=positive_int, default=None,
+                          help="train rank-R LoRA adapters over the frozen base (only they are optimized and saved)")
+    adapters.add_argument("--lora-alpha", type=positive_float, default=16.0, help="adapter scale alpha / rank")
+    adapters.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
+                          help="projections to adapt, comma-separated from q,k,v,o,gate,up,down (mapped per "
+                               "architecture; a fused projection is adapted when any of its parts is named)")
+    adapters.add_argument("--lora-dropout", type=non_negative_float, default=0.0,
+                          help="dropout on the adapters' input while training")
+    adapters.add_argument("--quantize-base", choices=("none", "int8", "int4"), default="none",
+                          help="store the frozen base quantized (QLoRA; needs --lora-rank)")
+    trail = command.add_argument_group("metrics (always: OUT/metrics.jsonl, one line per step)")
+    trail.add_argument("--tensorboard", action="store_true",
+                       help="also write TensorBoard events to OUT/tensorboard (pip install 'mapjax[tensorboard]')")
+    trail.add_argument("--wandb", metavar="PROJECT", default=None,
+                       help="also log each step to this W&B project (pip install 'mapjax[wandb]'; "
+                            "WANDB_MODE=offline works without a network)")
     command.add_argument("--eval-prompts", type=non_negative_int, default=16,
                          help="prompts to evaluate on (0: no evaluation)")
     command.add_argument("--eval-samples", type=positive_int, default=2)
@@ -145,7 +162,7 @@ def finetune_config(args: argparse.Namespace) -> Any:
     """The FinetuneConfig (offline methods) or OnlineConfig (grpo, ppo) the arguments ask for, validated."""
     if args.method in ONLINE_METHODS:
         return online_config(args)
-    from mapjax.finetune.train import FinetuneConfig
+    from mapjax.finetune import FinetuneConfig
 
     config = FinetuneConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps,
                             epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup,
@@ -153,14 +170,20 @@ def finetune_config(args: argparse.Namespace) -> Any:
                             clip_norm=args.clip if args.clip > 0 else None,
                             kl_coef=args.kl if args.kl is not None else 0.0, beta=args.beta,
                             normalize=args.normalize, dtype=args.dtype, max_length=args.max_length,
-                            save_every=args.save_every, seed=args.seed)
+                            save_every=args.save_every, seed=args.seed, **adapter_settings(args))
     config.validate(args.method)
     return config
 
 
+def adapter_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The LoRA / QLoRA fields every config shares, from their flags."""
+    return dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                lora_dropout=args.lora_dropout, quantize_base=args.quantize_base)
+
+
 def online_config(args: argparse.Namespace) -> Any:
     """The OnlineConfig of ``--method grpo|ppo``, validated (a FinetuneError names the first bad setting)."""
-    from mapjax.finetune.online import OnlineConfig
+    from mapjax.finetune import OnlineConfig
 
     config = OnlineConfig(
         steps=args.steps, epochs=args.epochs, prompts_per_step=args.rollouts_per_step, group_size=args.group_size,
@@ -174,7 +197,7 @@ def online_config(args: argparse.Namespace) -> Any:
         leave_one_out=not args.group_mean, scale_advantages=args.scale_advantages, vf_coef=args.vf_coef,
         clip_range_value=args.clip_range_value, gamma=args.gamma, gae_lambda=args.gae_lambda,
         whiten_advantages=not args.no_whiten, lam_refresh_every=args.lam_refresh_every, dtype=args.dtype,
-        save_every=args.save_every, seed=args.seed)
+        save_every=args.save_every, seed=args.seed, **adapter_settings(args))
     config.validate(args.method)
     return config
 
@@ -279,10 +302,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_offline(args: argparse.Namespace, config: Any, model: Any, tokenizer: Any, pool: Any, solution: Any,
                  out: Path, format_prompt: Any, mesh: Any) -> Any:
-    from mapjax.finetune.train import finetune
+    from mapjax.finetune import finetune
 
     result = finetune(model, tokenizer, pool, solution, method=args.method, config=config, out=out,
-                      progress=not args.quiet, overwrite=args.overwrite, format_prompt=format_prompt, mesh=mesh)
+                      progress=not args.quiet, overwrite=args.overwrite, format_prompt=format_prompt, mesh=mesh,
+                      tensorboard=args.tensorboard, wandb=args.wandb)
     first = f"{result.losses[0]:.4f}" if result.losses else "-"
     last = f"{result.losses[-1]:.4f}" if result.losses else "-"
     resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
@@ -295,11 +319,12 @@ def _run_offline(args: argparse.Namespace, config: Any, model: Any, tokenizer: A
 def _run_online(args: argparse.Namespace, config: Any, model: Any, tokenizer: Any, pool: Any, prompts: list[str],
                 solution: Any, out: Path, format_prompt: Any, mesh: Any) -> tuple[Any, dict[str, float]]:
     from mapjax.build import recorded_dtype
-    from mapjax.finetune.online import finetune_online
+    from mapjax.finetune import finetune_online
 
     result = finetune_online(model, tokenizer, prompts, list(pool.value_names), solution, method=args.method,
                              config=config, out=out, format_prompt=format_prompt, mesh=mesh,
-                             progress=not args.quiet, overwrite=args.overwrite, dtype=recorded_dtype(args.pool))
+                             progress=not args.quiet, overwrite=args.overwrite, dtype=recorded_dtype(args.pool),
+                             tensorboard=args.tensorboard, wandb=args.wandb)
     resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
     summary = ""
     if result.history:

@@ -47,17 +47,17 @@ def pool_prompt_format(pool_path: str | os.PathLike, tokenizer: Any, *,
     ``prompts`` are the prompts the pool was built on, in order (default: read from the pool file); their hash
     must match the manifest's ``prompts_sha256``, else the manifest is not this pool's (a PoolError).
     """
-    from mapjax.build import _paths, _read_manifest, prompts_hash
     from mapjax.prompts import chat_formatter
+    from mapjax.scoring import manifest_path, prompts_hash, read_manifest
 
     path = Path(pool_path).expanduser()
-    manifest_path = _paths(path)[1]
-    if not manifest_path.is_file():
-        _warn_prompts_raw(path, f"has no build manifest ({manifest_path.name})")
+    manifest_file = manifest_path(path)
+    if not manifest_file.is_file():
+        _warn_prompts_raw(path, f"has no build manifest ({manifest_file.name})")
         return None
-    settings = _read_manifest(manifest_path).get("settings", {})
+    settings = read_manifest(manifest_file).get("settings", {})
     if "formatted_prompts_sha256" not in settings:
-        _warn_prompts_raw(path, f"has a build manifest ({manifest_path.name}) from before prompt formatting was "
+        _warn_prompts_raw(path, f"has a build manifest ({manifest_file.name}) from before prompt formatting was "
                                 "recorded")
         return None
     recorded = settings["formatted_prompts_sha256"]
@@ -71,7 +71,7 @@ def pool_prompt_format(pool_path: str | os.PathLike, tokenizer: Any, *,
             raise PoolError(f"{path} has no prompt texts, so its manifest's prompt formatting cannot be checked")
     prompts = list(prompts)
     if settings.get("prompts_sha256") not in (None, prompts_hash(prompts)):
-        raise PoolError(f"{manifest_path} records other prompts than the {len(prompts)} of {path} (their hashes "
+        raise PoolError(f"{manifest_file} records other prompts than the {len(prompts)} of {path} (their hashes "
                         "differ): the manifest is not this pool's, so how its prompts were formatted is unknown")
     if recorded == prompts_hash(prompts):
         return None
@@ -95,8 +95,8 @@ def _warn_prompts_raw(path: Path, why: str) -> None:
 
 
 def _scorer(value: Any) -> Callable[[list[str], list[str]], Any]:
-    """The scoring callable of a value: a ``build.ScoredValue``'s reward, or a Reward itself."""
-    from mapjax.build import ScoredValue
+    """The scoring callable of a value: a ``mapjax.scoring.ScoredValue``'s reward, or a Reward itself."""
+    from mapjax.scoring import ScoredValue
 
     return value.reward if isinstance(value, ScoredValue) else value
 
@@ -107,8 +107,8 @@ def sample_and_score(model: Any, tokenizer: Any, prompts: Sequence[str], rewards
                      temperature: float = 1.0) -> tuple[Any, dict[str, np.ndarray]]:
     """``samples`` continuations per prompt from ``model`` and their scores: ``(generation, {value: [prompts,
     samples]})``. The model sees ``format_prompt(prompt)`` (None: the prompt as given); the rewards
-    (``build.ScoredValue`` from ``resolve_values``, or Rewards with a ``.name``) see the raw prompt. Sampling
-    settings default to the paper's (top-k 50, temperature 1), as ``build_pool``'s do."""
+    (:class:`mapjax.scoring.ScoredValue` s from ``resolve_values``, or Rewards with a ``.name``) see the raw
+    prompt. Sampling settings default to the paper's (top-k 50, temperature 1), as ``build_pool``'s do."""
     from mapjax.generate import generate
 
     prompts = list(prompts)
@@ -176,8 +176,8 @@ def evaluate_finetuned(base_model: Any, model: Any, tokenizer: Any, pool: Any, p
     reads it from the pool's manifest); both models are sampled with it, the rewards score the raw prompts.
     ``kl``: also estimate KL(finetuned || base) from the finetuned model's samples (:func:`kl_to_base`).
     """
-    from mapjax.build import resolve_values
     from mapjax.evaluate import resolve_targets
+    from mapjax.scoring import resolve_values
 
     prompts = list(pool.prompts[:num_prompts])
     rewards = resolve_values(list(pool.value_names), base_model, tokenizer, reward_options, dtype=dtype)

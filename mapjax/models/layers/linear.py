@@ -40,8 +40,10 @@ class Linear(nnx.Module):
     def __call__(self, x: Array, *, float32_output: bool = False) -> Array:
         """``float32_output``: accumulate and return float32 whatever the weights' dtype (output heads: the
         logits feed float32 log-softmax and sampling, and bfloat16 would round a logit near 10 to 0.06)."""
-        weight = self.weight.get_value()
-        y = jnp.einsum("...i,oi->...o", x.astype(weight.dtype), weight,
+        # ``[...]``, not ``get_value()``: under QLoRA (qwix) the frozen weight is a quantized array in a
+        # ``WithAux`` box, which reads like a Variable and whose einsum qwix intercepts.
+        weight = self.weight[...]
+        y = jnp.einsum("...i,oi->...o", x.astype(self.weight.dtype), weight,
                        preferred_element_type=jnp.float32 if float32_output else None)
         if self.bias is not None:
             y = y + self.bias.get_value()
