@@ -189,7 +189,7 @@ def test_lora_grpo_run_trains_adapters_only_and_exports(llama, tmp_path):
     import torch
     import transformers
 
-    _, model, tokenizer = llama
+    directory, model, tokenizer = llama
     config = OnlineConfig(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=3, ppo_epochs=1,
                           learning_rate=1e-2, lora_rank=4, lora_targets="q,k,v,o", save_every=1)
     result = finetune_online(model, tokenizer, PROMPTS, [Words("words"), Words("low", low=True)], [0.5, 0.2],
@@ -209,7 +209,12 @@ def test_lora_grpo_run_trains_adapters_only_and_exports(llama, tmp_path):
     with torch.no_grad():
         theirs = merged(torch.tensor(ids)).logits.numpy()
     assert np.abs(theirs - _logits(result.model, ids)).max() <= 1e-5
-    assert (tmp_path / "grpo" / "adapter" / "adapter_config.json").exists()
+    from peft import PeftModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "grpo" / "adapter").eval()
+    with torch.no_grad():
+        assert np.abs(adapted(torch.tensor(ids)).logits.numpy() - theirs).max() <= 1e-5
 
 
 def test_lora_settings_are_checked_before_any_work():
@@ -247,3 +252,43 @@ def test_cli_qlora_run_writes_metrics_tensorboard_and_adapter(llama, tmp_path, c
     code = main(argv[:-8] + ["--quantize-base", "int8", "--out", str(tmp_path / "other")])
     assert code == 2 and "lora_rank" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+MESH_LORA = """
+import jax, numpy as np
+from conftest import build_tiny_model, make_word_tokenizer
+from test_finetune_engine import LAM, make_pool
+from mapjax.finetune import FinetuneConfig, finetune
+
+config = FinetuneConfig(batch_size=8, grad_accum=2, steps=3, learning_rate=1e-2, lora_rank=2, lora_alpha=4.0,
+                        quantize_base="int8", kl_coef=0.1, seed=2)
+results = {}
+for mesh in (None, "data=2,fsdp=2"):
+    result = finetune(build_tiny_model("llama"), make_word_tokenizer(), make_pool(), LAM, config=config,
+                      mesh=mesh, progress=False, export=False)
+    results[mesh] = result
+single, sharded = results[None], results["data=2,fsdp=2"]
+ids = np.array([[1, 5, 17, 33, 40, 9, 12, 3]])
+logits = [np.asarray(r.model(ids, np.ones_like(ids)).logits) for r in (single, sharded)]
+from mapjax.finetune.engine import Engine
+from mapjax.sharding import as_mesh
+
+engine = Engine(build_tiny_model("llama"), config, 3, as_mesh("data=2,fsdp=2"))
+frozen = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(engine.state.frozen)[0]}
+qvalue = [leaf for key, leaf in frozen.items() if "q_proj" in key and "qvalue" in key][0]
+RESULT = {"losses": [single.losses, sharded.losses], "difference": float(np.abs(logits[0] - logits[1]).max()),
+          "trainable": [single.trainable_parameters, sharded.trainable_parameters],
+          "qvalue": [str(qvalue.dtype), len(qvalue.sharding.device_set), str(qvalue.sharding.spec)]}
+"""
+
+
+@pytest.mark.slow
+def test_qlora_run_on_a_mesh_equals_the_one_device_run(host_devices):
+    result = host_devices.result(MESH_LORA, devices=4)
+    single, sharded = result["losses"]
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+    assert result["difference"] <= 1e-5
+    assert result["trainable"][0] == result["trainable"][1] > 0
+    # the frozen int8 base stays sharded by its logical axes
+    dtype, devices, spec = result["qvalue"]
+    assert dtype == "int8" and devices == 4 and "fsdp" in spec
