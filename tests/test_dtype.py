@@ -204,7 +204,7 @@ def test_finetune_command_trains_in_bfloat16_along_the_float32_loss_trajectory(s
                  "--palette", "a>=mean", "--out", str(tmp_path / "run"), "--steps", "5", "--batch-size", "4",
                  "--lr", "3e-3", "--eval-prompts", "0", "--quiet", "--dtype", "bfloat16"]) == EXIT_OK
     record = json.loads((tmp_path / "run" / "losses.json").read_text())
-    assert record["config"] == {**dataclasses.asdict(config), "dtype": "bfloat16"}
+    assert record["config"] == json.loads(json.dumps({**dataclasses.asdict(config), "dtype": "bfloat16"}))
     assert float_parameter_dtypes(from_pretrained(tmp_path / "run" / "model")) == {np.dtype("float32")}  # master
     losses = {"float32": np.asarray(float32.losses), "bfloat16": np.asarray(record["losses"])}
     assert losses["float32"][-1] < losses["float32"][0]   # it trains, so the trajectory means something
