@@ -113,7 +113,7 @@ class JaxWorker:
         self.batch = {"ids": ids[None], "attention": attention[None], "loss_mask": loss_mask[None],
                       "weight": weights[None]}
         self.config = FinetuneConfig(batch_size=args.batch, learning_rate=1e-5, clip_norm=1.0, dtype=args.dtype)
-        self.engine = Engine(model, self.config, total_updates=10_000)
+        self.engine = Engine(model, self.config, total_updates=10_000, needs_reference=False)
         self.objective = objective_for("weighted", self.config)
         self.updates = 0
         del model

@@ -225,10 +225,12 @@ class Engine:
         mesh: a ``Mesh`` (None: one device): trainable parameters, their moments and the frozen base laid out by
             their logical axes (:func:`mapjax.sharding.parameter_sharding`), everything else replicated.
         value_head: PPO's value head module, trained with the policy (None for other routes).
+        needs_reference: whether the route reads the base model (a KL term, DPO's reference): without adapters
+            that costs a frozen copy of the initial weights, kept only when asked for.
     """
 
     def __init__(self, model: Any, config: TrainingConfig, total_updates: int, mesh: Mesh | None = None,
-                 value_head: Any = None):
+                 value_head: Any = None, needs_reference: bool = True):
         self.config, self.mesh, self.total_updates = config, mesh, total_updates
         self.adapters = config.adapters
         if self.adapters is not None:
@@ -281,8 +283,12 @@ class Engine:
         # adapters add nothing), not a second copy of the model; else a frozen copy of the initial weights.
         policy_keys = set(keys)
         initial = {key: value for key, value in trainable.items() if key in policy_keys}
-        self.reference = (jax.tree.map(jnp.zeros_like, initial) if self.adapters is not None
-                          else jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), initial))
+        if self.adapters is not None:
+            self.reference = jax.tree.map(jnp.zeros_like, initial)
+        elif needs_reference:
+            self.reference = jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), initial)
+        else:
+            self.reference = None
         if mesh is None:
             opt_state = self.tx.init(trainable)
             self._update = _update_jit

@@ -172,7 +172,7 @@ def train_offline(model: CausalLM, tokenizer: Any, pool: Any, lam: Any, *, metho
     count = len(examples)
     total_steps = config.steps or max(1, math.ceil(config.epochs * count / config.batch_size))
     pad_id = pad_token_id(tokenizer, model)
-    engine = Engine(model, config, total_steps, mesh)
+    engine = Engine(model, config, total_steps, mesh, needs_reference=method == "dpo" or bool(config.kl_coef))
     objective = objective_for(method, config)
     ref_logps = reference_logps(engine, examples, pad_id) if method == "dpo" else None
     run = RunFolder(out, overwrite=overwrite, method=method, fingerprint=_fingerprint(method, config, model, examples),
