@@ -310,7 +310,7 @@ def train_case(context: Context, name: str) -> Iterator[Row]:
     batch = {"ids": ids[None], "attention": attention[None], "loss_mask": loss_mask[None], "weight": weights[None]}
     config = FinetuneConfig(batch_size=sizes.train_batch, learning_rate=1e-5, clip_norm=1.0, weight_decay=0.0,
                             dtype=context.dtype)
-    engine = Engine(model, config, total_updates=10_000)
+    engine = Engine(model, config, total_updates=10_000, needs_reference=False)
     objective = objective_for("weighted", config)
     losses: dict[str, list[float]] = {"mapjax": [], "pytorch": []}
 
@@ -353,6 +353,179 @@ def train_case(context: Context, name: str) -> Iterator[Row]:
                      dict(batch=sizes.train_batch, seq=sizes.train_seq, compute_dtype=context.dtype,
                           master_dtype="float32", steps_per_s_mapjax=1.0 / seconds["mapjax"],
                           steps_per_s_pytorch=1.0 / seconds["pytorch"]))
+
+
+# --------------------------------------------------------------------------- #
+# Full finetuning, LoRA and QLoRA: mapjax.finetune's Engine against PyTorch (PEFT for the adapters)
+# --------------------------------------------------------------------------- #
+LORA_RANK, LORA_ALPHA = 16, 32.0
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# QLoRA's PyTorch side runs over the unquantized base: the losses differ by the int8 rounding of the base
+# (relative: 3e-4 to 7e-3 measured on SmolLM2-135M's real weights, 2e-5 on the tiny random Llama).
+QLORA_LOSS_TOLERANCE = 3e-2
+
+
+def _skipped_row(name: str, reason: str) -> Row:
+    """A row saying a mode was not measured (NaN rates; agree None so the run stays healthy)."""
+    nan = float("nan")
+    return Row(name=f"{name}: skipped, {reason}", unit="tokens/s", mapjax=nan, pytorch=nan, mapjax_first_call_s=nan,
+               pytorch_first_call_s=nan, mapjax_compile_s=nan, checks={"skipped": reason}, agree=None)
+
+
+def _jax_device_memory() -> dict[str, int] | None:
+    """JAX's device allocator counters (None where the platform keeps none, as on the CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_in_use" not in stats:
+        return None
+    return {"in_use": int(stats["bytes_in_use"]), "peak": int(stats.get("peak_bytes_in_use", 0))}
+
+
+def _tree_nbytes(tree: Any) -> int:
+    import jax
+
+    return int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree) if hasattr(leaf, "nbytes")))
+
+
+def train_lora_case(context: Context, name: str) -> Iterator[Row]:
+    """The MAP-F weighted train step in three modes: every weight trained, LoRA (rank 16, alpha 32 on q, k, v, o,
+    gate, up, down) over the frozen base, and QLoRA (the same adapters over an int8 base, through qwix).
+
+    PyTorch: the same step on transformers' model, with PEFT LoRA adapters loaded from mapjax's ``export_peft``
+    (identical A, B = 0: the adapted model equals the base at step 0) for LoRA, and for QLoRA the same PEFT LoRA
+    over the unquantized base (PyTorch's QLoRA needs bitsandbytes; the row's name says so). Check: the first and
+    last step's losses (the QLoRA row within the int8 rounding, ``QLORA_LOSS_TOLERANCE``). Reported per mode
+    (``checks``): trainable parameters, the training state's bytes (trainable float32 + Adam moments + frozen;
+    mapjax's full mode also keeps its initial weights as the KL reference), and the device memory a mode added
+    over what was allocated before it (PyTorch: its allocator's peak; JAX: its peak where the mode raised it,
+    JAX's counter cannot be reset). Without qwix (or PEFT) the adapter modes yield a row saying they were skipped.
+    """
+    import importlib.util
+
+    sizes, spec = context.sizes, context.spec(name)
+    model, _ = context.pair(name)
+    arrays = _train_batch_arrays(sizes, spec.vocab_size)
+    yield _lora_mode_row(context, name, spec, model, arrays, "full")
+    context.free_memory()   # the mode's engine and PyTorch model went with its function's frame
+    missing = [package for package in ("qwix", "peft") if importlib.util.find_spec(package) is None]
+    if missing:
+        yield _skipped_row(f"{spec.label} LoRA and QLoRA", f"{' and '.join(missing)} not installed")
+        return
+    for mode in ("lora", "qlora"):
+        yield _lora_mode_row(context, name, spec, model, arrays, mode)
+        context.free_memory()
+
+
+def _train_batch_arrays(sizes: Sizes, vocab_size: int) -> tuple[np.ndarray, ...]:
+    from benchmarks.finetune import make_batch
+
+    return make_batch(sizes.train_batch, sizes.train_seq, vocab_size)
+
+
+def _lora_mode_row(context: Context, name: str, spec: ModelSpec, model: Any, arrays: tuple[np.ndarray, ...],
+                   mode: str) -> Row:
+    import tempfile
+
+    import torch
+
+    from mapjax.finetune import FinetuneConfig
+    from mapjax.finetune.engine import Engine
+    from mapjax.finetune.offline import objective_for
+
+    sizes, device = context.sizes, context.torch_device
+    ids, attention, loss_mask, weights = arrays
+    batch = {"ids": ids[None], "attention": attention[None], "loss_mask": loss_mask[None], "weight": weights[None]}
+    adapters = {} if mode == "full" else dict(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_targets=LORA_TARGETS,
+                                              quantize_base="int8" if mode == "qlora" else "none")
+    config = FinetuneConfig(batch_size=sizes.train_batch, learning_rate=1e-5, clip_norm=1.0, weight_decay=0.0,
+                            dtype=context.dtype, **adapters)
+    jax_before = _jax_device_memory()
+    engine = Engine(model, config, total_updates=10_000, needs_reference=False)
+    objective = objective_for("weighted", config)
+    losses: dict[str, list[float]] = {"mapjax": [], "pytorch": []}
+
+    def run_mapjax(repeat: int) -> None:
+        losses["mapjax"].append(engine.update(batch, objective, len(losses["mapjax"]))["loss"])
+
+    # PyTorch: float32 master weights when every weight trains (as train_case); under LoRA the frozen base in the
+    # run's dtype (as mapjax keeps it) and PEFT's adapters in float32.
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch_before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    torch_model = build_torch_twin(model, spec, device, "float32" if mode == "full" else context.dtype)
+    if mode != "full":
+        from peft import PeftModel
+
+        from mapjax.finetune.lora import export_peft
+
+        with tempfile.TemporaryDirectory() as folder:
+            export_peft(engine.model(), folder, config.adapters)
+            torch_model = PeftModel.from_pretrained(torch_model, folder, is_trainable=True)
+    torch_model.train()
+    trainable = [parameter for parameter in torch_model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0, eps=1e-8)
+    t_ids, t_attention, t_loss_mask, t_weights = (torch.as_tensor(array).to(device)
+                                                  for array in (ids, attention, loss_mask, weights))
+    t_ids = t_ids.long()
+    autocast = context.dtype == "bfloat16"
+
+    def run_torch(repeat: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            logits = torch_model(input_ids=t_ids, attention_mask=t_attention).logits
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        picked = log_probs.gather(-1, t_ids[:, 1:, None])[..., 0]
+        weighted = t_weights[:, None] * t_loss_mask[:, 1:]
+        loss = -(weighted * picked).sum() / weighted.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        losses["pytorch"].append(float(loss.detach()))   # waits for the step
+
+    mapjax_first, _ = first_call(partial(run_mapjax, 0))
+    torch_first, _ = first_call(partial(run_torch, 0))
+    seconds = steady_seconds({"mapjax": run_mapjax, "pytorch": run_torch}, sizes)
+
+    first_gap = abs(losses["mapjax"][0] - losses["pytorch"][0]) / abs(losses["pytorch"][0])
+    last_gap = abs(losses["mapjax"][-1] - losses["pytorch"][-1]) / abs(losses["pytorch"][-1])
+    tolerance = QLORA_LOSS_TOLERANCE if mode == "qlora" else context.tolerance("loss")
+    state = engine.state
+    checks: dict[str, Any] = {
+        "loss_first": [losses["mapjax"][0], losses["pytorch"][0]],
+        "loss_last": [losses["mapjax"][-1], losses["pytorch"][-1]], "steps": len(losses["mapjax"]),
+        "relative_loss_difference_first": first_gap, "relative_loss_difference_last": last_gap,
+        "loss_tolerance": tolerance,
+        "trainable_parameters": [engine.trainable_count(), sum(parameter.numel() for parameter in trainable)],
+        "mapjax_state_bytes": {"trainable": _tree_nbytes(state.trainable), "adam_moments": _tree_nbytes(state.opt_state),
+                               "frozen": _tree_nbytes(state.frozen), "reference": _tree_nbytes(engine.reference)},
+        "pytorch_state_bytes": {
+            "trainable": sum(p.numel() * p.element_size() for p in trainable),
+            "adam_moments": sum(value.numel() * value.element_size() for entry in optimizer.state.values()
+                                for value in entry.values() if torch.is_tensor(value)),
+            "frozen": sum(p.numel() * p.element_size() for p in torch_model.parameters() if not p.requires_grad)},
+    }
+    jax_after = _jax_device_memory()
+    if jax_before is not None and jax_after is not None:
+        checks["mapjax_device_bytes_added_in_use"] = jax_after["in_use"] - jax_before["in_use"]
+        # the peak counter covers the whole process: it is this mode's only where the mode raised it
+        checks["mapjax_device_peak_bytes_added"] = (jax_after["peak"] - jax_before["in_use"]
+                                                    if jax_after["peak"] > jax_before["peak"] else None)
+    if device == "cuda":
+        checks["pytorch_device_peak_bytes_added"] = torch.cuda.max_memory_allocated() - torch_before
+    label = {"full": "full finetuning", "lora": f"LoRA r{LORA_RANK}",
+             "qlora": f"QLoRA int8 r{LORA_RANK} (PyTorch: LoRA, unquantized base)"}[mode]
+    row = make_row(f"{spec.label} {label} train step {sizes.train_batch}x{sizes.train_seq}", "tokens/s",
+                   sizes.train_batch * sizes.train_seq, seconds, {"mapjax": mapjax_first, "pytorch": torch_first},
+                   checks, max(first_gap, last_gap) <= tolerance,
+                   dict(mode=mode, batch=sizes.train_batch, seq=sizes.train_seq, compute_dtype=context.dtype,
+                        lora_rank=None if mode == "full" else LORA_RANK,
+                        lora_alpha=None if mode == "full" else LORA_ALPHA,
+                        lora_targets=None if mode == "full" else list(LORA_TARGETS),
+                        quantize_base="int8" if mode == "qlora" else "none",
+                        steps_per_s_mapjax=1.0 / seconds["mapjax"], steps_per_s_pytorch=1.0 / seconds["pytorch"]))
+    return row
 
 
 # --------------------------------------------------------------------------- #
@@ -545,5 +718,7 @@ CASES: tuple[Case, ...] = (
     Case("train-smollm2", partial(train_case, name="smollm2"), ("smollm2",), 45, "SmolLM2-135M train step"),
     Case("train-gpt2", partial(train_case, name="gpt2"), ("gpt2",), 35, "GPT-2 small train step"),
     Case("train-llama1b", partial(train_case, name="llama1b"), ("llama1b",), 60, "Llama-1B-size train step"),
+    Case("train-lora", partial(train_lora_case, name="llama1b"), ("llama1b",), 150,
+         "Llama-1B-size train step: full, LoRA r16 and QLoRA int8 (memory and step time)"),
 )
 CASE_NAMES = tuple(case.name for case in CASES)
