@@ -156,7 +156,9 @@ def test_padding_and_bucketing_do_not_change_results(tiny):
 @pytest.mark.slow
 def test_bucketing_reuses_compiled_programs(tiny):
     model, tokenizer = tiny
-    options = dict(max_new_tokens=5, batch_size=2, seed=3)
+    # the static engine's prefill and loop, one program per length bucket (the continuous engine's own count is
+    # tests/test_sampling_engine.py's)
+    options = dict(max_new_tokens=5, batch_size=2, seed=3, engine="static")
     generate(model, tokenizer, ["w3 w4", "w5"], **options)                  # 3 and 2 tokens: bucket 8
     before = trace_counts()
     generate(model, tokenizer, ["w3 w4 w5 w6 w7", "w9 w10 w11"], **options)  # 6 and 4 tokens: bucket 8

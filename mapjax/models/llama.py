@@ -17,7 +17,8 @@ Each layer attends through its window and logit soft-cap (``layers.attend_with_c
 forward and in cached sampling alike; each gets the rotary table of its own ``RopeSpec`` (Gemma 3's local layers
 use another base than its global ones). The window counts cache slots as transformers counts cache positions: a
 query at slot ``i`` sees slots ``i - sliding_window + 1 ... i``; the sampler fills a row's real tokens into
-consecutive slots, so this is also the last ``sliding_window`` tokens.
+consecutive slots, so this is also the last ``sliding_window`` tokens. A sliding layer's cache is a ring of its
+window's slots (``init_cache``), so a long generation's cache grows only with its full-attention layers.
 """
 
 from __future__ import annotations
@@ -235,6 +236,26 @@ class LlamaForCausalLM(CausalLMBase, nnx.Module):
         self.lm_head = (None if config.tie_word_embeddings else
                         layers.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
                                       rngs=rngs, axes=(layers.EMBED, layers.VOCAB)))
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens, in which each sliding-window layer
+        keeps a ring of its window's slots rather than ``max_len`` (see ``layers.KVCache``)."""
+        config = self.config
+        return KVCache.create(num_layers=config.num_layers, batch=batch, max_len=max_len,
+                              kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=dtype or self.dtype,
+                              windows=self.cache_windows())
+
+    def cache_windows(self) -> list[int | None]:
+        """The window each layer's cache ring keeps (``None``: every slot), for ``init_cache``: the layer's
+        sliding window.
+
+        A longrope model keeps every slot: Phi-3 rebuilds its whole cache in one call when a row crosses the
+        original context (``Phi3ForCausalLM.call_recomputing_cache`` writes all ``max_len`` slots and then sets
+        the write slot back), which a ring would not survive; it can return to rings by laying that rebuilt cache
+        out with ``layers.cache.fit_to_rings``."""
+        if self.config.rope.rope_type == "longrope":
+            return [None] * len(self.layers)
+        return [layer.sliding_window for layer in self.layers]
 
     @staticmethod
     def make_norm(config: LlamaConfig, dtype: Any) -> nnx.Module:

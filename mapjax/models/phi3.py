@@ -7,10 +7,15 @@ part of each head (``partial_rotary_factor``, Phi-4-mini) and its long-context c
 sliding window on every layer.
 
 Longrope and the KV cache: each call picks short or long factors row by row from its own positions (a full
-forward, hence scoring and ``sequence_logprobs``, equals transformers at any length). Keys cached before a row
-passes ``original_max_position_embeddings`` keep the short factors, whereas transformers' ``generate`` recomputes
-its whole cache once at that point; so a generation that crosses that length (4096 tokens for the 128k Phi-3 /
-3.5 checkpoints) follows transformers only up to the crossing.
+forward, hence scoring and ``sequence_logprobs``, equals transformers at any length). Transformers' ``generate``
+drops its cache at the step whose total length first passes ``original_max_position_embeddings`` and runs the
+whole sequence again, so every logit it returns is the one a single forward over the sequence so far gives
+(checked token by token against transformers 5.25). Re-rotating the cached keys cannot reproduce that: from the
+second layer on, the cached keys and values come from hidden states that went through short-factor attention.
+A cached decode follows transformers across the switch by asking ``stale_cache_rows`` before a call and, where
+a row is stale, making that call with ``call_recomputing_cache`` (which needs the token id of every cache slot;
+static shapes, so it fits a ``lax.cond`` inside jit). Without that, cached keys keep the short factors and a
+generation follows transformers only up to the crossing (4096 tokens for the 128k Phi-3 / 3.5 checkpoints).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from flax import nnx
 
 from mapjax.errors import ModelError
 from mapjax.models import layers
-from mapjax.models.base import HFParameter, register_model
+from mapjax.models.base import CausalLMOutput, HFParameter, register_model
+from mapjax.models.layers import KVCache
+from mapjax.models.layers.rope import longrope_cache_is_stale
 from mapjax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from mapjax.models.mistral import MistralConfig
 
@@ -106,3 +113,42 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     architecture = "Phi3ForCausalLM"
     config_class = Phi3Config
     layer_class = Phi3DecoderLayer
+
+    def stale_cache_rows(self, cache: KVCache, input_ids: jax.Array, attention_mask: jax.Array | None = None
+                         ) -> jax.Array:
+        """bool ``[batch]``: rows whose ``cache`` a call on ``input_ids`` (``attention_mask``) would read with
+        the wrong longrope factors, i.e. rows to run through ``call_recomputing_cache`` to match transformers'
+        ``generate`` (see the module docstring). All False unless the rope is ``longrope``."""
+        call_tokens = (jnp.full((input_ids.shape[0],), input_ids.shape[1], jnp.int32) if attention_mask is None
+                       else attention_mask.astype(jnp.int32).sum(axis=1))
+        return longrope_cache_is_stale(self.config.rope, cache.token_count, call_tokens)
+
+    def call_recomputing_cache(self, slot_ids: jax.Array, input_ids: jax.Array,
+                               attention_mask: jax.Array | None = None, *, cache: KVCache) -> CausalLMOutput:
+        """What ``self(input_ids, attention_mask, cache=cache)`` returns, computed as transformers' ``generate``
+        does once a longrope row passes ``original_max_position_embeddings``: one forward over every token the
+        cache holds and this call's tokens, into a fresh cache of the same layout.
+
+        ``slot_ids`` (int ``[batch, cache.max_len]``) is the token id written at each cache slot; only the slots
+        ``cache.slot_mask`` marks are read. The result has the call's logits ``[batch, seq, vocab]`` and a cache
+        with the same ``max_len``, ``write_index`` advanced by ``seq`` and every cached entry recomputed. Shapes
+        are static (the forward spans all ``max_len`` slots), so the call fits a ``lax.cond`` inside jit.
+        Positions are the default ones (real tokens counted), as the sampler uses.
+        """
+        batch, seq = input_ids.shape
+        call_mask = (jnp.ones((batch, seq), jnp.int32) if attention_mask is None
+                     else attention_mask.astype(jnp.int32))
+        write_index = cache.write_index
+        if slot_ids.shape != cache.slot_mask.shape:
+            raise ModelError(f"slot_ids shape {tuple(slot_ids.shape)} must equal the cache's [batch, max_len] "
+                             f"{tuple(cache.slot_mask.shape)}")
+        ids = jax.lax.dynamic_update_slice(slot_ids.astype(jnp.int32), input_ids.astype(jnp.int32),
+                                           (0, write_index))
+        # Slots at or right of the call's last one hold no token yet: masked out, so they neither count as
+        # positions nor get attended to (later calls overwrite what this forward leaves there).
+        real = jax.lax.dynamic_update_slice(cache.slot_mask.astype(jnp.int32), call_mask, (0, write_index))
+        fresh = self.init_cache(batch, cache.max_len, dtype=cache.keys[0].dtype)
+        hidden, rebuilt = self.hidden_states(ids, real, cache=fresh)
+        hidden = jax.lax.dynamic_slice_in_dim(hidden, write_index, seq, axis=1)
+        rebuilt = dataclasses.replace(rebuilt, write_index=write_index + seq)
+        return CausalLMOutput(self.logits_from_hidden(hidden), rebuilt)

@@ -48,8 +48,9 @@ from mapjax.sharding import MeshLike, as_mesh, round_up_rows, shard_model_state
 
 Engine = Literal["static", "continuous"]
 ENGINES: tuple[str, ...] = ("static", "continuous")
-# The engine ``generate`` uses unless told otherwise.
-DEFAULT_ENGINE: Engine = "static"
+# The engine ``generate`` uses unless told otherwise: continuous batching (a finished row's slot is refilled, so
+# rows that end early do not idle), with the same tokens as the static path.
+DEFAULT_ENGINE: Engine = "continuous"
 
 
 @dataclasses.dataclass(frozen=True)

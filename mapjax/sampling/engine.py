@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from mapjax.models.base import CausalLM
 from mapjax.models.layers import KVCache
+from mapjax.models.layers.cache import is_linear_layer, relayout_layer
 from mapjax.models.padding import length_bucket, next_power_of_two
 from mapjax.sampling.filters import SamplingSettings
 from mapjax.sampling.loop import sample_chunk_jit, sample_loop_jit
@@ -151,6 +152,8 @@ def _rebase(cache: KVCache, shift: jax.Array, mesh: Mesh | None = None) -> KVCac
 
     Slots that wrap around are masked out: the caller keeps every live token at slots ``>= -shift`` when
     shifting left, and slots at or right of the write slot are never live (nothing is written there yet).
+    A sliding-window layer's ring rolls by the same shift (modulo its length), which keeps slot ``s`` at ring
+    index ``s % ring_len`` for the shifted slots.
     """
     count_trace("rebase")
     write_index = cache.write_index + shift
@@ -180,8 +183,11 @@ def _place_new_rows(loop: LoopState, part: KVCache, slot_ids: jax.Array, current
     first_slot = cache.write_index - width
 
     def rows_of(full: jax.Array, piece: jax.Array) -> jax.Array:
-        blank = jnp.zeros((piece.shape[0], *full.shape[1:]), full.dtype)
-        placed = jax.lax.dynamic_update_slice(blank, piece.astype(full.dtype), (0, 0, first_slot, 0))
+        if is_linear_layer(piece, width) and is_linear_layer(full, cache.max_len):
+            blank = jnp.zeros((piece.shape[0], *full.shape[1:]), full.dtype)
+            placed = jax.lax.dynamic_update_slice(blank, piece.astype(full.dtype), (0, 0, first_slot, 0))
+        else:   # a sliding-window layer's ring: the prompt's slots laid into the slot ring at their new slots
+            placed = relayout_layer(piece.astype(full.dtype), part.write_index, full.shape[2], first_slot)
         return full.at[slot_ids].set(placed, mode="drop")
 
     blank_mask = jnp.zeros((part.slot_mask.shape[0], cache.max_len), bool)

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mapjax.models.base import CausalLM
 from mapjax.models.layers import KVCache
+from mapjax.models.layers.cache import is_linear_layer, relayout_layer
 from mapjax.models.padding import length_bucket, pad_rows
 from mapjax.sampling.tracing import count_trace
 from mapjax.sharding import as_mesh, logical_spec, round_up_rows, shard_rows
@@ -74,9 +75,13 @@ prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cache_len", "mesh"
 def _place_rows(cache: KVCache, part: KVCache, first_row: jax.Array, first_slot: jax.Array,
                 mesh: Mesh | None = None) -> KVCache:
     """``cache`` with ``part`` (a smaller cache: fewer rows, fewer slots) written at rows ``first_row...`` and slots
-    ``first_slot...``; the slots left of it stay empty, i.e. left padding."""
+    ``first_slot...``; the slots left of it stay empty, i.e. left padding. A sliding-window layer's ring is laid
+    into the cache's ring of that layer (``relayout_layer``), replacing those rows whole: they are fresh."""
     def place(full: jax.Array, piece: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice(full, piece.astype(full.dtype), (first_row, 0, first_slot, 0))
+        if is_linear_layer(piece, part.max_len) and is_linear_layer(full, cache.max_len):
+            return jax.lax.dynamic_update_slice(full, piece.astype(full.dtype), (first_row, 0, first_slot, 0))
+        placed = relayout_layer(piece.astype(full.dtype), part.write_index, full.shape[2], first_slot)
+        return jax.lax.dynamic_update_slice(full, placed, (first_row, 0, 0, 0))
 
     return constrain_cache(dataclasses.replace(
         cache,

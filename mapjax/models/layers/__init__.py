@@ -49,6 +49,7 @@ from mapjax.models.layers.cache import (
     KVCache,
     advance_cache,
     attention_context,
+    cache_bytes,
     last_token_index,
     run_layers,
 )
@@ -68,7 +69,7 @@ __all__ = [
     "ACTIVATIONS", "AttentionContext", "Axes", "EMBED", "Embedding", "HEADS", "KVCache",
     "KV_HEADS", "LABELS", "LOGICAL_AXES", "LayerNorm", "Linear", "MASKED_LOGIT", "MLP", "NORM", "POSITION",
     "RMSNorm", "RopeSpec", "VOCAB", "activation", "advance_cache", "apply_rotary", "attend_with_cache",
-    "attention_context", "cached_attention", "dot_product_attention", "last_token_index", "name_axes", "param",
+    "attention_context", "cache_bytes", "cached_attention", "dot_product_attention", "last_token_index", "name_axes", "param",
     "rope_spec_from_hf_config", "rope_spec_to_hf", "rotary_attention_scaling", "rotary_cos_sin",
     "rotary_inverse_frequencies", "run_layers",
 ]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mapjax.models.layers.cache import AttentionContext
+from mapjax.models.layers.cache import AttentionContext, ring_slots
 
 Array = jax.Array
 DType = Any
@@ -75,27 +75,19 @@ def dot_product_attention(query: Array, key: Array, value: Array, allowed: Array
 ATTENTION_CHUNK = 64
 
 
-def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, used: Array, scale: float, *,
-                     sliding_window: int | None = None, logit_softcap: float | None = None) -> Array:
-    """Attention of ``query [b, s, heads, d]`` over the first ``used`` slots of a cache ``[b, kv_heads, T, d]``.
-
-    The slots are visited ``ATTENTION_CHUNK`` at a time by a loop whose trip count is ``ceil(used / chunk)``
-    (traced), merging the chunks' softmaxes by their running maximum and sum (the online softmax of
-    flash-decoding), so a one-token step costs what the filled part of the cache costs, not its full length.
-    ``allowed [b, 1, s, T]`` masks padding and the future within the used part. Returns ``[b, s, heads, d]``
-    in the query dtype; equal to ``dot_product_attention`` over the whole cache up to float rounding.
-
-    ``sliding_window``: the queries sit at slots ``used - s ... used - 1`` and each sees only the keys within
-    that many slots of its own; the loop then starts at the first chunk any query can see, so a windowed
-    one-token step costs the window, not the whole filled cache. ``logit_softcap``: see ``_masked_logits``.
-    """
-    batch, kv_heads, total, head_dim = keys.shape
-    grouped = _group_queries(query, kv_heads)
+def _online_softmax(grouped: Array, keys: Array, values: Array, allowed: Array, used: Array, scale: float,
+                    carry: tuple[Array, Array, Array], *, first_chunk: Array | int = 0,
+                    query_slots: Array | None = None, sliding_window: int | None = None,
+                    logit_softcap: float | None = None) -> tuple[Array, Array, Array]:
+    """``carry`` (running max, running sum, weighted values) advanced over slots ``first_chunk * chunk ... used - 1``
+    of ``keys``/``values [b, kv_heads, T, d]`` for grouped queries ``[b, kv_heads, groups, s, d]``, ``chunk`` slots
+    at a time; ``allowed [b, 1, s, T]``. ``sliding_window`` masks keys outside each query's window, counting
+    ``query_slots`` and the key indices as slots."""
+    total = keys.shape[2]
     chunk = min(ATTENTION_CHUNK, total)
     # The last chunk may overrun the cache: it is read from ``total - chunk`` instead, and the slots an earlier
     # chunk already covered are masked out again so that no slot is counted twice.
     chunk_slots = jnp.arange(chunk)
-    query_slots = used - query.shape[1] + jnp.arange(query.shape[1])
 
     def one_chunk(index, carry):
         running_max, running_sum, accumulated = carry
@@ -117,17 +109,94 @@ def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, u
                             preferred_element_type=jnp.float32)
         return new_max, running_sum, accumulated * rescale[..., None] + update
 
+    return jax.lax.fori_loop(first_chunk, (used + chunk - 1) // chunk, one_chunk, carry)
+
+
+def _empty_softmax(grouped: Array) -> tuple[Array, Array, Array]:
     stats_shape = grouped.shape[:-1]
-    initial = (jnp.full(stats_shape, MASKED_LOGIT, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-               jnp.zeros(grouped.shape, jnp.float32))
-    chunks = (used + chunk - 1) // chunk
+    return (jnp.full(stats_shape, MASKED_LOGIT, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(grouped.shape, jnp.float32))
+
+
+def _finish_softmax(carry: tuple[Array, Array, Array], dtype: DType) -> Array:
+    _, running_sum, accumulated = carry
+    # Every query row has at least one visited slot (masked slots keep a finite logit), so the sum is >= 1.
+    return _ungroup(accumulated / running_sum[..., None], dtype)
+
+
+def cached_attention(query: Array, keys: Array, values: Array, allowed: Array, used: Array, scale: float, *,
+                     sliding_window: int | None = None, logit_softcap: float | None = None) -> Array:
+    """Attention of ``query [b, s, heads, d]`` over the first ``used`` slots of a cache ``[b, kv_heads, T, d]``.
+
+    The slots are visited ``ATTENTION_CHUNK`` at a time by a loop whose trip count is ``ceil(used / chunk)``
+    (traced), merging the chunks' softmaxes by their running maximum and sum (the online softmax of
+    flash-decoding), so a one-token step costs what the filled part of the cache costs, not its full length.
+    ``allowed [b, 1, s, T]`` masks padding and the future within the used part. Returns ``[b, s, heads, d]``
+    in the query dtype; equal to ``dot_product_attention`` over the whole cache up to float rounding.
+
+    ``sliding_window``: the queries sit at slots ``used - s ... used - 1`` and each sees only the keys within
+    that many slots of its own; the loop then starts at the first chunk any query can see, so a windowed
+    one-token step costs the window, not the whole filled cache. ``logit_softcap``: see ``_masked_logits``.
+    """
+    grouped = _group_queries(query, keys.shape[1])
+    chunk = min(ATTENTION_CHUNK, keys.shape[2])
+    query_slots = used - query.shape[1] + jnp.arange(query.shape[1])
     first_chunk = 0
     if sliding_window is not None:
         # Every slot left of the first query's window is masked for all queries: skip its chunks.
         first_chunk = jnp.maximum(used - query.shape[1] - sliding_window + 1, 0) // chunk
-    _, running_sum, accumulated = jax.lax.fori_loop(first_chunk, chunks, one_chunk, initial)
-    # Every query row has at least one visited slot (masked slots keep a finite logit), so the sum is >= 1.
-    return _ungroup(accumulated / running_sum[..., None], query.dtype)
+    carry = _online_softmax(grouped, keys, values, allowed, used, scale, _empty_softmax(grouped),
+                            first_chunk=first_chunk, query_slots=query_slots, sliding_window=sliding_window,
+                            logit_softcap=logit_softcap)
+    return _finish_softmax(carry, query.dtype)
+
+
+def _ring_attention(query: Array, key: Array, value: Array, context: AttentionContext,
+                    layer_cache: tuple[Array, Array], scale: float, sliding_window: int | None,
+                    logit_softcap: float | None) -> tuple[Array, tuple[Array, Array]]:
+    """``attend_with_cache`` for a layer whose cache is a ring shorter than the cache (a sliding-window layer):
+    the queries attend to the slots the ring holds *before* this call (their padding read from
+    ``context.key_valid`` at the slots ``ring_slots`` names) and to this call's own keys, in one online softmax;
+    then the call's last ``ring_len`` keys and values overwrite the ring. So a prefill longer than the window
+    still sees every key in each query's window, and the ring never holds more than the window."""
+    ring_keys, ring_values = layer_cache
+    batch, seq = query.shape[:2]
+    ring_len = ring_keys.shape[2]
+    write_index = context.write_index
+    query_slots = write_index + jnp.arange(seq)
+    grouped = _group_queries(query, ring_keys.shape[1])
+    options = dict(logit_softcap=logit_softcap)
+
+    # The slots held before this call: all older than every query (so causal), padded per row by the slot mask.
+    held = ring_slots(write_index, ring_len)
+    held_valid = jnp.take_along_axis(context.key_valid, jnp.broadcast_to(jnp.maximum(held, 0), (batch, ring_len)),
+                                     axis=1) & (held >= 0)[None, :]
+    held_allowed = jnp.broadcast_to(held_valid[:, None, None, :], (batch, 1, seq, ring_len))
+    if sliding_window is not None:
+        held_allowed = held_allowed & _within_window(query_slots, held, sliding_window)[None, None]
+    carry = _online_softmax(grouped, ring_keys.astype(query.dtype), ring_values.astype(query.dtype), held_allowed,
+                            jnp.minimum(write_index, ring_len), scale, _empty_softmax(grouped), **options)
+
+    # This call's own keys: the call's columns of ``allowed`` (padding and causality) within the window, slots
+    # counted from the call's first.
+    fresh_keys, fresh_values = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+    fresh_allowed = jax.lax.dynamic_slice_in_dim(context.allowed, write_index, seq, axis=3)
+    carry = _online_softmax(grouped, fresh_keys.astype(query.dtype), fresh_values.astype(query.dtype),
+                            fresh_allowed, seq, scale, carry, query_slots=jnp.arange(seq),
+                            sliding_window=sliding_window, **options)
+    out = _finish_softmax(carry, query.dtype)
+
+    kept = min(seq, ring_len)
+    if kept == 1:
+        slot = (0, 0, jnp.mod(write_index + seq - 1, ring_len), 0)
+        ring_keys = jax.lax.dynamic_update_slice(ring_keys, fresh_keys[:, :, -1:].astype(ring_keys.dtype), slot)
+        ring_values = jax.lax.dynamic_update_slice(ring_values, fresh_values[:, :, -1:].astype(ring_values.dtype),
+                                                   slot)
+    else:
+        target = jnp.mod(write_index + seq - kept + jnp.arange(kept), ring_len)
+        ring_keys = ring_keys.at[:, :, target].set(fresh_keys[:, :, seq - kept:].astype(ring_keys.dtype))
+        ring_values = ring_values.at[:, :, target].set(fresh_values[:, :, seq - kept:].astype(ring_values.dtype))
+    return out, (ring_keys, ring_values)
 
 
 def attend_with_cache(query: Array, key: Array, value: Array, context: AttentionContext,
@@ -138,11 +207,14 @@ def attend_with_cache(query: Array, key: Array, value: Array, context: Attention
 
     ``sliding_window`` and ``logit_softcap`` as in ``dot_product_attention``; the window counts cache slots
     (transformers counts cache positions), which equals counting tokens since a row's real tokens fill
-    consecutive slots.
+    consecutive slots. A layer cache shorter than the cache's ``max_len`` is a ring (a sliding-window layer's,
+    see ``layers.cache``): see ``_ring_attention``.
     """
     options = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
     if layer_cache is None:
         return dot_product_attention(query, key, value, context.allowed, scale, **options), None
+    if layer_cache[0].shape[2] < context.key_valid.shape[1]:
+        return _ring_attention(query, key, value, context, layer_cache, scale, **options)
     cached_keys, cached_values = layer_cache
     slot = (0, 0, context.write_index, 0)
     cached_keys = jax.lax.dynamic_update_slice(cached_keys, key.transpose(0, 2, 1, 3).astype(cached_keys.dtype),

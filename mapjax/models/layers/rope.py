@@ -223,6 +223,25 @@ def rotary_inverse_frequencies(spec: RopeSpec, max_position: Array | None = None
     return jnp.asarray(inv_freq, jnp.float32)
 
 
+def longrope_cache_is_stale(spec: RopeSpec, cached_tokens: Array, call_tokens: Array) -> Array:
+    """bool ``[batch]``: rows whose cached keys were computed with longrope's short factors while this call
+    switches them to the long ones.
+
+    ``cached_tokens`` (the cache's ``token_count``) and ``call_tokens`` (real tokens the call adds) are ``[batch]``.
+    A call whose largest position reaches ``original_max_position_embeddings`` uses the long factors; the
+    entries cached before it (every layer's keys and values, since each layer's input went through attention
+    rotated with the short factors) then disagree with what one forward over the whole row computes. That is
+    transformers' ``Phi3ForCausalLM.prepare_inputs_for_generation`` condition for dropping its cache and running
+    the whole sequence again: a past of at most ``original_max_position_embeddings`` tokens and a total beyond
+    it. Always False for other rope types.
+    """
+    cached_tokens = jnp.asarray(cached_tokens)
+    if spec.rope_type != "longrope":
+        return jnp.zeros(cached_tokens.shape, bool)
+    threshold = spec.original_max_position_embeddings
+    return (cached_tokens > 0) & (cached_tokens <= threshold) & (cached_tokens + jnp.asarray(call_tokens) > threshold)
+
+
 def rotary_cos_sin(spec: RopeSpec, positions: Array, dtype: DType) -> tuple[Array, Array]:
     """``cos, sin`` of shape ``[batch, seq, rotary_dim]`` for integer ``positions [batch, seq]``.
 
