@@ -279,19 +279,24 @@ def reply(kind: str, payload: dict) -> None:
     print(f"{kind} {json.dumps(payload)}", flush=True)
 
 
-class Worker:
-    """The parent's handle on a worker process."""
+def worker_command(name: str, args, folder: Path, vocab: int) -> list[str]:
+    """The command line of this script's worker ``name`` (``jax`` or ``torch``)."""
+    command = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--vocab", str(vocab),
+               "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    return command
 
-    def __init__(self, name: str, args, folder: Path, vocab: int):
+
+class Worker:
+    """The parent's handle on a worker process speaking the READY / DONE / QUIT line protocol (``reply``); also
+    the handle of ``benchmarks/finetune_lora.py``'s workers."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str] | None = None):
         self.name = name
-        command = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--vocab", str(vocab),
-                   "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--dtype", args.dtype]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                        text=True, env=dict(os.environ))
+                                        text=True, env=dict(os.environ) if env is None else env)
         self.ready = self._read("READY")
 
     def _read(self, kind: str) -> dict:
@@ -354,7 +359,7 @@ def main() -> None:
         workers: dict[str, Worker] = {}
         try:
             for name in ("jax", "torch"):
-                workers[name] = Worker(name, args, folder, vocab)
+                workers[name] = Worker(name, worker_command(name, args, folder, vocab))
             steps = interleave(workers, args.rounds, f"RUN {args.steps}",
                                lambda done: {"steps_per_s": args.steps / done["seconds"], "loss": done["loss"]})
             finals = {name: worker.ask("PEAK") for name, worker in workers.items()}

@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.finetune import make_batch, peak_memory_mb, write_model  # noqa: E402
+from benchmarks.finetune import Worker, make_batch, peak_memory_mb, reply, write_model  # noqa: E402
 
 MODES = ("full", "lora", "qlora")
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -186,40 +185,16 @@ def serve(args) -> None:
             return
 
 
-def reply(kind: str, payload: dict) -> None:
-    print(f"{kind} {json.dumps(payload)}", flush=True)
+def worker_command(framework: str, mode: str, args, folder: Path, vocab: int) -> list[str]:
+    """The command line of this script's ``framework`` worker for ``mode``."""
+    return [sys.executable, __file__, "--worker", framework, "--mode", mode, "--folder", str(folder),
+            "--vocab", str(vocab), "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
+            "--alpha", str(args.alpha)]
 
 
-class Worker:
-    """The parent's handle on a worker process."""
-
-    def __init__(self, framework: str, mode: str, args, folder: Path, vocab: int):
-        self.name = f"{framework} {mode}"
-        command = [sys.executable, __file__, "--worker", framework, "--mode", mode, "--folder", str(folder),
-                   "--vocab", str(vocab), "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--rank", str(args.rank), "--alpha", str(args.alpha)]
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        self.ready = self._read("READY")
-
-    def _read(self, kind: str) -> dict:
-        for line in self.process.stdout:
-            if line.startswith(kind + " "):
-                return json.loads(line[len(kind) + 1:])
-        self.stderr.seek(0)
-        raise SystemExit(f"{self.name} worker failed:\n{self.stderr.read()[-4000:]}")
-
-    def ask(self, line: str) -> dict:
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
-        return self._read("DONE")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.write("QUIT\n")
-            self.process.stdin.flush()
-            self.process.wait(timeout=120)
+def start_worker(framework: str, mode: str, args, folder: Path, vocab: int) -> Worker:
+    return Worker(f"{framework} {mode}", worker_command(framework, mode, args, folder, vocab),
+                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 # --------------------------------------------------------------------------------------------------- the run
@@ -232,9 +207,9 @@ def run_mode(mode: str, args, folder: Path, vocab: int, base_loss: float | None)
     workers: dict[str, Worker] = {}
     result: dict[str, Any] = {"mode": mode}
     try:
-        workers["jax"] = Worker("jax", mode, args, folder, vocab)   # first: it writes the adapters PEFT reads
+        workers["jax"] = start_worker("jax", mode, args, folder, vocab)   # first: it writes the adapters PEFT reads
         if mode != "qlora":
-            workers["torch"] = Worker("torch", mode, args, folder, vocab)
+            workers["torch"] = start_worker("torch", mode, args, folder, vocab)
         losses = {name: [worker.ready["loss"]] for name, worker in workers.items()}
         if "torch" in workers:
             gap = relative(losses["jax"][0], losses["torch"][0])

@@ -290,6 +290,32 @@ def forward_case(context: Context, name: str) -> Iterator[Row]:
 # --------------------------------------------------------------------------- #
 # One training step: mapjax.finetune's jitted step against the same loss and AdamW in PyTorch
 # --------------------------------------------------------------------------- #
+def _torch_weighted_step(torch_model: Any, trainable: list[Any], arrays: tuple[np.ndarray, ...], device: str,
+                         autocast: bool, losses: list[float]) -> tuple[Callable[[int], None], Any]:
+    """``(run, optimizer)``: ``run(repeat)`` is one MAP-F weighted step in PyTorch (AdamW lr 1e-5 on ``trainable``, clipping at 1, an
+    optional bfloat16 autocast), appending its loss to ``losses``: the counterpart of mapjax's engine update."""
+    import torch
+
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0, eps=1e-8)
+    t_ids, t_attention, t_loss_mask, t_weights = (torch.as_tensor(array).to(device) for array in arrays)
+    t_ids = t_ids.long()
+
+    def run_torch(repeat: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            logits = torch_model(input_ids=t_ids, attention_mask=t_attention).logits
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        picked = log_probs.gather(-1, t_ids[:, 1:, None])[..., 0]
+        weighted = t_weights[:, None] * t_loss_mask[:, 1:]
+        loss = -(weighted * picked).sum() / weighted.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))   # waits for the step
+
+    return run_torch, optimizer
+
+
 def train_case(context: Context, name: str) -> Iterator[Row]:
     """The MAP-F weighted train step (token-level weighted NLL, clip at 1, AdamW lr 1e-5, no weight decay).
 
@@ -297,7 +323,6 @@ def train_case(context: Context, name: str) -> Iterator[Row]:
     parameters, PyTorch autocasts). Check: the loss of the first step (same weights, same batch) and of the
     last (both have taken the same number of steps).
     """
-    import torch
 
     from benchmarks.finetune import make_batch
     from mapjax.finetune import FinetuneConfig
@@ -319,24 +344,8 @@ def train_case(context: Context, name: str) -> Iterator[Row]:
 
     device = context.torch_device
     torch_model = build_torch_twin(model, spec, device, "float32").train()
-    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-5, weight_decay=0.0, eps=1e-8)
-    t_ids, t_attention, t_loss_mask, t_weights = (torch.as_tensor(array).to(device)
-                                                  for array in (ids, attention, loss_mask, weights))
-    t_ids = t_ids.long()
-    autocast = context.dtype == "bfloat16"
-
-    def run_torch(repeat: int) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-            logits = torch_model(input_ids=t_ids, attention_mask=t_attention).logits
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        picked = log_probs.gather(-1, t_ids[:, 1:, None])[..., 0]
-        weighted = t_weights[:, None] * t_loss_mask[:, 1:]
-        loss = -(weighted * picked).sum() / weighted.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
-        optimizer.step()
-        losses["pytorch"].append(float(loss.detach()))   # waits for the step
+    run_torch, _ = _torch_weighted_step(torch_model, list(torch_model.parameters()), (ids, attention, loss_mask, weights),
+                                     device, context.dtype == "bfloat16", losses["pytorch"])
 
     mapjax_first, _ = first_call(partial(run_mapjax, 0))
     torch_first, _ = first_call(partial(run_torch, 0))
@@ -465,24 +474,8 @@ def _lora_mode_row(context: Context, name: str, spec: ModelSpec, model: Any, arr
             torch_model = PeftModel.from_pretrained(torch_model, folder, is_trainable=True)
     torch_model.train()
     trainable = [parameter for parameter in torch_model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0, eps=1e-8)
-    t_ids, t_attention, t_loss_mask, t_weights = (torch.as_tensor(array).to(device)
-                                                  for array in (ids, attention, loss_mask, weights))
-    t_ids = t_ids.long()
-    autocast = context.dtype == "bfloat16"
-
-    def run_torch(repeat: int) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-            logits = torch_model(input_ids=t_ids, attention_mask=t_attention).logits
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        picked = log_probs.gather(-1, t_ids[:, 1:, None])[..., 0]
-        weighted = t_weights[:, None] * t_loss_mask[:, 1:]
-        loss = -(weighted * picked).sum() / weighted.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        losses["pytorch"].append(float(loss.detach()))   # waits for the step
+    run_torch, optimizer = _torch_weighted_step(torch_model, trainable, (ids, attention, loss_mask, weights), device,
+                                     context.dtype == "bfloat16", losses["pytorch"])
 
     mapjax_first, _ = first_call(partial(run_mapjax, 0))
     torch_first, _ = first_call(partial(run_torch, 0))
