@@ -146,6 +146,47 @@ def test_without_recomputing_the_logits_leave_transformers_at_the_switch(phi3_pa
     assert np.all(gaps[crossing:] > 1e-3)
 
 
+def _transformers_logprobs(torch_model, prompt: list[int]) -> tuple[list[int], np.ndarray]:
+    """Transformers' greedy tokens and the log-probability of each under its step's logits."""
+    tokens, logits = _transformers_greedy(torch_model, tuple(prompt))
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return tokens, log_softmax[np.arange(len(tokens)), tokens]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,batch_size", [("static", 4), ("static", 1), ("continuous", 1),
+                                               ("continuous", 2), ("continuous", 4)])
+def test_generate_follows_transformers_across_the_switch(phi3_pair, word_tokenizer, engine, batch_size):
+    """``generate`` (either engine, any slot count, refills and rebases mid-row with 3-step chunks) gives each
+    row transformers' greedy tokens and their log-probabilities, before and after its crossing."""
+    from mapjax.sampling import generate
+
+    torch_model, model = phi3_pair
+    lengths = [10, ORIGINAL_CONTEXT + 1, 13, 20, ORIGINAL_CONTEXT, 7]
+    prompts = [prompt_of(length, seed) for seed, length in enumerate(lengths)]
+    texts = [" ".join(f"w{token}" for token in prompt[1:]) for prompt in prompts]
+    result = generate(model, word_tokenizer(), texts, greedy=True, max_new_tokens=NEW_TOKENS, eos_token_id=[],
+                      batch_size=batch_size, engine=engine, chunk_steps=3)
+    assert result.prompt_tokens == prompts
+    for row, prompt in enumerate(prompts):
+        expected_tokens, expected_logprobs = _transformers_logprobs(torch_model, prompt)
+        assert result.tokens[row].tolist() == expected_tokens
+        np.testing.assert_allclose(result.logprobs[row], expected_logprobs, atol=FP32_TOLERANCE, rtol=0)
+
+
+def test_only_a_longrope_model_makes_the_sampler_track_slot_tokens():
+    import transformers
+
+    from mapjax.models.phi3 import Phi3ForCausalLM
+    from mapjax.sampling.state import tracks_slot_tokens
+
+    longrope = Phi3ForCausalLM.config_from_hf(transformers.Phi3Config(**_CONFIG))
+    plain = Phi3ForCausalLM.config_from_hf(transformers.Phi3Config(**{**_CONFIG, "rope_parameters": None}))
+    assert tracks_slot_tokens(Phi3ForCausalLM.from_config(longrope, seed=0))
+    assert not tracks_slot_tokens(Phi3ForCausalLM.from_config(plain, seed=0))
+
+
 def test_stale_cache_rows_flags_the_crossing_call_only():
     """Stale: some tokens cached, at most original_max_position_embeddings of them, and the call passes it."""
     from mapjax.models.layers.rope import RopeSpec, longrope_cache_is_stale

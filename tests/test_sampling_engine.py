@@ -89,6 +89,41 @@ def test_continuous_slots_idle_less_than_static_batches(model_and_tokenizer, sta
     assert continuous_stats.idle_fraction < static_stats.idle_fraction
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["static", "continuous"])
+def test_stop_lengths_cut_each_row_where_told(model_and_tokenizer, engine):
+    """A row ends at its EOS or its stop length, whichever is first, with the uncapped row's tokens up to there
+    (its keys do not depend on the cap), in both engines."""
+    model, tokenizer = model_and_tokenizer
+    options = dict(OPTIONS, eos_token_id=[3, 4, 5])   # few end ids: some rows end by EOS, most by their cap
+    expected = generate(model, tokenizer, PROMPTS, batch_size=4, engine="static", **options)
+    rows = len(expected.lengths)
+    stop = 1 + np.random.RandomState(0).randint(0, OPTIONS["max_new_tokens"], size=rows)
+    result = generate(model, tokenizer, PROMPTS, batch_size=3, engine=engine, chunk_steps=2, stop_lengths=stop,
+                      **options)
+    lengths = np.minimum(expected.lengths, stop)
+    assert (lengths < expected.lengths).sum() > rows // 2   # the cap binds on most rows ...
+    assert (expected.lengths < stop).sum() >= 2             # ... and EOS comes first on some
+    np.testing.assert_array_equal(result.lengths, lengths)
+    for row in range(rows):
+        np.testing.assert_array_equal(result.row_tokens(row), expected.tokens[row, :lengths[row]])
+        np.testing.assert_allclose(result.logprobs[row, :lengths[row]], expected.logprobs[row, :lengths[row]],
+                                   atol=1e-5, rtol=0)
+    assert last_run_stats().useful_tokens == int(lengths.sum())
+
+
+@pytest.mark.parametrize("stop_lengths,message", [
+    ([3, 4], r"stop_lengths must hold one integer per row \(4 = prompts x num_samples\), got int64 of shape \(2,\)"),
+    ([3.0, 4.0, 1.0, 2.0], r"stop_lengths must hold one integer per row"),
+    ([3, 0, 2, 2], r"stop_lengths\[1\] = 0 is outside 1 \.\.\. max_new_tokens=12"),
+    ([3, 2, 13, 2], r"stop_lengths\[2\] = 13 is outside 1 \.\.\. max_new_tokens=12"),
+])
+def test_bad_stop_lengths_are_named(model_and_tokenizer, stop_lengths, message):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(GenerationError, match=message):
+        generate(model, tokenizer, PROMPTS[:2], stop_lengths=np.asarray(stop_lengths), **OPTIONS)
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(engine="dynamic"), r"engine must be one of 'static', 'continuous', got 'dynamic'"),
     (dict(engine="continuous", chunk_steps=0), r"chunk_steps must be an integer >= 1, got 0"),

@@ -114,6 +114,12 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     config_class = Phi3Config
     layer_class = Phi3DecoderLayer
 
+    @property
+    def decode_recomputes_cache(self) -> bool:
+        """Whether a cached decode must track each cache slot's token id and take ``call_recomputing_cache``
+        where ``stale_cache_rows`` says so (the sampler asks this): only a ``longrope`` model does."""
+        return self.config.rope.rope_type == "longrope"
+
     def stale_cache_rows(self, cache: KVCache, input_ids: jax.Array, attention_mask: jax.Array | None = None
                          ) -> jax.Array:
         """bool ``[batch]``: rows whose ``cache`` a call on ``input_ids`` (``attention_mask``) would read with

@@ -96,7 +96,8 @@ def generate(model: CausalLM, tokenizer: Any, prompts: Sequence[str], *, max_new
              top_p: float = 1.0, temperature: float = 1.0, greedy: bool = False, num_samples: int = 1,
              seed: int = 0, batch_size: int = 16, eos_token_id: int | Sequence[int] | None = None,
              progress: bool = False, prompt_index_offset: int = 0, mesh: MeshLike = None,
-             engine: Engine | None = None, chunk_steps: int = DEFAULT_CHUNK_STEPS) -> Generation:
+             engine: Engine | None = None, chunk_steps: int = DEFAULT_CHUNK_STEPS,
+             stop_lengths: Sequence[int] | np.ndarray | None = None) -> Generation:
     """Sample ``num_samples`` continuations of each prompt (defaults: the paper's top-k 50, temperature 1, 50 tokens).
 
     Args:
@@ -124,6 +125,9 @@ def generate(model: CausalLM, tokenizer: Any, prompts: Sequence[str], *, max_new
             slots, a finished row's slot refilled every ``chunk_steps`` steps); None: ``DEFAULT_ENGINE``. The
             same tokens either way (see :mod:`mapjax.sampling.engine`).
         chunk_steps: the continuous engine's steps between refills.
+        stop_lengths: optional cap on each row's new tokens (one per row, prompt-major like the result, each in
+            ``1 ... max_new_tokens``): a row ends at its EOS or its stop length, whichever comes first. It
+            replays a length distribution where EOS cannot (random weights never emit it: the benchmarks).
 
     Returns:
         A ``Generation`` with ``len(prompts) * num_samples`` rows, prompt-major.
@@ -159,6 +163,7 @@ def generate(model: CausalLM, tokenizer: Any, prompts: Sequence[str], *, max_new
             raise GenerationError(f"prompts[{index}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
                                   f"that exceeds the model's {limit} positions")
 
+    limits = _row_limits(stop_lengths, len(prompts) * num_samples, max_new_tokens)
     prompt_index = np.repeat(np.arange(len(prompts)), num_samples)
     sample_index = np.tile(np.arange(num_samples), len(prompts))
     keys = np.asarray(row_keys(seed, prompt_index + int(prompt_index_offset), sample_index))
@@ -169,12 +174,27 @@ def generate(model: CausalLM, tokenizer: Any, prompts: Sequence[str], *, max_new
     params = shard_model_state(params, mesh)
     if engine == "continuous":
         results, stats = run_continuous(model, graphdef, params, settings, sequences, keys, rows_per_call,
-                                        chunk_steps=chunk_steps, mesh=mesh, progress=progress)
+                                        limits=limits, chunk_steps=chunk_steps, mesh=mesh, progress=progress)
     else:
-        results, stats = run_static(model, graphdef, params, settings, sequences, keys, rows_per_call, mesh=mesh,
-                                    progress=progress)
+        results, stats = run_static(model, graphdef, params, settings, sequences, keys, rows_per_call,
+                                    limits=limits, mesh=mesh, progress=progress)
     _LAST_RUN_STATS[0] = stats
     texts = [continuation_text(tokenizer, sequences[row], results.tokens[row, :results.lengths[row]])
              for row in range(total)]
     return Generation(tokens=results.tokens, lengths=results.lengths, texts=texts, logprobs=results.logprobs,
                       prompt_index=prompt_index, sample_index=sample_index, prompt_tokens=prompt_tokens)
+
+
+def _row_limits(stop_lengths: Sequence[int] | np.ndarray | None, rows: int, max_new_tokens: int) -> np.ndarray:
+    """int32 ``[rows]``: each row's most new tokens (``stop_lengths`` checked, else ``max_new_tokens``)."""
+    if stop_lengths is None:
+        return np.full((rows,), max_new_tokens, np.int32)
+    limits = np.asarray(stop_lengths)
+    if limits.shape != (rows,) or not np.issubdtype(limits.dtype, np.integer):
+        raise GenerationError(f"stop_lengths must hold one integer per row ({rows} = prompts x num_samples), got "
+                              f"{limits.dtype} of shape {limits.shape}")
+    outside = np.flatnonzero((limits < 1) | (limits > max_new_tokens))
+    if len(outside):
+        raise GenerationError(f"stop_lengths[{outside[0]}] = {int(limits[outside[0]])} is outside 1 ... "
+                              f"max_new_tokens={max_new_tokens}")
+    return limits.astype(np.int32)

@@ -41,8 +41,9 @@ from mapjax.sampling.prefill import (
     device_rows,
     prefill_cache,
     prefill_rows,
+    prompt_slot_tokens,
 )
-from mapjax.sampling.state import LoopState, constrain_state, initial_state
+from mapjax.sampling.state import LoopState, constrain_state, initial_state, tracks_slot_tokens
 from mapjax.sampling.tracing import count_trace
 from mapjax.sharding import place as place_arrays
 from mapjax.sharding import round_up_rows
@@ -108,9 +109,11 @@ def _advance_bar(bar: Any, finished: int, stats: EngineStats, started: float) ->
 # --------------------------------------------------------------------------- #
 def run_static(model: CausalLM, graphdef: Any, params: Any, settings: SamplingSettings,
                sequences: Sequence[Sequence[int]], keys: np.ndarray, rows_per_call: int, *,
-               mesh: Mesh | None = None, progress: bool = False) -> tuple[RowResults, EngineStats]:
-    """Sample every row of ``sequences`` (its prompt tokens; ``keys[row]`` its PRNG key) in static batches of
-    ``rows_per_call`` rows (filler rows, starting done, complete the last one)."""
+               limits: np.ndarray, mesh: Mesh | None = None,
+               progress: bool = False) -> tuple[RowResults, EngineStats]:
+    """Sample every row of ``sequences`` (its prompt tokens; ``keys[row]`` its PRNG key; ``limits[row]`` its
+    most new tokens) in static batches of ``rows_per_call`` rows (filler rows, starting done, complete the last
+    one)."""
     started = time.perf_counter()
     total = len(sequences)
     results, stats = RowResults.empty(total, settings), EngineStats()
@@ -126,8 +129,13 @@ def run_static(model: CausalLM, graphdef: Any, params: Any, settings: SamplingSe
         stats.prefill_calls += 1
         done = np.arange(rows_per_call) >= len(batch)
         last_tokens = np.asarray([ids[-1] for ids in rows], np.int32)
+        slot_tokens = None
+        if tracks_slot_tokens(model):
+            width = cache.max_len - settings.max_new_tokens + 1
+            slot_tokens = device_rows(prompt_slot_tokens(rows, width, settings.pad_token_id, cache.max_len), mesh)
         loop = initial_state(cache, device_rows(last_tokens, mesh), device_rows(keys[filled], mesh),
-                             device_rows(done, mesh), settings.max_new_tokens, settings.pad_token_id)
+                             device_rows(done, mesh), settings.max_new_tokens, settings.pad_token_id, slot_tokens,
+                             device_rows(limits[filled], mesh))
         loop = sample_loop_jit(graphdef, settings, params, loop, mesh=mesh)
         tokens, logprobs, lengths, steps = jax.device_get((loop.tokens, loop.logprobs, loop.lengths, loop.step))
         real = len(batch)
@@ -147,8 +155,9 @@ def run_static(model: CausalLM, graphdef: Any, params: Any, settings: SamplingSe
 # --------------------------------------------------------------------------- #
 # Continuous batching: the device-side pieces
 # --------------------------------------------------------------------------- #
-def _rebase(cache: KVCache, shift: jax.Array, mesh: Mesh | None = None) -> KVCache:
-    """Every row shifted ``shift`` slots along the slot axis (negative: left) and the write slot with it.
+def _rebase(loop: LoopState, shift: jax.Array, mesh: Mesh | None = None) -> LoopState:
+    """Every row of the cache (and of ``slot_tokens``) shifted ``shift`` slots along the slot axis (negative:
+    left), and the write slot with it.
 
     Slots that wrap around are masked out: the caller keeps every live token at slots ``>= -shift`` when
     shifting left, and slots at or right of the write slot are never live (nothing is written there yet).
@@ -156,27 +165,33 @@ def _rebase(cache: KVCache, shift: jax.Array, mesh: Mesh | None = None) -> KVCac
     index ``s % ring_len`` for the shifted slots.
     """
     count_trace("rebase")
+    cache = loop.cache
     write_index = cache.write_index + shift
     live = jnp.arange(cache.max_len) < write_index
-    roll = lambda array, axis: jnp.roll(array, shift, axis=axis)   # noqa: E731  (one rule, four uses)
-    return constrain_cache(dataclasses.replace(
+    roll = lambda array, axis: jnp.roll(array, shift, axis=axis)   # noqa: E731  (one rule, five uses)
+    cache = dataclasses.replace(
         cache,
         keys=tuple(roll(array, 2) for array in cache.keys),
         values=tuple(roll(array, 2) for array in cache.values),
         slot_mask=roll(cache.slot_mask, 1) & live[None, :],
         write_index=write_index,
-    ), mesh)
+    )
+    slot_tokens = None if loop.slot_tokens is None else roll(loop.slot_tokens, 1)
+    return constrain_state(loop.replace(cache=cache, slot_tokens=slot_tokens), mesh)
 
 
-_rebase_jit = jax.jit(_rebase, donate_argnames=("cache",), static_argnames=("mesh",))
+_rebase_jit = jax.jit(_rebase, donate_argnames=("loop",), static_argnames=("mesh",))
 
 
 def _place_new_rows(loop: LoopState, part: KVCache, slot_ids: jax.Array, current: jax.Array, keys: jax.Array,
-                    pad_token_id: int, mesh: Mesh | None = None) -> LoopState:
+                    limits: jax.Array, prompt_tokens: jax.Array | None, pad_token_id: int,
+                    mesh: Mesh | None = None) -> LoopState:
     """``loop`` with the prefilled rows of ``part`` (a cache of ``bucket - 1`` slots) in slots ``slot_ids``:
     their cache rows hold the prompt right-aligned to the write slot (nothing else), their positions continue
-    from the prompt, and they start sampling from ``current`` with ``keys``. A slot id past the last slot
-    marks a filler row, dropped."""
+    from the prompt, and they start sampling from ``current`` with ``keys``, for at most ``limits`` new
+    tokens. A slot id past the last slot
+    marks a filler row, dropped. ``prompt_tokens`` (``[rows, bucket - 1]``, the ids ``part`` holds) goes into
+    ``slot_tokens`` where the loop keeps them."""
     count_trace("place_new_rows")
     cache = loop.cache
     width = part.max_len
@@ -199,13 +214,21 @@ def _place_new_rows(loop: LoopState, part: KVCache, slot_ids: jax.Array, current
             jax.lax.dynamic_update_slice(blank_mask, part.slot_mask, (0, first_slot)), mode="drop"),
         token_count=cache.token_count.at[slot_ids].set(part.token_count, mode="drop"),
     )
+    slot_tokens = loop.slot_tokens
+    if slot_tokens is not None:
+        blank_tokens = jnp.full((slot_ids.shape[0], cache.max_len), pad_token_id, jnp.int32)
+        slot_tokens = slot_tokens.at[slot_ids].set(
+            jax.lax.dynamic_update_slice(blank_tokens, prompt_tokens.astype(jnp.int32), (0, first_slot)),
+            mode="drop")
     steps = loop.tokens.shape[1]
     loop = loop.replace(
+        slot_tokens=slot_tokens,
         cache=cache,
         current=loop.current.at[slot_ids].set(current, mode="drop"),
         keys=loop.keys.at[slot_ids].set(keys, mode="drop"),
         done=loop.done.at[slot_ids].set(False, mode="drop"),
         lengths=loop.lengths.at[slot_ids].set(0, mode="drop"),
+        limits=loop.limits.at[slot_ids].set(limits, mode="drop"),
         tokens=loop.tokens.at[slot_ids].set(jnp.full((slot_ids.shape[0], steps), pad_token_id, jnp.int32),
                                             mode="drop"),
         logprobs=loop.logprobs.at[slot_ids].set(jnp.zeros((slot_ids.shape[0], steps), jnp.float32), mode="drop"),
@@ -220,11 +243,12 @@ _place_new_rows_jit = jax.jit(_place_new_rows, donate_argnames=("loop",), static
 # Continuous batching: the host-side scheduler
 # --------------------------------------------------------------------------- #
 def run_continuous(model: CausalLM, graphdef: Any, params: Any, settings: SamplingSettings,
-                   sequences: Sequence[Sequence[int]], keys: np.ndarray, slots: int, *,
+                   sequences: Sequence[Sequence[int]], keys: np.ndarray, slots: int, *, limits: np.ndarray,
                    chunk_steps: int = DEFAULT_CHUNK_STEPS, mesh: Mesh | None = None,
                    progress: bool = False) -> tuple[RowResults, EngineStats]:
-    """Sample every row of ``sequences`` (its prompt tokens; ``keys[row]`` its PRNG key) on ``slots`` slots
-    (a multiple of ``row_multiple(mesh)``), refilling finished slots every ``chunk_steps`` steps."""
+    """Sample every row of ``sequences`` (its prompt tokens; ``keys[row]`` its PRNG key; ``limits[row]`` its
+    most new tokens) on ``slots`` slots (a multiple of ``row_multiple(mesh)``), refilling finished slots every
+    ``chunk_steps`` steps."""
     started = time.perf_counter()
     total = len(sequences)
     results, stats = RowResults.empty(total, settings), EngineStats()
@@ -239,9 +263,12 @@ def run_continuous(model: CausalLM, graphdef: Any, params: Any, settings: Sampli
     cache = model.init_cache(slots, cache_len)
     if mesh is not None:
         cache = place_arrays(cache, cache_shardings(cache, mesh))
+    track_tokens = tracks_slot_tokens(model)
     loop = initial_state(cache, device_rows(np.zeros((slots,), np.int32), mesh),
                          device_rows(np.zeros((slots, *keys.shape[1:]), keys.dtype), mesh),
-                         device_rows(np.ones((slots,), bool), mesh), max_new, settings.pad_token_id)
+                         device_rows(np.ones((slots,), bool), mesh), max_new, settings.pad_token_id,
+                         device_rows(np.full((slots, cache_len), settings.pad_token_id, np.int32), mesh)
+                         if track_tokens else None)
     slot_row = np.full((slots,), -1)          # the work item each slot holds, -1 when idle
     extent = np.zeros((slots,), np.int64)     # live slots of each busy row: its prompt and new tokens so far
     write_index = 0                           # the cache's write slot, tracked on the host
@@ -258,8 +285,7 @@ def run_continuous(model: CausalLM, graphdef: Any, params: Any, settings: Sampli
         target = max([int(extent[busy].max()) if busy.any() else 0]
                      + [buckets[row] - 1 for row in new_rows])
         if target != write_index:
-            loop = loop.replace(cache=_rebase_jit(loop.cache, jnp.asarray(target - write_index, jnp.int32),
-                                                  mesh=mesh))
+            loop = _rebase_jit(loop, jnp.asarray(target - write_index, jnp.int32), mesh=mesh)
             write_index = target
         # Refill: one prefill per (bucket, up to group_rows rows), placed into the free slots.
         by_bucket: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
@@ -278,8 +304,12 @@ def run_continuous(model: CausalLM, graphdef: Any, params: Any, settings: Sampli
                 slot_ids = np.asarray([slot for slot, _ in group] + [slots] * fillers, np.int32)
                 current = np.asarray([ids[-1] for ids in rows], np.int32)
                 row_ids = [row for _, row in group] + [group[0][1]] * fillers
+                prompt_tokens = (jnp.asarray(prompt_slot_tokens(rows, bucket, settings.pad_token_id, bucket - 1))
+                                 if track_tokens else None)
                 loop = _place_new_rows_jit(loop, part, jnp.asarray(slot_ids), jnp.asarray(current),
-                                           jnp.asarray(keys[row_ids]), pad_token_id=settings.pad_token_id, mesh=mesh)
+                                           jnp.asarray(keys[row_ids]), jnp.asarray(limits[row_ids], jnp.int32),
+                                           prompt_tokens,
+                                           pad_token_id=settings.pad_token_id, mesh=mesh)
         loop = sample_chunk_jit(graphdef, settings, chunk_steps, params, loop, mesh=mesh)
         steps, done, lengths = jax.device_get((loop.step, loop.done, loop.lengths))
         steps = int(steps)

@@ -23,7 +23,7 @@ def sample_step(graphdef: Any, params: Any, settings: SamplingSettings, loop: Lo
     """Feed every row's current token, draw its next one, and record it in the row's own next column."""
     rows, steps = loop.tokens.shape
     model = nnx.merge(graphdef, params)
-    output = model(loop.current[:, None], jnp.ones((rows, 1), jnp.int32), cache=loop.cache)
+    output = _decode_call(model, loop)
     logits = output.logits[:, -1].astype(jnp.float32)
     step_keys = jax.vmap(jax.random.fold_in)(loop.keys, loop.lengths.astype(jnp.uint32))
     token = choose_tokens(logits, step_keys, settings)
@@ -37,9 +37,39 @@ def sample_step(graphdef: Any, params: Any, settings: SamplingSettings, loop: Lo
     logprobs = jnp.where(here, token_logprob[:, None], loop.logprobs)
     lengths = loop.lengths + (~loop.done).astype(jnp.int32)
     eos = jnp.asarray(settings.eos_token_ids or (-1,), jnp.int32)
-    done = loop.done | jnp.isin(token, eos) | (lengths >= steps)
+    done = loop.done | jnp.isin(token, eos) | (lengths >= loop.limits)
+    slot_tokens = loop.slot_tokens
+    if slot_tokens is not None:   # this step's input now sits at the slot it was written to
+        slot_tokens = jax.lax.dynamic_update_slice(slot_tokens, loop.current[:, None], (0, loop.cache.write_index))
     return constrain_state(loop.replace(step=loop.step + 1, cache=output.cache, current=token, done=done,
-                                        tokens=tokens, logprobs=logprobs, lengths=lengths), mesh)
+                                        tokens=tokens, logprobs=logprobs, lengths=lengths,
+                                        slot_tokens=slot_tokens), mesh)
+
+
+def _decode_call(model: Any, loop: LoopState) -> Any:
+    """The model's cached call on every row's current token.
+
+    A model that keeps ``slot_tokens`` (Phi-3 longrope) makes the call that transformers' ``generate`` makes:
+    where a row's call crosses ``original_max_position_embeddings`` its cache is rebuilt from the tokens
+    (``call_recomputing_cache``). That costs a forward over every cache slot, so it runs only on the steps
+    where some row crosses (``lax.cond``), and only the crossing rows take its result.
+    """
+    ids, mask = loop.current[:, None], jnp.ones((loop.current.shape[0], 1), jnp.int32)
+    if loop.slot_tokens is None:
+        return model(ids, mask, cache=loop.cache)
+    stale = model.stale_cache_rows(loop.cache, ids, mask) & ~loop.done
+
+    def cached() -> Any:
+        return model(ids, mask, cache=loop.cache)
+
+    def recomputed() -> Any:
+        plain, rebuilt = cached(), model.call_recomputing_cache(loop.slot_tokens, ids, mask, cache=loop.cache)
+        def pick(new: jax.Array, old: jax.Array) -> jax.Array:   # per row; scalars (the write slot) agree
+            return new if new.ndim == 0 else jnp.where(stale.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+        return jax.tree.map(pick, rebuilt, plain)
+
+    return jax.lax.cond(jnp.any(stale), recomputed, cached)
 
 
 def _run_steps(graphdef: Any, params: Any, settings: SamplingSettings, loop: LoopState, limit: int,

@@ -104,6 +104,16 @@ def prefill_rows(graphdef: Any, state: Any, sequences: Sequence[Sequence[int]], 
                        cache_len=cache_len, mesh=mesh)
 
 
+def prompt_slot_tokens(sequences: Sequence[Sequence[int]], width: int, pad_id: int, cache_len: int) -> np.ndarray:
+    """int32 ``[rows, cache_len]``: the token id a prefill of ``sequences`` left-padded to ``width`` writes at each
+    cache slot (every prompt token but the last, in slots ``0 ... width - 2``; ``pad_id`` elsewhere), the start
+    of ``LoopState.slot_tokens``."""
+    ids, _ = pad_rows(sequences, width, pad_id, side="left")
+    slot_tokens = np.full((len(sequences), cache_len), pad_id, np.int32)
+    slot_tokens[:, :width - 1] = ids[:, :-1]
+    return slot_tokens
+
+
 def prefill_cache(model: CausalLM, graphdef: Any, state: Any, sequences: Sequence[Sequence[int]], pad_id: int,
                   new_tokens: int, mesh: Mesh | None = None) -> KVCache:
     """A cache holding every token but the last of each row of ``sequences`` (best sorted by length, so that

@@ -30,7 +30,7 @@ class LoopState:
     current: jax.Array
     # uint32 [rows, 2]: each row's raw PRNG key (``row_keys``: seed, prompt index, sample index).
     keys: jax.Array
-    # bool [rows]: the row emitted an EOS id or ``max_new_tokens`` tokens, or holds no work (a filler row of a
+    # bool [rows]: the row emitted an EOS id or its ``limits`` tokens, or holds no work (a filler row of a
     # static batch, an idle slot of the engine); a done row's step writes nothing to tokens or logprobs.
     done: jax.Array
     # int32 [rows, max_new_tokens]: the new tokens, ``pad_token_id`` after the row ends.
@@ -40,24 +40,41 @@ class LoopState:
     logprobs: jax.Array
     # int32 [rows]: new tokens so far: the column the row's next token goes to, and its key's step index.
     lengths: jax.Array
+    # int32 [rows]: the new tokens a row may make at most (``max_new_tokens``, or the row's ``stop_lengths``).
+    limits: jax.Array
+    # int32 [rows, cache slots] or None: the token id written at each cache slot, kept only for a model whose
+    # cached decode must sometimes rebuild its cache from the tokens (``decode_recomputes_cache``: Phi-3's
+    # longrope, once a row crosses ``original_max_position_embeddings``); None for every other model.
+    slot_tokens: jax.Array | None = None
 
 
 def initial_state(cache: KVCache, current: np.ndarray | jax.Array, keys: np.ndarray | jax.Array,
-                  done: np.ndarray | jax.Array, max_new_tokens: int, pad_token_id: int) -> LoopState:
-    """A loop state with no token sampled yet (inside or outside jit)."""
+                  done: np.ndarray | jax.Array, max_new_tokens: int, pad_token_id: int,
+                  slot_tokens: np.ndarray | jax.Array | None = None,
+                  limits: np.ndarray | jax.Array | None = None) -> LoopState:
+    """A loop state with no token sampled yet (inside or outside jit); ``slot_tokens`` and ``limits`` (default:
+    ``max_new_tokens`` for every row) as ``LoopState`` says."""
     rows = cache.token_count.shape[0]
+    limits = jnp.full((rows,), max_new_tokens, jnp.int32) if limits is None else jnp.asarray(limits, jnp.int32)
     return LoopState(step=jnp.zeros((), jnp.int32), cache=cache, current=jnp.asarray(current, jnp.int32),
                      keys=jnp.asarray(keys), done=jnp.asarray(done, bool),
                      tokens=jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32),
                      logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
-                     lengths=jnp.zeros((rows,), jnp.int32))
+                     lengths=jnp.zeros((rows,), jnp.int32), limits=limits,
+                     slot_tokens=None if slot_tokens is None else jnp.asarray(slot_tokens, jnp.int32))
+
+
+def tracks_slot_tokens(model: object) -> bool:
+    """Whether sampling ``model`` keeps ``LoopState.slot_tokens`` (see there)."""
+    return bool(getattr(model, "decode_recomputes_cache", False))
 
 
 def constrain_state(loop: LoopState, mesh: Mesh | None) -> LoopState:
     """Inside jit: keep the cache and every per-row field split by rows on ``mesh``; untouched without one."""
     if mesh is None:
         return loop
-    current, keys, done, tokens, logprobs, lengths = constrain_rows(
-        (loop.current, loop.keys, loop.done, loop.tokens, loop.logprobs, loop.lengths), mesh)
+    current, keys, done, tokens, logprobs, lengths, limits, slot_tokens = constrain_rows(
+        (loop.current, loop.keys, loop.done, loop.tokens, loop.logprobs, loop.lengths, loop.limits,
+         loop.slot_tokens), mesh)
     return loop.replace(cache=constrain_cache(loop.cache, mesh), current=current, keys=keys, done=done,
-                        tokens=tokens, logprobs=logprobs, lengths=lengths)
+                        tokens=tokens, logprobs=logprobs, lengths=lengths, limits=limits, slot_tokens=slot_tokens)
