@@ -163,3 +163,13 @@ def test_engine_on_a_mesh_samples_the_unsharded_rows(host_devices):
     for layout, result in results.items():
         assert result["tokens"], f"{layout}: the tokens differ from the unsharded static path"
         assert result["logprobs"] <= 1e-5, f"{layout}: log-probabilities off by {result['logprobs']}"
+
+
+def test_distinct_prompts_are_prefilled_once_and_mapped_back():
+    from mapjax.sampling.prefill import distinct_prompts
+
+    rows = [[1, 5], [1, 5], [1, 7, 8], [1, 5], [1, 7, 8], [2]]
+    distinct, index = distinct_prompts(rows)
+    assert distinct == [[1, 5], [1, 7, 8], [2]]
+    assert index.tolist() == [0, 0, 1, 0, 1, 2]
+    assert [distinct[i] for i in index] == rows

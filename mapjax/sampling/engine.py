@@ -4,13 +4,18 @@
 sampled until its last row ends, so a row that ends early idles until then.
 
 **Continuous** (``run_continuous``): ``slots`` rows run at once. The jitted chunk takes at most ``chunk_steps``
-steps; between chunks the host reads which slots finished, keeps their tokens, and refills them from the
-queue of waiting rows: the new rows are prefilled (grouped by length bucket, a power-of-two row count per
-call) and written into their slots' cache rows, right-aligned to the shared write slot, with their own
-position ids (the cache's per-row ``token_count``). Before that the cache is *rebased*: every row is shifted
-along the slot axis so that the oldest live token sits at slot 0 (or far enough right for the new prompts'
-bucket), which bounds the cache at ``longest bucket - 1 + max_new_tokens + chunk_steps`` slots whatever the
-number of refills. Every shape is fixed by (slots, bucket, row count), so refills reuse compiled programs.
+steps and returns early once a few slots (``REFILL_SLOTS_DIVISOR``) finished while rows wait; between chunks
+the host reads which slots finished, keeps their tokens, and refills them from the queue of waiting rows: each
+distinct new prompt is prefilled once (grouped by length bucket, a power-of-two row count per call; a pool's
+``k`` samples of a prompt share it) and copied into its rows' slots, right-aligned to the shared write slot,
+with their own position ids (the cache's per-row ``token_count``). When the next chunk would run off the
+cache's end, or a new prompt needs more room left of the write slot, the cache is first *rebased*: every row
+is shifted along the slot axis so that the oldest live token sits at slot 0 (or far enough right for the new
+prompts' bucket), which bounds the cache at ``longest bucket - 1 + max_new_tokens + chunk_steps`` slots
+whatever the number of refills. Every shape is fixed by (slots, bucket, row count), so refills reuse compiled
+programs.
+
+Both ways prefill each distinct prompt of a batch once and copy its cache rows to its samples.
 
 A row's tokens depend only on its key (seed, prompt index, sample index) and its own token count (see
 ``LoopState``), so both ways sample the same tokens for the same rows, to float rounding of the attention.
@@ -42,6 +47,7 @@ from mapjax.sampling.prefill import (
     prefill_cache,
     prefill_rows,
     prompt_slot_tokens,
+    take_rows,
 )
 from mapjax.sampling.state import LoopState, constrain_state, initial_state, tracks_slot_tokens
 from mapjax.sampling.tracing import count_trace
@@ -51,6 +57,11 @@ from mapjax.sharding import round_up_rows
 # Steps per jitted chunk of the continuous engine: fewer means finished slots wait less for a refill, more
 # means fewer host round trips and cache rebases.
 DEFAULT_CHUNK_STEPS = 16
+# A chunk returns to the host early, for a refill, once ``slots // REFILL_SLOTS_DIVISOR`` slots (at least one)
+# finished while rows wait: a finished slot idles until then. Each return costs a host round trip and a
+# prefill call, negligible next to a step on a CPU, not on a GPU; one slot in 16 keeps both small (measured
+# on SmolLM2 at 32 slots on 2 cores: one slot or four per refill gave the same idle fraction within 4 points).
+REFILL_SLOTS_DIVISOR = 16
 
 
 @dataclasses.dataclass
@@ -183,16 +194,17 @@ def _rebase(loop: LoopState, shift: jax.Array, mesh: Mesh | None = None) -> Loop
 _rebase_jit = jax.jit(_rebase, donate_argnames=("loop",), static_argnames=("mesh",))
 
 
-def _place_new_rows(loop: LoopState, part: KVCache, slot_ids: jax.Array, current: jax.Array, keys: jax.Array,
-                    limits: jax.Array, prompt_tokens: jax.Array | None, pad_token_id: int,
+def _place_new_rows(loop: LoopState, part: KVCache, slot_ids: jax.Array, part_rows: jax.Array, current: jax.Array,
+                    keys: jax.Array, limits: jax.Array, prompt_tokens: jax.Array | None, pad_token_id: int,
                     mesh: Mesh | None = None) -> LoopState:
-    """``loop`` with the prefilled rows of ``part`` (a cache of ``bucket - 1`` slots) in slots ``slot_ids``:
+    """``loop`` with rows ``part_rows`` of ``part`` (a prefilled cache of ``bucket - 1`` slots) in slots ``slot_ids``:
     their cache rows hold the prompt right-aligned to the write slot (nothing else), their positions continue
     from the prompt, and they start sampling from ``current`` with ``keys``, for at most ``limits`` new
     tokens. A slot id past the last slot
     marks a filler row, dropped. ``prompt_tokens`` (``[rows, bucket - 1]``, the ids ``part`` holds) goes into
     ``slot_tokens`` where the loop keeps them."""
     count_trace("place_new_rows")
+    part = take_rows(part, part_rows)
     cache = loop.cache
     width = part.max_len
     first_slot = cache.write_index - width
@@ -239,6 +251,68 @@ def _place_new_rows(loop: LoopState, part: KVCache, slot_ids: jax.Array, current
 _place_new_rows_jit = jax.jit(_place_new_rows, donate_argnames=("loop",), static_argnames=("pad_token_id", "mesh"))
 
 
+class _Refill:
+    """Puts waiting rows into free slots: each distinct prompt is prefilled once (grouped by length bucket,
+    up to ``group_rows`` prompts per call) and its cache rows copied into the slots of all its samples, which
+    the queue holds next to each other; a prompt's prefill is kept until its last sample is placed."""
+
+    def __init__(self, graphdef: Any, params: Any, settings: SamplingSettings, sequences: Sequence[Sequence[int]],
+                 keys: np.ndarray, limits: np.ndarray, slots: int, group_rows: int, track_tokens: bool,
+                 mesh: Mesh | None):
+        self.graphdef, self.params, self.settings, self.sequences = graphdef, params, settings, sequences
+        self.keys, self.limits, self.slots, self.group_rows = keys, limits, slots, group_rows
+        self.track_tokens, self.mesh = track_tokens, mesh
+        self.unplaced = collections.Counter(tuple(ids) for ids in sequences)   # samples not yet placed
+        self.prefilled: dict[tuple[int, ...], tuple[KVCache, int]] = {}       # prompt -> (cache, its row)
+
+    def _call_rows(self, count: int) -> int:
+        return round_up_rows(next_power_of_two(count), self.mesh)
+
+    def _prefill(self, prompts: list[tuple[int, ...]], stats: EngineStats) -> None:
+        by_bucket: dict[int, list[tuple[int, ...]]] = collections.defaultdict(list)
+        for prompt in prompts:
+            by_bucket[length_bucket(len(prompt))].append(prompt)
+        for bucket, group_prompts in by_bucket.items():
+            for start in range(0, len(group_prompts), self.group_rows):
+                group = group_prompts[start:start + self.group_rows]
+                padded = group + [group[0]] * (self._call_rows(len(group)) - len(group))
+                part = prefill_rows(self.graphdef, self.params, padded, bucket, self.settings.pad_token_id,
+                                    bucket - 1, self.mesh)
+                stats.prefill_calls += 1
+                for index, prompt in enumerate(group):
+                    self.prefilled[prompt] = (part, index)
+
+    def place(self, loop: LoopState, assignments: list[tuple[int, int]], stats: EngineStats) -> LoopState:
+        """``loop`` with row ``row`` started in slot ``slot`` for each of ``assignments``."""
+        prompts = [tuple(self.sequences[row]) for _, row in assignments]
+        self._prefill([prompt for prompt in dict.fromkeys(prompts) if prompt not in self.prefilled], stats)
+        by_part: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)
+        parts: dict[int, KVCache] = {}
+        for (slot, row), prompt in zip(assignments, prompts):
+            part, index = self.prefilled[prompt]
+            parts[id(part)] = part
+            by_part[id(part)].append((slot, row, index))
+            self.unplaced[prompt] -= 1
+            if not self.unplaced[prompt]:
+                del self.prefilled[prompt]
+        pad_id = self.settings.pad_token_id
+        for key, placed in by_part.items():
+            part = parts[key]
+            bucket = part.max_len + 1
+            for start in range(0, len(placed), self.group_rows):
+                group = placed[start:start + self.group_rows]
+                group = group + [(self.slots, *group[0][1:])] * (self._call_rows(len(group)) - len(group))
+                slot_ids, row_ids, part_rows = (np.asarray(column, np.int32) for column in zip(*group))
+                rows = [self.sequences[row] for row in row_ids]
+                prompt_tokens = (jnp.asarray(prompt_slot_tokens(rows, bucket, pad_id, bucket - 1))
+                                 if self.track_tokens else None)
+                loop = _place_new_rows_jit(loop, part, jnp.asarray(slot_ids), jnp.asarray(part_rows),
+                                           jnp.asarray([ids[-1] for ids in rows], jnp.int32),
+                                           jnp.asarray(self.keys[row_ids]), jnp.asarray(self.limits[row_ids]),
+                                           prompt_tokens, pad_token_id=pad_id, mesh=self.mesh)
+        return loop
+
+
 # --------------------------------------------------------------------------- #
 # Continuous batching: the host-side scheduler
 # --------------------------------------------------------------------------- #
@@ -259,6 +333,7 @@ def run_continuous(model: CausalLM, graphdef: Any, params: Any, settings: Sampli
     # needs few prefill calls.
     waiting = collections.deque(sorted(range(total), key=lambda row: len(sequences[row])))
     group_rows = round_up_rows(min(PREFILL_GROUP_ROWS, next_power_of_two(slots)), mesh)
+    refill_rows = max(1, slots // REFILL_SLOTS_DIVISOR)
 
     cache = model.init_cache(slots, cache_len)
     if mesh is not None:
@@ -269,6 +344,7 @@ def run_continuous(model: CausalLM, graphdef: Any, params: Any, settings: Sampli
                          device_rows(np.ones((slots,), bool), mesh), max_new, settings.pad_token_id,
                          device_rows(np.full((slots, cache_len), settings.pad_token_id, np.int32), mesh)
                          if track_tokens else None)
+    refill = _Refill(graphdef, params, settings, sequences, keys, limits, slots, group_rows, track_tokens, mesh)
     slot_row = np.full((slots,), -1)          # the work item each slot holds, -1 when idle
     extent = np.zeros((slots,), np.int64)     # live slots of each busy row: its prompt and new tokens so far
     write_index = 0                           # the cache's write slot, tracked on the host
@@ -280,37 +356,24 @@ def run_continuous(model: CausalLM, graphdef: Any, params: Any, settings: Sampli
         busy = slot_row >= 0
         if not new_rows and not busy.any():
             break
-        # Rebase so that the oldest live token sits at slot 0, or further right where a new prompt's bucket
-        # needs room left of the write slot.
-        target = max([int(extent[busy].max()) if busy.any() else 0]
-                     + [buckets[row] - 1 for row in new_rows])
-        if target != write_index:
+        # Rebase (shift every row left so that the oldest live token sits at slot 0, or right where a new
+        # prompt's bucket needs room left of the write slot) only when the next chunk would run off the cache's
+        # end or a new prompt needs that room: a rebase moves the whole cache.
+        room_needed = max([buckets[row] - 1 for row in new_rows], default=0)
+        if write_index < room_needed or write_index + chunk_steps > cache_len:
+            target = max([int(extent[busy].max()) if busy.any() else 0, room_needed])
             loop = _rebase_jit(loop, jnp.asarray(target - write_index, jnp.int32), mesh=mesh)
             write_index = target
-        # Refill: one prefill per (bucket, up to group_rows rows), placed into the free slots.
-        by_bucket: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         for slot, row in zip(free, new_rows):
-            by_bucket[buckets[row]].append((int(slot), row))
             slot_row[slot] = row
             extent[slot] = len(sequences[row]) - 1
-        for bucket, placed in by_bucket.items():
-            for start in range(0, len(placed), group_rows):
-                group = placed[start:start + group_rows]
-                call_rows = round_up_rows(next_power_of_two(len(group)), mesh)
-                fillers = call_rows - len(group)
-                rows = [sequences[row] for _, row in group] + [sequences[group[0][1]]] * fillers
-                part = prefill_rows(graphdef, params, rows, bucket, settings.pad_token_id, bucket - 1, mesh)
-                stats.prefill_calls += 1
-                slot_ids = np.asarray([slot for slot, _ in group] + [slots] * fillers, np.int32)
-                current = np.asarray([ids[-1] for ids in rows], np.int32)
-                row_ids = [row for _, row in group] + [group[0][1]] * fillers
-                prompt_tokens = (jnp.asarray(prompt_slot_tokens(rows, bucket, settings.pad_token_id, bucket - 1))
-                                 if track_tokens else None)
-                loop = _place_new_rows_jit(loop, part, jnp.asarray(slot_ids), jnp.asarray(current),
-                                           jnp.asarray(keys[row_ids]), jnp.asarray(limits[row_ids], jnp.int32),
-                                           prompt_tokens,
-                                           pad_token_id=settings.pad_token_id, mesh=mesh)
-        loop = sample_chunk_jit(graphdef, settings, chunk_steps, params, loop, mesh=mesh)
+        loop = refill.place(loop, [(int(slot), row) for slot, row in zip(free, new_rows)], stats)
+        # Back to the host once enough slots finished to be worth a refill (or every slot, with nothing left to
+        # refill them from): a slot that ends mid-chunk would otherwise idle until the chunk's end.
+        idle = int(np.sum(slot_row < 0))
+        stop_when_done = idle + min(len(waiting), refill_rows) if waiting else slots
+        loop = sample_chunk_jit(graphdef, settings, chunk_steps, params, loop,
+                                jnp.asarray(stop_when_done, jnp.int32), mesh=mesh)
         steps, done, lengths = jax.device_get((loop.step, loop.done, loop.lengths))
         steps = int(steps)
         write_index += steps

@@ -73,10 +73,13 @@ def _decode_call(model: Any, loop: LoopState) -> Any:
 
 
 def _run_steps(graphdef: Any, params: Any, settings: SamplingSettings, loop: LoopState, limit: int,
-               mesh: Mesh | None) -> LoopState:
-    """Steps until ``limit`` steps ran in this call or every row is done."""
+               mesh: Mesh | None, stop_when_done: jax.Array | int | None = None) -> LoopState:
+    """Steps until ``limit`` steps ran in this call or ``stop_when_done`` rows are done (default: every row)."""
+    rows = loop.done.shape[0]
+    stop_when_done = rows if stop_when_done is None else stop_when_done
+
     def keep_going(loop: LoopState) -> jax.Array:
-        return (loop.step < limit) & ~jnp.all(loop.done)
+        return (loop.step < limit) & (jnp.sum(loop.done, dtype=jnp.int32) < stop_when_done)
 
     def one_step(loop: LoopState) -> LoopState:
         return sample_step(graphdef, params, settings, loop, mesh)
@@ -93,10 +96,12 @@ def _sample_loop(graphdef: Any, settings: SamplingSettings, params: Any, loop: L
 
 
 def _sample_chunk(graphdef: Any, settings: SamplingSettings, chunk_steps: int, params: Any, loop: LoopState,
-                  mesh: Mesh | None = None) -> LoopState:
-    """The engine's chunk: up to ``chunk_steps`` steps, stopping early once every slot is done."""
+                  stop_when_done: jax.Array, mesh: Mesh | None = None) -> LoopState:
+    """The engine's chunk: up to ``chunk_steps`` steps, stopping early once ``stop_when_done`` slots (an int32
+    scalar, traced: it changes from chunk to chunk without recompiling) are done, so that a finished slot
+    is refilled soon while work waits."""
     count_trace("sample_chunk")
-    return _run_steps(graphdef, params, settings, loop, chunk_steps, mesh)
+    return _run_steps(graphdef, params, settings, loop, chunk_steps, mesh, stop_when_done)
 
 
 # The state (and so the cache) is donated: the loop updates the prefill's buffers in place instead of copying

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mapjax.models.base import CausalLM
 from mapjax.models.layers import KVCache
 from mapjax.models.layers.cache import is_linear_layer, relayout_layer
-from mapjax.models.padding import length_bucket, pad_rows
+from mapjax.models.padding import length_bucket, next_power_of_two, pad_rows
 from mapjax.sampling.tracing import count_trace
 from mapjax.sharding import as_mesh, logical_spec, round_up_rows, shard_rows
 from mapjax.sharding import place as place_arrays
@@ -114,16 +114,50 @@ def prompt_slot_tokens(sequences: Sequence[Sequence[int]], width: int, pad_id: i
     return slot_tokens
 
 
+def distinct_prompts(sequences: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], np.ndarray]:
+    """``(distinct, index)``: the distinct rows of ``sequences`` in order of first appearance, and for each row
+    the position of its prompt in ``distinct``. A pool samples ``k`` continuations of each prompt, so a batch
+    holds each prompt ``k`` times; prefilling it once and copying its cache rows saves ``k - 1`` prefills."""
+    positions: dict[tuple[int, ...], int] = {}
+    index = np.asarray([positions.setdefault(tuple(ids), len(positions)) for ids in sequences], np.int32)
+    first = {position: row for row, position in reversed(list(enumerate(index.tolist())))}
+    return [sequences[first[position]] for position in range(len(positions))], index
+
+
+def take_rows(cache: KVCache, rows: jax.Array, mesh: Mesh | None = None) -> KVCache:
+    """``cache`` with row ``i`` a copy of its row ``rows[i]`` (every per-row array; the write slot is shared)."""
+    take = lambda array: jnp.take(array, rows, axis=0)   # noqa: E731  (one rule, four fields)
+    return constrain_cache(dataclasses.replace(
+        cache, keys=tuple(map(take, cache.keys)), values=tuple(map(take, cache.values)),
+        slot_mask=take(cache.slot_mask), token_count=take(cache.token_count)), mesh)
+
+
+take_rows_jit = jax.jit(take_rows, static_argnames=("mesh",))
+
+
 def prefill_cache(model: CausalLM, graphdef: Any, state: Any, sequences: Sequence[Sequence[int]], pad_id: int,
                   new_tokens: int, mesh: Mesh | None = None) -> KVCache:
     """A cache holding every token but the last of each row of ``sequences`` (best sorted by length, so that
     groups are short), left-padded to the batch's length bucket, with room for ``new_tokens`` more: the cache
     one left-padded prefill of the whole batch would give, computed group by group (``PREFILL_GROUP_ROWS``)
-    where the groups' lengths differ.
+    where the groups' lengths differ, each distinct prompt once (``distinct_prompts``).
 
     With a ``mesh`` (a ``Mesh``, already coerced), ``len(sequences)`` is a multiple of ``row_multiple(mesh)``
     and the cache comes back split by rows; groups hold a multiple of it too."""
     mesh = as_mesh(mesh)
+    distinct, index = distinct_prompts(sequences)
+    if len(distinct) == len(sequences):
+        return _prefill_every_row(model, graphdef, state, sequences, pad_id, new_tokens, mesh)
+    # A power-of-two count of distinct rows (fillers repeat the first), so that the programs repeat.
+    count = round_up_rows(next_power_of_two(len(distinct)), mesh)
+    distinct = list(distinct) + [distinct[0]] * (count - len(distinct))
+    cache = _prefill_every_row(model, graphdef, state, distinct, pad_id, new_tokens, mesh)
+    return take_rows_jit(cache, jnp.asarray(index), mesh=mesh)
+
+
+def _prefill_every_row(model: CausalLM, graphdef: Any, state: Any, sequences: Sequence[Sequence[int]],
+                       pad_id: int, new_tokens: int, mesh: Mesh | None) -> KVCache:
+    """``prefill_cache`` without looking for repeated prompts."""
     width = length_bucket(max(len(ids) for ids in sequences))
     cache_len = width - 1 + new_tokens
     rows = len(sequences)
