@@ -23,6 +23,12 @@ give the same scores (within 1e-4).
 
     python benchmarks/generate.py [--device auto|cpu|gpu] [--batches 16,64] [--new-tokens 50] [--repeats 2]
                                   [--torch-threads N] [--check-rows 16] [--coherence-pairs 256]
+
+``--case lengths`` runs the realistic-length case instead (real EOS and pilot-length stops; continuous
+batching against static batches and transformers; see ``benchmarks/generate_lengths.py``):
+
+    python benchmarks/generate.py --case lengths [--prompts 16] [--samples 8] [--slots 32] [--caps 128,256]
+                                  [--pilot-lengths tokens,words] [--check-rows 4]
 """
 
 from __future__ import annotations
@@ -220,6 +226,16 @@ def main(argv=None) -> int:
     parser.add_argument("--check-rows", type=int, default=16, help="rows per batch whose samples are re-scored")
     parser.add_argument("--coherence-pairs", type=int, default=256, help="pairs scored in the MiniLM coherence "
                         "benchmark (0 skips it)")
+    parser.add_argument("--case", choices=("fixed", "lengths"), default="fixed",
+                        help="fixed: every row makes --new-tokens tokens (EOS ignored); lengths: real EOS and "
+                        "pilot-length stops")
+    parser.add_argument("--prompts", type=int, default=16, help="lengths: demo chat prompts")
+    parser.add_argument("--samples", type=int, default=8, help="lengths: samples per prompt (k)")
+    parser.add_argument("--slots", type=int, default=32, help="lengths: rows at a time, every engine")
+    parser.add_argument("--caps", default="128,256", help="lengths: max_new_tokens values (real EOS)")
+    parser.add_argument("--pilot-lengths", default="tokens,words",
+                        help="lengths: pilot stop-length distributions (tokens: continuation tokens; words: "
+                        "prompt + continuation words); the smallest cap applies")
     args = parser.parse_args(argv)
 
     if args.device == "cpu":
@@ -244,6 +260,11 @@ def main(argv=None) -> int:
 
         torch_model = LlamaForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval().to(device)
 
+    if args.case == "lengths":
+        from benchmarks.generate_lengths import lengths_case
+
+        lengths_case(args, model, tokenizer, torch_model, device, thread_counts, tolerance)
+        return 0
     batches = [int(b) for b in args.batches.split(",")]
     prompts_all = benchmark_prompts(max(batches))
     rows = []
