@@ -28,7 +28,8 @@ give the same scores (within 1e-4).
 batching against static batches and transformers; see ``benchmarks/generate_lengths.py``):
 
     python benchmarks/generate.py --case lengths [--prompts 16] [--samples 8] [--slots 32] [--caps 128,256]
-                                  [--pilot-lengths tokens,words] [--check-rows 4]
+                                  [--pilot-lengths tokens,words] [--check-rows 4] [--rounds 3]
+                                  [--save-lengths JSON]
 """
 
 from __future__ import annotations
@@ -236,6 +237,11 @@ def main(argv=None) -> int:
     parser.add_argument("--pilot-lengths", default="tokens,words",
                         help="lengths: pilot stop-length distributions (tokens: continuation tokens; words: "
                         "prompt + continuation words); the smallest cap applies")
+    parser.add_argument("--rounds", type=int, default=3, help="lengths: alternating rounds of the two mapjax "
+                        "engines (the first compiles); the faster call of each counts")
+    parser.add_argument("--save-lengths", default=None, metavar="JSON",
+                        help="lengths: write the largest cap's real-EOS lengths there (the GPU suite's "
+                        "benchmarks/sampling_lengths.json)")
     args = parser.parse_args(argv)
 
     if args.device == "cpu":

@@ -262,6 +262,79 @@ def _rescore_samples(context: Context, torch_model: Any, prompt_ids: np.ndarray,
 
 
 # --------------------------------------------------------------------------- #
+# Sampling at realistic lengths: continuous batching vs static batches vs transformers
+# --------------------------------------------------------------------------- #
+LENGTHS_FILE = REPO_ROOT / "benchmarks" / "sampling_lengths.json"
+LENGTHS_CAP = 256          # max_new_tokens off tiny mode; the measured lengths were capped here
+LENGTHS_SAMPLES = 8        # samples per prompt (a pool's k)
+
+
+def generate_lengths_case(context: Context, name: str) -> Iterator[Row]:
+    """Sampling where rows end at different lengths. Random weights never emit EOS, so each row gets a stop
+    length drawn (seeded) from SmolLM2-Instruct's real-EOS lengths measured on the demo's chat prompts on CPU
+    (``sampling_lengths.json``, written by ``benchmarks/generate.py --case lengths``), applied alike to both
+    mapjax engines and to transformers (a per-row stopping criterion). ``4 x slots`` rows, ``slots`` at a time.
+
+    Row: mapjax's continuous engine against transformers, in useful tokens/s; the static path's rate and every
+    engine's idle fraction are in ``settings``. Checks: both mapjax engines sample the same tokens (95% of rows
+    at least), and PyTorch re-scores a few rows of mapjax's samples and of its own.
+    """
+    import json
+
+    from benchmarks.generate_lengths import TorchRows, check_against_pytorch, check_engines_agree
+    from benchmarks.suite_models import word_prompts, word_tokenizer
+    from mapjax.generate import generate, last_run_stats, tokenize_prompts
+
+    sizes, spec = context.sizes, context.spec(name)
+    model, torch_model = context.pair(name)
+    tokenizer = word_tokenizer(spec.vocab_size)
+    slots = sizes.generate_batches[0]
+    cap = sizes.new_tokens if context.tiny else LENGTHS_CAP
+    prompts = word_prompts(max(1, 4 * slots // LENGTHS_SAMPLES), sizes.prompt_tokens, spec.vocab_size, seed=slots)
+    rows = len(prompts) * LENGTHS_SAMPLES
+    measured = np.asarray(json.loads(LENGTHS_FILE.read_text())["lengths"], np.int64)
+    stops = np.minimum(np.random.RandomState(0).choice(measured, size=rows), cap)
+    prompt_ids = [ids for ids in tokenize_prompts(tokenizer, prompts, model) for _ in range(LENGTHS_SAMPLES)]
+    torch_rows = TorchRows(torch_model, tokenizer, prompt_ids, slots, (), PAD_ID, context.torch_device)
+    options = dict(max_new_tokens=cap, num_samples=LENGTHS_SAMPLES, batch_size=slots, top_k=50, top_p=1.0,
+                   temperature=1.0, eos_token_id=[], stop_lengths=stops)
+    idle: dict[str, float] = {}
+    samples: dict[str, Any] = {}
+
+    def run_engine(engine: str, repeat: int) -> Any:
+        result = generate(model, tokenizer, prompts, engine=engine, seed=repeat, **options)
+        idle[engine] = last_run_stats().idle_fraction
+        samples[engine] = result
+        return result
+
+    def run_torch(repeat: int) -> Any:
+        out = torch_rows(repeat, cap, stops)
+        context.sync_torch()
+        idle["pytorch"] = 1 - out[1].sum() / out[2]
+        samples["pytorch"] = out
+        return out
+
+    first = {}
+    for label, run in (("static", partial(run_engine, "static")), ("mapjax", partial(run_engine, "continuous")),
+                       ("pytorch", run_torch)):
+        first[label], _ = first_call(partial(run, 0))
+    agreement = check_engines_agree(samples["static"], samples["continuous"], context.tolerance("logprob"))
+    torch_tokens, torch_lengths, _ = samples["pytorch"]
+    pytorch_check = check_against_pytorch(model, torch_model, context.torch_device, samples["continuous"],
+                                          torch_tokens, torch_lengths, prompt_ids, min(sizes.check_rows, rows),
+                                          context.tolerance("logprob"))
+    seconds = steady_seconds({"mapjax": partial(run_engine, "continuous"), "static": partial(run_engine, "static"),
+                              "pytorch": run_torch}, sizes)
+    useful = int(stops.sum())
+    yield make_row(
+        f"{spec.label} sampling, stops from measured lengths, {slots} slots", "useful tokens/s", useful, seconds,
+        first, {"engines": agreement, "pytorch_rescoring": pytorch_check}, True,
+        dict(slots=slots, rows=rows, max_new_tokens=cap, stop_percentiles=np.percentile(stops, [10, 50, 90]).tolist(),
+             static_tokens_per_s=useful / seconds["static"], continuous_vs_static=seconds["static"] / seconds["mapjax"],
+             idle_fraction=dict(idle), dtype=context.dtype))
+
+
+# --------------------------------------------------------------------------- #
 # Forward throughput (benchmarks/models.py's jitted forward and PyTorch eager forward)
 # --------------------------------------------------------------------------- #
 def forward_case(context: Context, name: str) -> Iterator[Row]:
@@ -701,6 +774,8 @@ CASES: tuple[Case, ...] = (
          "SmolLM2-135M sampling tokens/s, mapjax generate vs transformers generate"),
     Case("generate-llama1b", partial(generate_case, name="llama1b"), ("llama1b",), 80,
          "Llama-3.2-1B-size sampling tokens/s"),
+    Case("generate-lengths", partial(generate_lengths_case, name="smollm2"), ("smollm2",), 240,
+         "SmolLM2-135M sampling with per-row stops from measured lengths: continuous vs static vs transformers"),
     Case("forward-smollm2", partial(forward_case, name="smollm2"), ("smollm2",), 20, "SmolLM2-135M forward"),
     Case("forward-gpt2", partial(forward_case, name="gpt2"), ("gpt2",), 20, "GPT-2 small forward"),
     Case("forward-llama1b", partial(forward_case, name="llama1b"), ("llama1b",), 25, "Llama-1B-size forward"),

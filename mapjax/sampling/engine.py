@@ -42,7 +42,6 @@ from mapjax.sampling.loop import sample_chunk_jit, sample_loop_jit
 from mapjax.sampling.prefill import (
     PREFILL_GROUP_ROWS,
     cache_shardings,
-    constrain_cache,
     device_rows,
     prefill_cache,
     prefill_rows,
