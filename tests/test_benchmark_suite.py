@@ -100,6 +100,11 @@ def test_mapjax_and_pytorch_compute_the_same_things(tiny_run):
             # PyTorch's full forward re-scores mapjax's KV-cache samples: same log-probabilities.
             assert row["checks"]["max_abs_logprob_difference"] < 1e-4, row
             assert row["checks"]["rows_rescored"] >= 1
+    lengths = rows["generate-lengths"][0]
+    # Both mapjax engines sampled the same rows (the summary the check wrote), and each engine's idle share
+    # of slot-steps was measured.
+    assert lengths["checks"]["engines"].startswith(f"{lengths['settings']['rows']}/{lengths['settings']['rows']} rows identical")
+    assert set(lengths["settings"]["idle_fraction"]) == {"static", "continuous", "pytorch"}
     for name in ("forward-smollm2", "forward-gpt2", "forward-llama1b"):
         assert rows[name][0]["checks"]["relative_logits_difference_row0"] < 1e-5, rows[name]
     for name in ("train-smollm2", "train-gpt2", "train-llama1b"):
