@@ -199,8 +199,7 @@ def _place_new_rows(loop: LoopState, part: KVCache, slot_ids: jax.Array, part_ro
     """``loop`` with rows ``part_rows`` of ``part`` (a prefilled cache of ``bucket - 1`` slots) in slots ``slot_ids``:
     their cache rows hold the prompt right-aligned to the write slot (nothing else), their positions continue
     from the prompt, and they start sampling from ``current`` with ``keys``, for at most ``limits`` new
-    tokens. A slot id past the last slot
-    marks a filler row, dropped. ``prompt_tokens`` (``[rows, bucket - 1]``, the ids ``part`` holds) goes into
+    tokens. A slot id past the last slot marks a filler row, dropped. ``prompt_tokens`` (``[rows, bucket - 1]``, the ids ``part`` holds) goes into
     ``slot_tokens`` where the loop keeps them."""
     count_trace("place_new_rows")
     part = take_rows(part, part_rows)
@@ -285,18 +284,16 @@ class _Refill:
         """``loop`` with row ``row`` started in slot ``slot`` for each of ``assignments``."""
         prompts = [tuple(self.sequences[row]) for _, row in assignments]
         self._prefill([prompt for prompt in dict.fromkeys(prompts) if prompt not in self.prefilled], stats)
-        by_part: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)
-        parts: dict[int, KVCache] = {}
+        # Keyed by the prefilled cache's identity (its arrays are not hashable): the rows each one fills.
+        by_part: dict[int, tuple[KVCache, list[tuple[int, int, int]]]] = {}
         for (slot, row), prompt in zip(assignments, prompts):
             part, index = self.prefilled[prompt]
-            parts[id(part)] = part
-            by_part[id(part)].append((slot, row, index))
+            by_part.setdefault(id(part), (part, []))[1].append((slot, row, index))
             self.unplaced[prompt] -= 1
             if not self.unplaced[prompt]:
                 del self.prefilled[prompt]
         pad_id = self.settings.pad_token_id
-        for key, placed in by_part.items():
-            part = parts[key]
+        for part, placed in by_part.values():
             bucket = part.max_len + 1
             for start in range(0, len(placed), self.group_rows):
                 group = placed[start:start + self.group_rows]

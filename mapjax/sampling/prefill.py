@@ -119,9 +119,14 @@ def distinct_prompts(sequences: Sequence[Sequence[int]]) -> tuple[list[Sequence[
     the position of its prompt in ``distinct``. A pool samples ``k`` continuations of each prompt, so a batch
     holds each prompt ``k`` times; prefilling it once and copying its cache rows saves ``k - 1`` prefills."""
     positions: dict[tuple[int, ...], int] = {}
-    index = np.asarray([positions.setdefault(tuple(ids), len(positions)) for ids in sequences], np.int32)
-    first = {position: row for row, position in reversed(list(enumerate(index.tolist())))}
-    return [sequences[first[position]] for position in range(len(positions))], index
+    distinct: list[Sequence[int]] = []
+    index = np.zeros((len(sequences),), np.int32)
+    for row, ids in enumerate(sequences):
+        if tuple(ids) not in positions:
+            positions[tuple(ids)] = len(distinct)
+            distinct.append(ids)
+        index[row] = positions[tuple(ids)]
+    return distinct, index
 
 
 def take_rows(cache: KVCache, rows: jax.Array, mesh: Mesh | None = None) -> KVCache:
