@@ -106,7 +106,7 @@ class TorchRows:
     """transformers' ``generate`` over the same rows, ``slots`` at a time in prompt-length order (as mapjax's
     static path), left-padded, with EOS and/or per-row stop lengths."""
 
-    def __init__(self, torch_model, tokenizer, prompt_ids: list[list[int]], slots: int, eos_ids: tuple[int, ...],
+    def __init__(self, torch_model, prompt_ids: list[list[int]], slots: int, eos_ids: tuple[int, ...],
                  pad_id: int, device: str):
         self.torch_model, self.prompt_ids, self.slots = torch_model, prompt_ids, slots
         self.eos_ids, self.pad_id, self.device = eos_ids, pad_id, device
@@ -219,7 +219,7 @@ def lengths_case(args, model, tokenizer, torch_model, device: str, thread_counts
     row_prompts = [prompt_tokens[index] for index in np.repeat(np.arange(len(prompts)), args.samples)]
     eos = eos_ids(model, tokenizer, None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    torch_rows = TorchRows(torch_model, tokenizer, row_prompts, args.slots, eos, pad_id, device)
+    torch_rows = TorchRows(torch_model, row_prompts, args.slots, eos, pad_id, device)
     threads, probe = pick_torch_threads(lambda: torch_rows(0, 8, None, limit_rows=args.slots), thread_counts)
     print(f"PyTorch threads: {threads_label(threads)} (probe: "
           + ", ".join(f"{threads_label(count)} {seconds:.2f} s" for count, seconds in probe.items()) + ")",

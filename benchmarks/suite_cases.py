@@ -295,7 +295,7 @@ def generate_lengths_case(context: Context, name: str) -> Iterator[Row]:
     measured = np.asarray(json.loads(LENGTHS_FILE.read_text())["lengths"], np.int64)
     stops = np.minimum(np.random.RandomState(0).choice(measured, size=rows), cap)
     prompt_ids = [ids for ids in tokenize_prompts(tokenizer, prompts, model) for _ in range(LENGTHS_SAMPLES)]
-    torch_rows = TorchRows(torch_model, tokenizer, prompt_ids, slots, (), PAD_ID, context.torch_device)
+    torch_rows = TorchRows(torch_model, prompt_ids, slots, (), PAD_ID, context.torch_device)
     options = dict(max_new_tokens=cap, num_samples=LENGTHS_SAMPLES, batch_size=slots, top_k=50, top_p=1.0,
                    temperature=1.0, eos_token_id=[], stop_lengths=stops)
     idle: dict[str, float] = {}
